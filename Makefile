@@ -1,0 +1,40 @@
+# publer-proxy: `make run` for the local stack, `make test` for everything CI runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman
+BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
+
+.PHONY: run test lint typecheck unit container-test bench fuzz clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/publer-proxy dev
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP)
+	scripts/system-deps.sh $(TEST_TOOLS)
+	$(MAKE) lint typecheck
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+
+bench: $(STAMP)
+	scripts/system-deps.sh $(BENCH_TOOLS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py
+
+fuzz: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.fuzz_paths --seconds 60
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

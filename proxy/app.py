@@ -1,0 +1,125 @@
+"""The proxy as one ASGI app: its lifespan, its own three endpoints, and the forwarder.
+
+Dispatch is on the raw path: `/healthz`, `/readyz` and `/metrics` exactly, everything else
+goes to the forwarder, which routes by prefix and answers `no_route` itself. Starlette
+serves the operational endpoints and runs the lifespan that builds every shared part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as StarletteRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from proxy.credentials import CredentialStore
+from proxy.forward import Forwarder, Services
+from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.policy import build_routes
+from proxy.ratelimit import make_budget
+from proxy.redact import SecretRegistry
+from proxy.requestid import RequestContext
+from proxy.scopes import ScopeMap
+from proxy.settings import Settings
+from proxy.upstream import Upstream
+from proxy.vault import VaultSession
+
+log = structlog.get_logger(__name__)
+SERVICES_KEY = "services"
+FORWARDER_KEY = "forwarder"
+OPS_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.state.services
+    return services
+
+
+async def healthz(_request: Request) -> Response:
+    """200 while the process serves (SPEC S3.3)."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """200 when every credential in use holds a usable key; the body never holds a key."""
+    store = _services(request).credentials
+    ready = store.ready()
+    states = store.status()
+    degraded = any(entry["state"] == "stale" for entry in states.values())
+    status = "ready" if ready and not degraded else "degraded" if ready else "unavailable"
+    return JSONResponse(
+        {"status": status, "credentials": states}, status_code=200 if ready else 503
+    )
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (SPEC L4)."""
+    services = _services(request)
+    services.credentials.update_metrics()
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def create_app(
+    settings: Settings,
+    scope_map: ScopeMap,
+    secrets: SecretRegistry,
+    *,
+    vault: VaultSession | None = None,
+    upstream: Upstream | None = None,
+) -> ASGIApp:
+    """Build the proxy app; the lifespan logs in to Vault and opens the upstream pool."""
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        registry = Metrics()
+        store = CredentialStore(
+            settings.credentials_in_use(),
+            vault or VaultSession(settings.vault, secrets),
+            registry,
+        )
+        services = Services(
+            settings=settings,
+            routes=build_routes(settings.routes),
+            scope_map=scope_map,
+            credentials=store,
+            upstream=upstream or Upstream(settings.upstream),
+            budget=make_budget(settings.rate_limit),
+            metrics=registry,
+        )
+        await store.start()
+        log.info(
+            "proxy_started",
+            routes=[r.name for r in settings.routes],
+            upstream=settings.upstream.url,
+            credentials=store.status(),
+        )
+        try:
+            yield {SERVICES_KEY: services, FORWARDER_KEY: Forwarder(services)}
+        finally:
+            await store.stop()
+            await services.upstream.aclose()
+            await services.budget.close()
+            log.info("proxy_stopped")
+
+    ops = Starlette(
+        routes=[
+            StarletteRoute("/healthz", healthz, methods=["GET", "HEAD"]),
+            StarletteRoute("/readyz", readyz, methods=["GET", "HEAD"]),
+            StarletteRoute("/metrics", metrics, methods=["GET", "HEAD"]),
+        ],
+        lifespan=lifespan,
+    )
+
+    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("raw_path", b"") not in OPS_PATHS:
+            await scope["state"][FORWARDER_KEY](scope, receive, send)
+        else:
+            await ops(scope, receive, send)
+
+    return RequestContext(dispatch)

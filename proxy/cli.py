@@ -1,0 +1,196 @@
+"""The command line of SPEC S3.1: serve, check, dev, sandbox, hash-token."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from proxy.scopes import (
+    READ_METHODS,
+    ScopeMap,
+    ScopeMapError,
+    load_scope_map,
+    unknown_scope_problems,
+)
+from proxy.settings import ConfigError, Settings, config_path, load_settings
+
+EXIT_OK, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2
+
+
+def load_all(explicit: str | None) -> tuple[Settings, ScopeMap]:
+    """The config and its scope map, checked against each other; raises ConfigError."""
+    path = config_path(explicit)
+    settings = load_settings(path)
+    try:
+        scope_map = load_scope_map(settings.scope_map)
+    except ScopeMapError as exc:
+        raise ConfigError([f"scope_map: {exc}"]) from None
+    problems = unknown_scope_problems(
+        ((i, r.name, r.scopes) for i, r in enumerate(settings.routes)), scope_map
+    )
+    if problems:
+        raise ConfigError([f"{path}: {line}" for line in problems])
+    return settings, scope_map
+
+
+def _print_problems(error: ConfigError) -> int:
+    print("configuration is invalid:", file=sys.stderr)
+    for line in error.problems:
+        print(f"  {line}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def describe_routes(settings: Settings, scope_map: ScopeMap) -> list[str]:
+    """The effective routes, one block each, as `check` prints them."""
+    lines: list[str] = []
+    for route in settings.routes:
+        methods = scope_map.methods_for(route.scopes)
+        if route.read_only:
+            methods &= READ_METHODS
+        workspaces = ", ".join(route.allowed_workspaces) or "(none)"
+        clients = (
+            ", ".join(c.name for c in route.clients) if route.clients else "(open: no client auth)"
+        )
+        lines += [
+            f"route {route.name}",
+            f"  prefix:     {route.prefix or '(none)'}  -> {route.prefix}/api/v1/...",
+            f"  credential: {route.credential}",
+            f"  workspace:  {workspaces}",
+            f"  scopes:     {', '.join(route.scopes)}",
+            f"  methods:    {', '.join(sorted(methods))}",
+            f"  clients:    {clients}",
+        ]
+    return lines
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the proxy until SIGTERM."""
+    from proxy.app import create_app
+    from proxy.logs import configure_logging
+    from proxy.redact import SecretRegistry
+    from proxy.server import serve
+
+    try:
+        settings, scope_map = load_all(args.config)
+    except ConfigError as exc:
+        return _print_problems(exc)
+    secrets = SecretRegistry()
+    configure_logging(settings.logging, secrets)
+    return serve(settings, create_app(settings, scope_map, secrets))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config, print the effective routes, and with --online try the keys."""
+    try:
+        settings, scope_map = load_all(args.config)
+    except ConfigError as exc:
+        return _print_problems(exc)
+    print(f"configuration {config_path(args.config)} is valid")
+    for line in describe_routes(settings, scope_map):
+        print(line)
+    if not args.online:
+        return EXIT_OK
+    from proxy.online import check_online
+
+    return EXIT_OK if check_online(settings) else EXIT_UNREACHABLE
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """The embedded local stack of SPEC S3.4."""
+    from proxy.devstack import run_dev
+
+    return run_dev(port=args.port, upstream=args.upstream)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """The Publer sandbox alone (SPEC S5)."""
+    import uvicorn
+
+    from proxy.sandbox import DEFAULT_SANDBOX_KEY, create_app, parse_key_spec
+
+    keys = [parse_key_spec(k) for k in (args.key or [DEFAULT_SANDBOX_KEY])]
+    app = create_app(keys, rate_limit=args.rate_limit, rate_period_seconds=args.rate_period)
+    print(f"Publer sandbox on http://{args.host}:{args.port}/api/v1", flush=True)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
+    return EXIT_OK
+
+
+def cmd_hash_token(_args: argparse.Namespace) -> int:
+    """Read a client token on stdin, print its `sha256:<hex>` digest."""
+    from proxy.policy import hash_token
+
+    token = sys.stdin.readline().rstrip("\r\n")
+    if not token or token != token.strip():
+        print("hash-token: give the token on stdin, without spaces around it", file=sys.stderr)
+        return EXIT_INVALID
+    print(hash_token(token))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `publer-proxy`."""
+    parser = argparse.ArgumentParser(
+        prog="publer-proxy",
+        description="A local reverse proxy for the Publer API that keeps its key in Vault.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument(
+        "--config", help="config file (default $PUBLER_PROXY_CONFIG, then config/proxy.yaml)"
+    )
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check", help="validate the config and print the effective routes")
+    check.add_argument(
+        "--config", help="config file (default $PUBLER_PROXY_CONFIG, then config/proxy.yaml)"
+    )
+    check.add_argument(
+        "--online", action="store_true", help="also read every key from Vault and try it on Publer"
+    )
+    check.set_defaults(func=cmd_check)
+    dev = sub.add_parser("dev", help="OpenBao dev server + sandbox + proxy, in the foreground")
+    dev.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    dev.add_argument(
+        "--upstream", help="upstream origin (default: the sandbox, or Publer with PUBLER_API_KEY)"
+    )
+    dev.set_defaults(func=cmd_dev)
+    sandbox = sub.add_parser("sandbox", help="the Publer sandbox upstream alone")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8090)
+    sandbox.add_argument(
+        "--key", action="append", help="accepted key, KEY or KEY=scope,scope (repeatable)"
+    )
+    sandbox.add_argument(
+        "--rate-limit", type=int, default=100, help="requests per window (default 100)"
+    )
+    sandbox.add_argument(
+        "--rate-period", type=float, default=120.0, help="window seconds (default 120)"
+    )
+    sandbox.set_defaults(func=cmd_sandbox)
+    hash_cmd = sub.add_parser(
+        "hash-token", help="print the sha256 digest of a client token read on stdin"
+    )
+    hash_cmd.set_defaults(func=cmd_hash_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `publer-proxy` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The keys the proxy holds (SPEC C3, C4, F7): read from Vault, refreshed, aged out.
+
+The request path only ever reads `current()`, which never waits on Vault. A background
+task per credential re-reads it every `refresh_seconds` (and retries sooner after a
+failure); another keeps the Vault token alive. A key stays usable while its last good
+read is at most `refresh_seconds + max_stale_seconds` old, so an outage of Vault costs
+nothing until then, and nothing is ever forwarded without a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import structlog
+from anyio import to_thread
+
+from proxy.errors import CredentialUnavailable
+from proxy.metrics import Metrics
+from proxy.redact import mask
+from proxy.settings import CredentialSettings
+from proxy.vault import SecretRead, VaultError, VaultSession, backoff_seconds
+
+log = structlog.get_logger(__name__)
+
+State = Literal["fresh", "stale", "expired", "missing"]
+ROTATION_WARNING_PERIOD = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class HeldKey:
+    """A key read from Vault, with what the logs and metrics say about it."""
+
+    value: str = field(repr=False)
+    version: int | None
+    created_time: datetime | None
+    read_at: float  # time.monotonic() of the read
+
+    @property
+    def masked(self) -> str:
+        """The key as logs may show it."""
+        return mask(self.value) or "***"
+
+
+@dataclass
+class _Slot:
+    name: str
+    settings: CredentialSettings
+    key: HeldKey | None = None
+    last_error: str | None = None
+    last_attempt_failed: bool = False
+    reread: asyncio.Future[HeldKey] | None = None
+    warned_rotation_at: float = -math.inf
+
+
+class CredentialStore:
+    """Holds one key per credential that a route uses, and keeps them current."""
+
+    def __init__(
+        self,
+        credentials: Mapping[str, CredentialSettings],
+        session: VaultSession,
+        metrics: Metrics,
+    ) -> None:
+        self._slots = {name: _Slot(name, cred) for name, cred in credentials.items()}
+        self._session = session
+        self._metrics = metrics
+        self._tasks: list[asyncio.Task[None]] = []
+        self._logged_in = False
+
+    async def start(self, initial_timeout: float = 10.0) -> None:
+        """Log in and read every key once (bounded), then keep them fresh in the background.
+
+        A failure here is not fatal: the proxy serves 503 for that credential and keeps
+        trying, so a proxy started before Vault comes up heals by itself.
+        """
+        try:
+            await asyncio.wait_for(self._first_reads(), initial_timeout)
+        except TimeoutError:
+            log.warning("vault_initial_read_timeout", seconds=initial_timeout)
+        self._tasks.append(asyncio.create_task(self._maintain_token(), name="vault-token"))
+        for slot in self._slots.values():
+            task = asyncio.create_task(self._refresh_loop(slot), name=f"refresh-{slot.name}")
+            self._tasks.append(task)
+
+    async def stop(self) -> None:
+        """Cancel the background tasks."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _first_reads(self) -> None:
+        if await self._login():
+            await asyncio.gather(*(self._read(slot) for slot in self._slots.values()))
+
+    async def _login(self) -> bool:
+        try:
+            await to_thread.run_sync(self._session.login)
+        except VaultError as exc:
+            self._metrics.vault_operations.labels("login", exc.kind).inc()
+            log.warning("vault_login_failed", reason=exc.reason, auth=self._session.auth_summary)
+            for slot in self._slots.values():
+                slot.last_error = exc.reason
+                slot.last_attempt_failed = True
+            return False
+        self._metrics.vault_operations.labels("login", "ok").inc()
+        log.info("vault_logged_in", auth=self._session.auth_summary)
+        self._logged_in = True
+        return True
+
+    async def _read(self, slot: _Slot) -> HeldKey | None:
+        if not self._logged_in and not await self._login():
+            return None
+        try:
+            read: SecretRead = await to_thread.run_sync(self._session.read_key, slot.settings)
+        except VaultError as exc:
+            self._metrics.vault_operations.labels("read", exc.kind).inc()
+            slot.last_error = exc.reason
+            slot.last_attempt_failed = True
+            log.warning(
+                "vault_read_failed",
+                credential=slot.name,
+                reason=exc.reason,
+                state=self.state(slot.name),
+            )
+            return None
+        self._metrics.vault_operations.labels("read", "ok").inc()
+        held = HeldKey(read.value, read.version, read.created_time, time.monotonic())
+        previous = slot.key
+        slot.key, slot.last_error, slot.last_attempt_failed = held, None, False
+        if previous is None:
+            log.info("key_loaded", credential=slot.name, key=held.masked, key_version=held.version)
+        elif previous.value != held.value or previous.version != held.version:
+            log.info(
+                "key_rotated",
+                credential=slot.name,
+                old_key=previous.masked,
+                old_version=previous.version,
+                key=held.masked,
+                key_version=held.version,
+            )
+        self._warn_if_old(slot, held)
+        return held
+
+    def _warn_if_old(self, slot: _Slot, held: HeldKey) -> None:
+        age = self.key_age_days(held)
+        now = time.monotonic()
+        if (
+            age is not None
+            and age > slot.settings.rotate_after_days
+            and now - slot.warned_rotation_at >= ROTATION_WARNING_PERIOD
+        ):
+            slot.warned_rotation_at = now
+            log.warning(
+                "key_rotation_due",
+                credential=slot.name,
+                key=held.masked,
+                key_version=held.version,
+                age_days=round(age, 1),
+                rotate_after_days=slot.settings.rotate_after_days,
+            )
+
+    @staticmethod
+    def key_age_days(held: HeldKey) -> float | None:
+        """Days since the key's KV v2 version was written; None when Vault does not say."""
+        if held.created_time is None:
+            return None
+        return (datetime.now(UTC) - held.created_time).total_seconds() / 86400
+
+    async def _refresh_loop(self, slot: _Slot) -> None:
+        failures = 0
+        while True:
+            if slot.last_attempt_failed or slot.key is None:
+                failures += 1
+                delay = min(backoff_seconds(failures), slot.settings.refresh_seconds)
+            else:
+                failures = 0
+                delay = self.jitter(slot.settings.refresh_seconds)
+            await asyncio.sleep(delay)
+            await self._read(slot)
+
+    async def _maintain_token(self) -> None:
+        failures = 0
+        while True:
+            if not self._logged_in:
+                failures += 1
+                await asyncio.sleep(backoff_seconds(failures))
+                await self._login()
+                continue
+            due = self._session.token_maintenance_due_in()
+            await asyncio.sleep(min(due, 3600.0))
+            if due > 3600.0:
+                continue
+            try:
+                await to_thread.run_sync(self._session.maintain_token)
+            except VaultError as exc:
+                failures += 1
+                self._metrics.vault_operations.labels("renew", exc.kind).inc()
+                log.warning("vault_token_maintenance_failed", reason=exc.reason)
+                await asyncio.sleep(backoff_seconds(failures))
+            else:
+                failures = 0
+                self._metrics.vault_operations.labels("renew", "ok").inc()
+
+    def state(self, name: str) -> State:
+        """fresh, stale (usable, last refresh failed or overdue), expired, or missing."""
+        slot = self._slots[name]
+        if slot.key is None:
+            return "missing"
+        age = time.monotonic() - slot.key.read_at
+        if age > slot.settings.refresh_seconds + slot.settings.max_stale_seconds:
+            return "expired"
+        if slot.last_attempt_failed or age > slot.settings.refresh_seconds * 2:
+            return "stale"
+        return "fresh"
+
+    def current(self, name: str) -> HeldKey:
+        """The usable key of a credential, or CredentialUnavailable; never waits on Vault."""
+        slot = self._slots[name]
+        state = self.state(name)
+        if slot.key is None or state in ("missing", "expired"):
+            reason = slot.last_error or "not read from Vault yet"
+            if state == "expired":
+                reason = f"the last good key is older than max_stale_seconds ({reason})"
+            raise CredentialUnavailable(name, reason)
+        return slot.key
+
+    async def reread(self, name: str, rejected: HeldKey) -> HeldKey:
+        """After Publer rejected `rejected`, re-read the key once for everyone (F7).
+
+        Requests that saw the same rejected key share one Vault read; a request that comes
+        after the key already changed gets the new key without another read.
+        """
+        slot = self._slots[name]
+        if slot.key is not None and slot.key.value != rejected.value:
+            return slot.key
+        if slot.reread is None:
+            slot.reread = asyncio.get_running_loop().create_future()
+            future = slot.reread
+            try:
+                held = await self._read(slot)
+                future.set_result(held or self.current(name))
+            except CredentialUnavailable as exc:
+                future.set_exception(exc)
+            finally:
+                slot.reread = None
+            return await future
+        return await asyncio.shield(slot.reread)
+
+    def status(self) -> dict[str, dict[str, object]]:
+        """Per-credential state for /readyz and `check --online`; never a key."""
+        out: dict[str, dict[str, object]] = {}
+        now = time.monotonic()
+        for name, slot in self._slots.items():
+            entry: dict[str, object] = {"state": self.state(name)}
+            if slot.key is not None:
+                entry["key"] = slot.key.masked
+                entry["key_version"] = slot.key.version
+                entry["last_read_seconds_ago"] = round(now - slot.key.read_at, 1)
+                age = self.key_age_days(slot.key)
+                if age is not None:
+                    entry["key_age_days"] = round(age, 2)
+                    entry["rotation_due"] = age > slot.settings.rotate_after_days
+            if slot.last_error:
+                entry["reason"] = slot.last_error
+            out[name] = entry
+        return out
+
+    def update_metrics(self) -> None:
+        """Refresh the key-age gauges, just before a scrape."""
+        now = time.monotonic()
+        for name, slot in self._slots.items():
+            if slot.key is None:
+                continue
+            self._metrics.key_read_age.labels(name).set(now - slot.key.read_at)
+            age = self.key_age_days(slot.key)
+            self._metrics.key_age.labels(name).set(
+                age * 86400 if age is not None else now - slot.key.read_at
+            )
+
+    def ready(self) -> bool:
+        """True when every credential holds a usable key (fresh or stale in bounds)."""
+        return all(self.state(name) in ("fresh", "stale") for name in self._slots)
+
+    @staticmethod
+    def jitter(seconds: float) -> float:
+        """`seconds` plus or minus 10%, so replicas do not hit Vault in step."""
+        return seconds * random.uniform(0.9, 1.1)

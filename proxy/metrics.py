@@ -1,0 +1,71 @@
+"""The Prometheus series of SPEC L4, on a registry of the app's own (not the global one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from proxy.scopes import KNOWN_METHODS
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def method_label(method: str) -> str:
+    """The method as a label, bounded so a client cannot create series at will."""
+    return method if method in KNOWN_METHODS else "OTHER"
+
+
+@dataclass
+class Metrics:
+    """Every series the proxy exports; one instance per app."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "publer_proxy_requests",
+            "Requests answered, by route, scope, method and status.",
+            ["route", "scope", "method", "status"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "publer_proxy_refusals", "Requests the proxy refused, by code.", ["code"], registry=r
+        )
+        self.upstream_latency = Histogram(
+            "publer_proxy_upstream_latency_seconds",
+            "Time from sending a request to Publer to its response headers.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.vault_operations = Counter(
+            "publer_proxy_vault_operations",
+            "Vault reads, logins and renewals, by outcome.",
+            ["operation", "outcome"],
+            registry=r,
+        )
+        self.key_age = Gauge(
+            "publer_proxy_key_age_seconds",
+            "Seconds since the held key's KV version was written (since it was read, for KV v1).",
+            ["credential"],
+            registry=r,
+        )
+        self.key_read_age = Gauge(
+            "publer_proxy_key_last_read_age_seconds",
+            "Seconds since the key was last read from Vault successfully.",
+            ["credential"],
+            registry=r,
+        )
+        self.budget_left = Gauge(
+            "publer_proxy_rate_limit_remaining",
+            "Requests left in the credential's current rate-limit window.",
+            ["credential"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,94 @@
+"""`check --online` (SPEC S3.1): read every key from Vault and ask Publer if it works.
+
+Publer's key guide says what a 401 or 403 means; this turns the answer into those words,
+so whoever runs the check learns whether to rotate the key or fix its scopes.
+"""
+
+from __future__ import annotations
+
+import ssl
+import sys
+from datetime import UTC, datetime
+from typing import TextIO
+
+import httpx
+
+from proxy.redact import SecretRegistry, mask
+from proxy.settings import Settings, UpstreamSettings
+from proxy.vault import VaultError, VaultSession
+
+PROBE_PATH = "/api/v1/workspaces"
+
+
+def probe_key(upstream: UpstreamSettings, key: str) -> tuple[bool | None, str]:
+    """Ask Publer whether `key` works: (True/False, sentence), or (None, why unknown)."""
+    context = ssl.create_default_context(cafile=str(upstream.ca_file) if upstream.ca_file else None)
+    try:
+        with httpx.Client(
+            verify=context,
+            trust_env=False,
+            follow_redirects=False,
+            timeout=upstream.connect_timeout_seconds,
+        ) as client:
+            response = client.get(
+                upstream.url + PROBE_PATH, headers={"Authorization": f"Bearer-API {key}"}
+            )
+    except httpx.HTTPError as exc:
+        return None, f"could not ask Publer at {upstream.url} ({type(exc).__name__})"
+    status = response.status_code
+    if status == 200:
+        return True, "Publer accepts the key"
+    if status == 401:
+        return False, (
+            "Publer rejects the key (401): it was revoked, has expired, or was mistyped;"
+            " create a new key in Publer and write it to Vault"
+        )
+    if status == 403:
+        return False, (
+            "Publer refuses the key (403): it lacks a scope (workspaces) or access to the"
+            " workspace; give the key the scopes its routes need"
+        )
+    if status == 429:
+        return None, "Publer's rate limit is spent right now (429); try again in two minutes"
+    return None, f"Publer answered {status}"
+
+
+def check_online(settings: Settings, out: TextIO | None = None) -> bool:
+    """Print, per credential, the masked key, its version and age, and Publer's verdict."""
+    stream = out or sys.stdout
+    secrets = SecretRegistry()
+
+    def say(line: str) -> None:
+        print(secrets.redact(line), file=stream)
+
+    session = VaultSession(settings.vault, secrets)
+    try:
+        session.login()
+    except VaultError as exc:
+        say(f"vault: cannot log in ({settings.vault.auth.method}): {exc.reason}")
+        return False
+    say(f"vault: logged in at {settings.vault.url} ({session.auth_summary})")
+    ok = True
+    for name, credential in settings.credentials_in_use().items():
+        where = f"{credential.mount}/{credential.path}"
+        try:
+            read = session.read_key(credential)
+        except VaultError as exc:
+            say(f"credential {name}: cannot be read from {where}: {exc.reason}")
+            ok = False
+            continue
+        line = f"credential {name}: key {mask(read.value)} from {where}"
+        line += f", KV version {read.version}" if read.version is not None else ", KV v1"
+        if read.created_time is not None:
+            days = (datetime.now(UTC) - read.created_time).total_seconds() / 86400
+            line += f", written {days:.1f} days ago"
+            if days > credential.rotate_after_days:
+                line += (
+                    f" (older than rotate_after_days={credential.rotate_after_days:g}: rotate it)"
+                )
+        say(line)
+        works, sentence = probe_key(settings.upstream, read.value)
+        say(f"credential {name}: {sentence}")
+        if works is False:
+            ok = False
+    return ok

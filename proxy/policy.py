@@ -1,0 +1,182 @@
+"""The allow/deny decision of SPEC S4 (P2-P6), as pure functions with no I/O.
+
+`decide` reads like the list of SPEC S1: pick the route, authenticate the client, check
+the path against the scope allow-list, decide the workspace. It answers either a
+`Decision` to forward or a `Refusal` whose code is one of SPEC S3.3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from proxy.errors import Refusal
+from proxy.paths import UnsafePath, check_path, check_query
+from proxy.scopes import READ_METHODS, Match, ScopeMap
+from proxy.settings import RouteSettings
+
+API_ROOT = "/api/v1"
+_SCHEMES = ("Bearer-API ", "Bearer ")
+
+
+@dataclass(frozen=True)
+class Route:
+    """A configured route, with its client digests decoded for constant-time comparison."""
+
+    settings: RouteSettings
+    api_root: str  # prefix + /api/v1
+    client_digests: tuple[tuple[str, bytes], ...] | None  # None: an open route
+
+    @property
+    def name(self) -> str:
+        """The route's configured name."""
+        return self.settings.name
+
+
+def build_routes(routes: Sequence[RouteSettings]) -> tuple[Route, ...]:
+    """Routes ordered longest prefix first, so `/team-a-eu` is tried before `/team-a`."""
+    built = [
+        Route(
+            settings=route,
+            api_root=route.prefix + API_ROOT,
+            client_digests=(
+                None
+                if not route.clients
+                else tuple(
+                    (c.name, bytes.fromhex(c.token_sha256.removeprefix("sha256:")))
+                    for c in route.clients
+                )
+            ),
+        )
+        for route in routes
+    ]
+    return tuple(sorted(built, key=lambda r: len(r.api_root), reverse=True))
+
+
+def hash_token(token: str) -> str:
+    """The `sha256:<hex>` form of a client token, as pasted into `clients`."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def select_route(routes: Sequence[Route], path: str) -> tuple[Route, str] | None:
+    """The route whose `{prefix}/api/v1` is a segment-prefix of `path`, and the rest."""
+    for route in routes:
+        root = route.api_root
+        if path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+            return route, path[len(root) :]
+    return None
+
+
+def presented_token(authorization: str | None) -> str | None:
+    """The client token from `Authorization: Bearer-API <t>` or `Bearer <t>` (P4)."""
+    if not authorization:
+        return None
+    for scheme in _SCHEMES:
+        if authorization.startswith(scheme):
+            token = authorization[len(scheme) :].strip()
+            return token or None
+    return None
+
+
+def authenticate(route: Route, authorization: str | None) -> str | Refusal | None:
+    """The client's name on a route with clients, None on an open route, else a refusal.
+
+    Every digest is compared, in constant time, whatever matched first, so the answer
+    time does not tell which client names exist.
+    """
+    if route.client_digests is None:
+        return None
+    token = presented_token(authorization)
+    if token is None:
+        return Refusal.of(
+            "client_unauthenticated",
+            f"route '{route.name}' needs a client token: send Authorization: Bearer-API <token>",
+        )
+    digest = hashlib.sha256(token.encode("utf-8")).digest()
+    found: str | None = None
+    for name, expected in route.client_digests:
+        if hmac.compare_digest(digest, expected) and found is None:
+            found = name
+    if found is None:
+        return Refusal.of(
+            "client_unauthenticated", f"the client token is not valid on route '{route.name}'"
+        )
+    return found
+
+
+def choose_workspace(route: Route, requested: Sequence[str]) -> str | Refusal | None:
+    """The workspace id to send: the route's, or the client's choice among the route's (P6)."""
+    allowed = route.settings.allowed_workspaces
+    if len(requested) > 1:
+        return Refusal.of("workspace_denied", "send at most one Publer-Workspace-Id header")
+    if not requested:
+        return allowed[0] if allowed else None
+    wanted = requested[0].strip()
+    if wanted in allowed:
+        return wanted
+    return Refusal.of(
+        "workspace_denied", f"workspace '{wanted}' is not allowed on route '{route.name}'"
+    )
+
+
+@dataclass(frozen=True)
+class Located:
+    """The parts of a request that `decide` reads, taken from the ASGI scope."""
+
+    method: str
+    raw_path: bytes
+    raw_query: bytes
+    authorization: str | None
+    workspace_headers: Sequence[str]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The decision on one request: a refusal, or what to forward; with what the log needs."""
+
+    refusal: Refusal | None
+    route: Route | None = None
+    client: str | None = None
+    scope: str | None = None
+    workspace: str | None = None
+    upstream_target: str = ""  # the checked raw path, plus '?' and the raw query if any
+    needs_workspace: bool = False
+
+
+def decide(request: Located, routes: Sequence[Route], scope_map: ScopeMap) -> Verdict:
+    """Route, authenticate, check the scope allow-list, choose the workspace (SPEC S1)."""
+    path = check_path(request.raw_path)
+    if isinstance(path, UnsafePath):
+        return Verdict(Refusal.of("bad_path", path.reason))
+    query = check_query(request.raw_query)
+    if isinstance(query, UnsafePath):
+        return Verdict(Refusal.of("bad_path", query.reason))
+    selected = select_route(routes, path)
+    if selected is None:
+        return Verdict(Refusal.of("no_route", f"no route serves {path}"))
+    route, rest = selected
+    client = authenticate(route, request.authorization)
+    if isinstance(client, Refusal):
+        return Verdict(client, route)
+    found = scope_map.lookup(request.method, rest or "/")
+    if not isinstance(found, Match):
+        if found.code == "method_denied":
+            methods = ", ".join(sorted(found.allowed_methods))
+            text = f"{request.method} is not allowed on {rest}; Publer accepts {methods}"
+        else:
+            text = f"{rest or '/'} is not a Publer endpoint in the scope map"
+        return Verdict(Refusal.of(found.code, text), route, client)
+    scope = found.endpoint.scope
+    if scope not in route.settings.scopes:
+        text = f"scope '{scope}' is not allowed on route '{route.name}'"
+        return Verdict(Refusal.of("scope_denied", text), route, client, scope)
+    if route.settings.read_only and request.method not in READ_METHODS:
+        text = f"route '{route.name}' is read-only: only GET and HEAD pass"
+        return Verdict(Refusal.of("method_denied", text), route, client, scope)
+    workspace = choose_workspace(route, request.workspace_headers)
+    if isinstance(workspace, Refusal):
+        return Verdict(workspace, route, client, scope)
+    target = path + ("?" + query if query else "")
+    return Verdict(None, route, client, scope, workspace, target, found.endpoint.needs_workspace)

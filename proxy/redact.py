@@ -1,0 +1,54 @@
+"""Masking and redaction of secrets (SPEC L2).
+
+Every secret the process learns (API keys, Vault tokens, AppRole secret ids) is added to
+one `SecretRegistry`; the last structlog processor and every error path pass their text
+through `redact`, so a secret cannot reach any output even when a bug puts it in a message.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+MASK = "***"
+# Below this length a value is too short to be a secret and redacting it would mangle text.
+MIN_SECRET_LENGTH = 6
+
+
+def mask(value: str | None) -> str | None:
+    """`***` plus the last 4 characters, the only form in which a key may be shown."""
+    if value is None:
+        return None
+    return MASK + value[-4:] if len(value) > 8 else MASK
+
+
+class SecretRegistry:
+    """The set of secret values the process knows; thread-safe (hvac runs in threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: frozenset[str] = frozenset()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, value: str | None) -> None:
+        """Remember a secret so that it is redacted from every output from now on."""
+        if not value or len(value) < MIN_SECRET_LENGTH or value in self._values:
+            return
+        with self._lock:
+            values = self._values | {value}
+            ordered = sorted(values, key=len, reverse=True)
+            self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
+            self._values = values
+
+    def redact(self, text: str) -> str:
+        """The text with every known secret replaced by its masked form."""
+        pattern = self._pattern
+        if pattern is None:
+            return text
+        return pattern.sub(lambda m: mask(m.group(0)) or MASK, text)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values
+
+    def __repr__(self) -> str:
+        return f"SecretRegistry({len(self._values)} values)"

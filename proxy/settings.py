@@ -1,0 +1,399 @@
+"""The configuration file of SPEC S3.2: a typed model, its loading and its error messages.
+
+Every value that names a secret is a reference (a file path, a Vault path), never the
+secret itself. Unknown keys are an error, so a typo never silently disables a check.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path("config/proxy.yaml")
+DEFAULT_UPSTREAM_URL = "https://app.publer.com"
+DEFAULT_VAULT_URL = "http://127.0.0.1:8200"
+DEFAULT_MAX_BODY_BYTES = 200 * 1024 * 1024
+DEFAULT_ROTATE_AFTER_DAYS = 180
+
+_PREFIX_RE = re.compile(r"^(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_WORKSPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` holds one line per mistake."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost` and loopback addresses, the hosts that only this machine reaches."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ListenSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    unix_socket: Path | None = None
+
+
+class UpstreamSettings(_Model):
+    url: str = DEFAULT_UPSTREAM_URL
+    # Publer's guide: always HTTPS. Plain HTTP to a non-loopback host needs this loud opt-out.
+    insecure_allow_plain_http: bool = False
+    ca_file: Path | None = None
+    connect_timeout_seconds: PositiveFloat = 10.0
+    read_timeout_seconds: PositiveFloat = 120.0
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0)
+    max_connections: int = Field(default=100, gt=0)
+    retries: int = Field(default=2, ge=0, le=5)
+
+    @field_validator("url")
+    @classmethod
+    def _origin_only(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) origin such as https://app.publer.com")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError(
+                "must be an origin only (scheme, host, port), such as https://app.publer.com;"
+                " the /api/v1 path comes from the client's request"
+            )
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @model_validator(mode="after")
+    def _https_unless_loopback(self) -> UpstreamSettings:
+        parts = urlsplit(self.url)
+        if (
+            parts.scheme == "http"
+            and not is_loopback_host(parts.hostname or "")
+            and not self.insecure_allow_plain_http
+        ):
+            raise ValueError(
+                f"upstream.url {self.url} is plain HTTP to a non-loopback host, which would send"
+                " the API key in clear text; use https://, or set"
+                " upstream.insecure_allow_plain_http: true if you really mean it"
+            )
+        return self
+
+
+AuthMethod = Literal["token", "approle", "kubernetes", "jwt"]
+KUBERNETES_TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+class VaultAuthSettings(_Model):
+    method: AuthMethod = "token"
+    token_file: Path | None = None
+    role_id: str | None = None
+    role_id_file: Path | None = None
+    secret_id_file: Path | None = None
+    role: str | None = None
+    jwt_file: Path | None = None
+    mount: str | None = None
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> VaultAuthSettings:
+        if self.method == "approle":
+            if not (self.role_id or self.role_id_file):
+                raise ValueError("approle needs role_id or role_id_file")
+            if not self.secret_id_file:
+                raise ValueError(
+                    "approle needs secret_id_file (a file holding the secret id;"
+                    " the secret id itself never goes in the config)"
+                )
+        if self.method in ("kubernetes", "jwt") and not self.role:
+            raise ValueError(f"{self.method} needs role (the Vault role to log in as)")
+        if self.method == "jwt" and not self.jwt_file:
+            raise ValueError("jwt needs jwt_file (a file holding the JWT)")
+        return self
+
+    @property
+    def effective_mount(self) -> str:
+        """The auth mount path, defaulting to the method's own name."""
+        return self.mount or self.method
+
+
+class VaultSettings(_Model):
+    url: str = Field(default_factory=lambda: os.environ.get("VAULT_ADDR") or DEFAULT_VAULT_URL)
+    namespace: str | None = Field(default_factory=lambda: os.environ.get("VAULT_NAMESPACE"))
+    ca_cert: Path | None = Field(
+        default_factory=lambda: Path(p) if (p := os.environ.get("VAULT_CACERT")) else None
+    )
+    skip_verify: bool = Field(
+        default_factory=lambda: (
+            os.environ.get("VAULT_SKIP_VERIFY", "").lower() in ("1", "true", "yes")
+        )
+    )
+    timeout_seconds: PositiveFloat = 5.0
+    auth: VaultAuthSettings = VaultAuthSettings()
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be a URL such as http://127.0.0.1:8200")
+        return value.rstrip("/")
+
+
+class CredentialSettings(_Model):
+    mount: str = "secret"
+    path: str
+    field: str = "api_key"
+    kv_version: Literal[1, 2] = 2
+    refresh_seconds: PositiveFloat = 300.0
+    max_stale_seconds: NonNegativeFloat = 3600.0
+    rotate_after_days: PositiveFloat = DEFAULT_ROTATE_AFTER_DAYS
+
+    @field_validator("mount", "path")
+    @classmethod
+    def _vault_path(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value or ".." in value.split("/"):
+            raise ValueError("must be a non-empty Vault path without '..' segments")
+        return value
+
+
+class ClientSettings(_Model):
+    name: str
+    token_sha256: str
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        if not _DIGEST_RE.match(value):
+            raise ValueError(
+                "must be 'sha256:' and 64 lower-case hex digits;"
+                " make it with: echo -n TOKEN | publer-proxy hash-token"
+            )
+        return value
+
+
+class RouteSettings(_Model):
+    name: str
+    prefix: str = ""
+    credential: str
+    workspace_id: str | None = None
+    workspace_ids: list[str] | None = None
+    scopes: list[str]
+    read_only: bool = False
+    clients: list[ClientSettings] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("must be letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if not _PREFIX_RE.match(value):
+            raise ValueError(
+                "must be '' or '/name' segments of letters, digits, '.', '_', '~', '-'"
+                " (for example '/team-a')"
+            )
+        if value in ("/healthz", "/readyz", "/metrics"):
+            raise ValueError(f"{value} is the proxy's own endpoint")
+        return value
+
+    @field_validator("workspace_id")
+    @classmethod
+    def _workspace(cls, value: str | None) -> str | None:
+        if value is not None and not _WORKSPACE_RE.match(value):
+            raise ValueError("must be a Publer workspace id (letters and digits)")
+        return value
+
+    @field_validator("workspace_ids")
+    @classmethod
+    def _workspaces(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must list at least one workspace id, or be left out")
+            for item in value:
+                if not _WORKSPACE_RE.match(item):
+                    raise ValueError(f"{item!r} is not a Publer workspace id")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one scope (deny by default)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_workspace_form(self) -> RouteSettings:
+        if self.workspace_id is not None and self.workspace_ids is not None:
+            raise ValueError("set workspace_id or workspace_ids, not both")
+        return self
+
+    @property
+    def allowed_workspaces(self) -> tuple[str, ...]:
+        """The workspace ids the route allows, the default first."""
+        if self.workspace_ids:
+            return tuple(self.workspace_ids)
+        return (self.workspace_id,) if self.workspace_id else ()
+
+
+class RateLimitSettings(_Model):
+    requests: int = Field(default=100, gt=0)
+    per_seconds: PositiveFloat = 120.0
+    max_wait_seconds: NonNegativeFloat = 0.0
+    redis_url: str | None = None
+
+
+class LoggingSettings(_Model):
+    format: Literal["json", "console", "auto"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Settings(_Model):
+    listen: ListenSettings = ListenSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    vault: VaultSettings = Field(default_factory=VaultSettings)
+    credentials: dict[str, CredentialSettings]
+    routes: list[RouteSettings]
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    logging: LoggingSettings = LoggingSettings()
+    scope_map: Path | None = None
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        problems: list[str] = []
+        if not self.routes:
+            problems.append("routes: at least one route is needed")
+        names: set[str] = set()
+        prefixes: dict[str, str] = {}
+        for index, route in enumerate(self.routes):
+            where = f"routes.{index}"
+            if route.name in names:
+                problems.append(f"{where}.name: route name {route.name!r} is used twice")
+            names.add(route.name)
+            if route.prefix in prefixes:
+                problems.append(
+                    f"{where}.prefix: {route.prefix!r} is also the prefix of route"
+                    f" {prefixes[route.prefix]!r}; each route needs its own prefix"
+                )
+            prefixes[route.prefix] = route.name
+            if route.credential not in self.credentials:
+                known = ", ".join(sorted(self.credentials)) or "none"
+                problems.append(
+                    f"{where}.credential: {route.credential!r} is not defined under"
+                    f" credentials (defined: {known})"
+                )
+            if not route.clients and not self.listens_on_loopback_only:
+                problems.append(
+                    f"{where}.clients: route {route.name!r} has no clients (open), but the"
+                    f" proxy listens on {self.listen.host}, beyond loopback; add clients"
+                    " with token_sha256, or listen on 127.0.0.1 or a unix socket"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def listens_on_loopback_only(self) -> bool:
+        """True when only this machine can reach the proxy (loopback or a unix socket)."""
+        return self.listen.unix_socket is not None or is_loopback_host(self.listen.host)
+
+    def credentials_in_use(self) -> dict[str, CredentialSettings]:
+        """The credentials that at least one route refers to."""
+        used = {route.credential for route in self.routes}
+        return {name: cred for name, cred in self.credentials.items() if name in used}
+
+
+_FIXES = {
+    "extra_forbidden": "unknown key; remove it or check its spelling against SPEC S3.2",
+    "missing": "required key is missing; add it",
+}
+
+
+def _describe(error: Any) -> list[str]:
+    location = ".".join(str(part) for part in error["loc"])
+    message = _FIXES.get(error["type"]) or str(error["msg"]).removeprefix("Value error, ")
+    lines = message.split("\n")
+    # Cross-checks name their own key paths; the others get the location pydantic found.
+    if error["type"] == "value_error" and all(": " in line for line in lines) and not location:
+        return lines
+    return [
+        line if location and line.startswith(location + ".") else f"{location or '(top level)'}: {line}"
+        for line in lines
+    ]
+
+
+def parse_settings(data: Any, *, source: str = "config") -> Settings:
+    """Validate already-parsed YAML data, or raise ConfigError naming every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the file must hold a YAML mapping of S3.2 keys"])
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems: list[str] = []
+        for error in exc.errors(include_url=False, include_input=False):
+            problems.extend(_describe(error))
+        raise ConfigError(problems) from None
+
+
+def config_path(explicit: str | Path | None) -> Path:
+    """The config file: --config, else $PUBLER_PROXY_CONFIG, else config/proxy.yaml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("PUBLER_PROXY_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate a config file, or raise ConfigError with one line per problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [f"{path}: no such config file; pass --config PATH or set PUBLER_PROXY_CONFIG"]
+        ) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot be read ({exc.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}"]) from None
+    return parse_settings(data, source=str(path))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that tests and benchmarks start for real, when missing.
+# Usage: scripts/system-deps.sh PACKAGE:COMMAND ...   (e.g. redis-server:redis-server)
+set -euo pipefail
+missing=()
+for pair in "$@"; do
+  pkg=${pair%%:*}; cmd=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "installing Debian packages: ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q >/dev/null
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,186 @@
+"""The sandbox and the proxy as real processes on loopback, for integration tests.
+
+Each process logs to a file of its own, so a test can read what it printed (the leak
+tests read every byte) and a failing test shows where the process stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from tests.bao import free_port
+
+START_TIMEOUT_SECONDS = 20.0
+
+
+def _wait(url: str, process: subprocess.Popen[bytes], log: Path, expect: int | None) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            answer = httpx.get(url, timeout=1.0, trust_env=False)
+            if expect is None or answer.status_code == expect:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up; log:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@dataclass
+class Process:
+    """A child process with its log file; `stop` sends SIGTERM and waits."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    url: str
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Stop the process; its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def output(self) -> str:
+        """Everything the process wrote to stdout and stderr so far."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+@dataclass
+class Sandbox(Process):
+    """The Publer sandbox, with its recording and control endpoints."""
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every /api/v1 request the sandbox received, in order."""
+        answer = httpx.get(f"{self.url}/__sandbox/requests", trust_env=False)
+        found: list[dict[str, Any]] = answer.json()["requests"]
+        return found
+
+    def clear(self) -> None:
+        """Forget the recorded requests."""
+        httpx.delete(f"{self.url}/__sandbox/requests", trust_env=False)
+
+    def set_keys(self, *keys: dict[str, Any]) -> None:
+        """Replace the keys the sandbox accepts."""
+        httpx.put(f"{self.url}/__sandbox/keys", json={"keys": list(keys)}, trust_env=False)
+
+    def fault(self, **fault: Any) -> None:
+        """Make the next requests fail the way `fault` says."""
+        httpx.put(f"{self.url}/__sandbox/faults", json=fault, trust_env=False)
+
+
+def start_sandbox(workdir: Path, *keys: str, rate_limit: int = 100000) -> Sandbox:
+    """`publer-proxy sandbox` on a free port, accepting `keys`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = workdir / f"sandbox-{port}.log"
+    args = [sys.executable, "-m", "proxy", "sandbox", "--port", str(port)]
+    args += ["--rate-limit", str(rate_limit)]
+    for key in keys:
+        args += ["--key", key]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    sandbox = Sandbox(process, log_path, f"http://127.0.0.1:{port}")
+    _wait(f"{sandbox.url}/__sandbox/health", process, log_path, 200)
+    return sandbox
+
+
+@dataclass
+class Proxy(Process):
+    """publer-proxy serving one config."""
+
+    config_path: Path = field(default=Path())
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log lines the proxy printed, parsed."""
+        found = []
+        for line in self.output().splitlines():
+            if line.startswith("{"):
+                found.append(json.loads(line))
+        return found
+
+    def access(self) -> list[dict[str, Any]]:
+        """The access events (one per request)."""
+        return [e for e in self.events() if e.get("event") == "request"]
+
+
+def proxy_config(
+    vault_url: str,
+    upstream: str,
+    *,
+    token_file: Path | None = None,
+    credential: dict[str, Any] | None = None,
+    routes: list[dict[str, Any]] | None = None,
+    port: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A config of SPEC S3.2 for a test: one credential, one open route unless given."""
+    config: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": port or free_port()},
+        "upstream": {"url": upstream},
+        "vault": {"url": vault_url, "auth": {"method": "token"}},
+        "credentials": {"publer": {"path": "publer/api", **(credential or {})}},
+        "routes": routes
+        or [
+            {
+                "name": "default",
+                "credential": "publer",
+                "workspace_id": "5f8d7a62c9e77e001f36e3a1",
+                "scopes": ["posts", "media", "accounts", "job_status", "users"],
+            }
+        ],
+        "logging": {"format": "json", "level": "debug"},
+    }
+    if token_file is not None:
+        config["vault"]["auth"]["token_file"] = str(token_file)
+    for key, value in extra.items():
+        config[key] = value
+    return config
+
+
+def start_proxy(
+    workdir: Path,
+    config: dict[str, Any],
+    *,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+) -> Proxy:
+    """`publer-proxy serve` on the config; waits for /readyz 200 (or /healthz)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = config["listen"]["port"]
+    config_path = workdir / f"proxy-{port}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = workdir / f"proxy-{port}.log"
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("VAULT_")}
+    child_env["HOME"] = str(workdir)
+    child_env.update(env or {})
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+        )
+    proxy = Proxy(process, log_path, f"http://127.0.0.1:{port}", config_path)
+    if wait_ready:
+        _wait(f"{proxy.url}/readyz", process, log_path, 200)
+    else:
+        _wait(f"{proxy.url}/healthz", process, log_path, 200)
+    return proxy
