@@ -34,6 +34,7 @@ log = structlog.get_logger("proxy.access")
 REPLAYABLE_BODY_BYTES = 256 * 1024
 RETRY_STATUSES = frozenset({502, 503, 504})
 ABSOLUTE_FORM_KEY = "publer_proxy.absolute_form"
+EPOCH_2001 = 1_000_000_000  # a reset above this is a timestamp, not a number of seconds
 
 
 class ClientGone(Exception):
@@ -347,6 +348,9 @@ class Forwarder:
             left, seconds = int(remaining), float(reset)
         except ValueError:
             return
+        if seconds > EPOCH_2001:
+            # Publer documents X-RateLimit-Reset as the UNIX time the window resets.
+            seconds -= time.time()
         await self.s.budget.sync(credential, left, seconds)
 
     def _record(self, scope: Scope, outcome: Outcome, duration: float) -> None:

@@ -85,4 +85,5 @@ def configure_logging(
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     # urllib3 at debug logs every Vault URL; hvac's paths are not secret but it is noise.
-    logging.getLogger("urllib3").setLevel(max(level, logging.INFO))
+    for noisy in ("urllib3", "httpcore", "httpx", "hpack"):
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))

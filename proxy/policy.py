@@ -141,7 +141,7 @@ class Verdict:
     client: str | None = None
     scope: str | None = None
     workspace: str | None = None
-    upstream_target: str = ""  # the checked raw path, plus '?' and the raw query if any
+    upstream_target: str = ""  # /api/v1 + the checked rest of the path, + '?' + raw query
     needs_workspace: bool = False
 
 
@@ -178,5 +178,5 @@ def decide(request: Located, routes: Sequence[Route], scope_map: ScopeMap) -> Ve
     workspace = choose_workspace(route, request.workspace_headers)
     if isinstance(workspace, Refusal):
         return Verdict(workspace, route, client, scope)
-    target = path + ("?" + query if query else "")
+    target = API_ROOT + rest + ("?" + query if query else "")
     return Verdict(None, route, client, scope, workspace, target, found.endpoint.needs_workspace)

@@ -9,6 +9,7 @@ refuse: a request line naming another host is a probe, never a Publer call.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import uvicorn
@@ -52,7 +53,12 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
 
 
 def serve(settings: Settings, app: Any) -> int:
-    """Serve until SIGINT/SIGTERM, finishing requests in flight; the exit status."""
+    """Serve until SIGINT/SIGTERM, finishing requests in flight; the exit status.
+
+    uvicorn re-raises the signal it caught once it has shut down, which would make a
+    graceful SIGTERM exit with -15; the no-op handler it restores turns that into 0 (O1).
+    """
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
     server = uvicorn.Server(uvicorn_config(settings, app))
     server.run()
     return 0 if server.started else 1

@@ -354,7 +354,9 @@ def _describe(error: Any) -> list[str]:
     if error["type"] == "value_error" and all(": " in line for line in lines) and not location:
         return lines
     return [
-        line if location and line.startswith(location + ".") else f"{location or '(top level)'}: {line}"
+        line
+        if location and line.startswith(location + ".")
+        else f"{location or '(top level)'}: {line}"
         for line in lines
     ]
 

@@ -120,6 +120,16 @@ class Proxy(Process):
         """The access events (one per request)."""
         return [e for e in self.events() if e.get("event") == "request"]
 
+    def access_event(self, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The access event of one request; it is written just after the answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.access() if e.get("request_id") == request_id]
+            if len(found) == 1 or time.monotonic() > deadline:
+                assert len(found) == 1, f"{len(found)} access events for {request_id}"
+                return found[0]
+            time.sleep(0.02)
+
 
 def proxy_config(
     vault_url: str,
