@@ -20,9 +20,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from proxy.settings import RateLimitSettings
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,11 @@ return missing
 
 
 class RedisBudget:
-    """One sliding window per credential in Redis, shared by every replica."""
+    """One sliding window per credential in Redis, shared by every replica.
+
+    When Redis cannot be reached, each replica falls back to its own in-memory window:
+    neither failing open (no limit at all) nor closed (no traffic at all).
+    """
 
     def __init__(self, settings: RateLimitSettings, url: str) -> None:
         self._limit = settings.requests
@@ -129,23 +137,45 @@ class RedisBudget:
         self._redis: Redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._take = self._redis.register_script(_TAKE)
         self._sync = self._redis.register_script(_SYNC)
+        self._fallback = MemoryBudget(settings)
+        self._degraded = False
+
+    def _note(self, error: RedisError | None) -> None:
+        if error is not None and not self._degraded:
+            log.warning(
+                "rate_limit_redis_unavailable",
+                error=type(error).__name__,
+                fallback="per-process budget",
+            )
+        elif error is None and self._degraded:
+            log.info("rate_limit_redis_recovered")
+        self._degraded = error is not None
 
     @staticmethod
     def _key(credential: str) -> str:
         return f"publer-proxy:budget:{credential}"
 
     async def take(self, credential: str) -> Grant:
-        allowed, remaining, retry_after = await self._take(
-            keys=[self._key(credential)],
-            args=[self._limit, self._period, uuid.uuid4().hex],
-        )
+        try:
+            allowed, remaining, retry_after = await self._take(
+                keys=[self._key(credential)],
+                args=[self._limit, self._period, uuid.uuid4().hex],
+            )
+        except RedisError as exc:
+            self._note(exc)
+            return await self._fallback.take(credential)
+        self._note(None)
         return Grant(bool(allowed), int(remaining), float(retry_after))
 
     async def sync(self, credential: str, remaining: int, reset_seconds: float) -> None:
-        await self._sync(
-            keys=[self._key(credential)],
-            args=[self._limit, self._period, remaining, reset_seconds, uuid.uuid4().hex],
-        )
+        try:
+            await self._sync(
+                keys=[self._key(credential)],
+                args=[self._limit, self._period, remaining, reset_seconds, uuid.uuid4().hex],
+            )
+        except RedisError as exc:
+            self._note(exc)
+            await self._fallback.sync(credential, remaining, reset_seconds)
 
     async def close(self) -> None:
         await self._redis.aclose()

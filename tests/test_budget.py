@@ -1,0 +1,201 @@
+"""The rate budget (R1-R3) and the metrics that count it (L4), over real processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.bao import Bao, free_port
+from tests.servers import Proxy, Sandbox, proxy_config, start_proxy
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port, without persistence."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 10
+    import redis
+
+    client = redis.Redis(port=port)
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.05)
+    client.close()
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(10)
+
+
+def _budget_config(
+    bao: Bao, sandbox: Sandbox, token_file: Path, **rate: object
+) -> dict[str, object]:
+    config = proxy_config(bao.url, sandbox.url, token_file=token_file)
+    config["rate_limit"] = {"requests": 10, "per_seconds": 60, **rate}
+    return config
+
+
+def metric(proxy: Proxy, name: str, **labels: str) -> float:
+    """The value of one sample of the proxy's /metrics."""
+    text = httpx.get(f"{proxy.url}/metrics").text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def test_local_429_before_publer(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """Past the budget the proxy answers 429 rate_limited itself, with Retry-After and
+    Publer's own error field; Publer saw only the budget's worth; metrics add up."""
+    proxy = start_proxy(tmp_path, _budget_config(bao, sandbox, token_file))
+    try:
+        sandbox.clear()
+        answers = [httpx.get(f"{proxy.url}/api/v1/posts") for _ in range(15)]
+        statuses = [a.status_code for a in answers]
+        assert statuses == [200] * 10 + [429] * 5
+        refused = answers[-1]
+        assert refused.json()["code"] == "rate_limited"
+        assert refused.json()["error"] == "Rate limit exceeded. Retry later."
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert refused.headers["x-publer-proxy-error"] == "rate_limited"
+        assert len(sandbox.requests()) == 10
+        assert metric(proxy, "publer_proxy_requests_total", status="200") == 10
+        assert metric(proxy, "publer_proxy_requests_total", status="429") == 5
+        assert metric(proxy, "publer_proxy_refusals_total", code="rate_limited") == 5
+        assert metric(proxy, "publer_proxy_rate_limit_remaining", credential="publer") == 0
+        assert metric(proxy, "publer_proxy_upstream_latency_seconds_count") == 10
+        assert (
+            metric(proxy, "publer_proxy_vault_operations_total", operation="read", outcome="ok")
+            >= 1
+        )
+        assert metric(proxy, "publer_proxy_key_age_seconds", credential="publer") > 0
+    finally:
+        proxy.stop()
+
+
+def test_queueing_waits_for_budget(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """With max_wait_seconds, a request past the budget waits for a slot instead of 429."""
+    config = _budget_config(bao, sandbox, token_file, requests=2, per_seconds=1, max_wait_seconds=3)
+    proxy = start_proxy(tmp_path, config)
+    try:
+        started = time.monotonic()
+        statuses = [httpx.get(f"{proxy.url}/api/v1/posts").status_code for _ in range(4)]
+        assert statuses == [200] * 4
+        assert time.monotonic() - started >= 0.9  # the third had to wait for the window
+    finally:
+        proxy.stop()
+
+
+def test_publer_headers_resync_the_budget(
+    tmp_path: Path,
+    bao: Bao,
+    token_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    api_key: str,
+) -> None:
+    """When Publer says fewer requests are left than the proxy counted (another client of
+    the same account), the proxy believes Publer (R2)."""
+    from tests.servers import start_sandbox
+
+    strict = start_sandbox(tmp_path_factory.mktemp("strict"), api_key, rate_limit=5)
+    # Another client of the account spends 3 of Publer's 5 directly.
+    for _ in range(3):
+        httpx.get(
+            f"{strict.url}/api/v1/posts",
+            headers={
+                "Authorization": f"Bearer-API {api_key}",
+                "Publer-Workspace-Id": "5f8d7a62c9e77e001f36e3a1",
+            },
+        )
+    config = _budget_config(bao, strict, token_file, requests=100, per_seconds=120)
+    proxy = start_proxy(tmp_path, config)
+    try:
+        statuses = [httpx.get(f"{proxy.url}/api/v1/posts").status_code for _ in range(4)]
+        assert statuses[:2] == [200, 200]
+        assert statuses[2:] == [429, 429]
+        refused = httpx.get(f"{proxy.url}/api/v1/posts")
+        assert refused.headers["x-publer-proxy-error"] == "rate_limited"
+        # The sandbox saw 3 direct + 2 through the proxy: never past its limit.
+        assert len(strict.requests()) == 5
+    finally:
+        proxy.stop()
+        strict.stop()
+
+
+def test_two_replicas_share_one_budget_in_redis(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox, redis_url: str
+) -> None:
+    """Two proxies with one redis_url never send more than the budget in total (R3)."""
+    config_a = _budget_config(bao, sandbox, token_file, requests=25, redis_url=redis_url)
+    config_b = _budget_config(bao, sandbox, token_file, requests=25, redis_url=redis_url)
+    first = start_proxy(tmp_path / "a", config_a)
+    second = start_proxy(tmp_path / "b", config_b)
+    try:
+        sandbox.clear()
+
+        def burst(proxy: Proxy) -> list[int]:
+            with httpx.Client() as client:
+                return [client.get(f"{proxy.url}/api/v1/posts").status_code for _ in range(30)]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(burst, [first, second, first, second]))
+        statuses = [s for r in results for s in r]
+        assert statuses.count(200) == 25
+        assert statuses.count(429) == len(statuses) - 25
+        assert len(sandbox.requests()) == 25
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_redis_down_falls_back_to_a_local_budget(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """With Redis unreachable the proxy keeps serving under a per-process budget, never
+    unlimited and never a 500."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proxy = start_proxy(tmp_path, _budget_config(bao, sandbox, token_file, redis_url=dead))
+    try:
+        statuses = [httpx.get(f"{proxy.url}/api/v1/posts").status_code for _ in range(12)]
+        assert statuses == [200] * 10 + [429] * 2
+        assert any(e.get("event") == "rate_limit_redis_unavailable" for e in proxy.events())
+    finally:
+        proxy.stop()

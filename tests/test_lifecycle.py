@@ -1,0 +1,280 @@
+"""The key's life over real processes: rotation, Vault outages, AppRole, never-read keys."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.bao import Bao, restart_bao, start_bao
+from tests.servers import Proxy, Sandbox, proxy_config, start_proxy
+
+POLICY = """
+path "secret/data/publer/api" { capabilities = ["read"] }
+"""
+
+
+def eventually(check: Callable[[], bool], timeout: float = 15.0, step: float = 0.1) -> None:
+    """Wait until `check()` is true, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(step)
+
+
+def _status(proxy: Proxy, path: str = "/api/v1/posts") -> int:
+    return httpx.get(f"{proxy.url}{path}", timeout=10).status_code
+
+
+def _seen_keys(sandbox: Sandbox) -> list[str]:
+    return [
+        value.removeprefix("Bearer-API ")
+        for record in sandbox.requests()
+        for name, value in record["headers"]
+        if name == "authorization"
+    ]
+
+
+def test_rotation_is_picked_up_without_restart(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox, api_key: str
+) -> None:
+    """A new KV v2 version is used after refresh_seconds, and the rotation is logged
+    with both masked keys and versions."""
+    path = f"rotation/{secrets.token_hex(4)}"
+    old_version = bao.write_key(path, api_key)
+    config = proxy_config(
+        bao.url,
+        sandbox.url,
+        token_file=token_file,
+        credential={"path": path, "refresh_seconds": 1},
+    )
+    proxy = start_proxy(tmp_path, config)
+    try:
+        new_key = "pk_rotated_" + secrets.token_hex(16)
+        sandbox.set_keys({"key": api_key}, {"key": new_key})
+        new_version = bao.write_key(path, new_key)
+        sandbox.clear()
+        eventually(lambda: _status(proxy) == 200 and _seen_keys(sandbox)[-1] == new_key)
+        rotated = [e for e in proxy.events() if e.get("event") == "key_rotated"]
+        assert rotated, proxy.output()[-2000:]
+        assert rotated[0]["old_key"] == "***" + api_key[-4:]
+        assert rotated[0]["key"] == "***" + new_key[-4:]
+        assert (rotated[0]["old_version"], rotated[0]["key_version"]) == (old_version, new_version)
+        assert proxy.stop() == 0
+    finally:
+        proxy.stop()
+        sandbox.set_keys({"key": api_key})
+
+
+def test_vault_killed_stale_key_then_503_then_recovery(
+    tmp_path: Path, sandbox: Sandbox, api_key: str
+) -> None:
+    """With Vault down the held key serves (readyz 200, stale with a reason) until
+    max_stale_seconds, then 503 credential_unavailable; Vault back means recovery."""
+    vault = start_bao(tmp_path / "bao")
+    vault.write_key("publer/api", api_key)
+    token = tmp_path / "token"
+    token.write_text(vault.root_token)
+    config = proxy_config(
+        vault.url,
+        sandbox.url,
+        token_file=token,
+        credential={"refresh_seconds": 1, "max_stale_seconds": 4},
+    )
+    proxy = start_proxy(tmp_path / "proxy", config)
+    try:
+        assert _status(proxy) == 200
+        vault.stop()
+
+        def stale() -> bool:
+            body = httpx.get(f"{proxy.url}/readyz").json()
+            return bool(body["credentials"]["publer"]["state"] == "stale")
+
+        eventually(stale)
+        ready = httpx.get(f"{proxy.url}/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "degraded"
+        assert ready.json()["credentials"]["publer"]["reason"]
+        assert _status(proxy) == 200
+        eventually(lambda: _status(proxy) == 503, timeout=20)
+        refused = httpx.get(f"{proxy.url}/api/v1/posts")
+        assert refused.json()["code"] == "credential_unavailable"
+        assert refused.headers["x-publer-proxy-error"] == "credential_unavailable"
+        assert httpx.get(f"{proxy.url}/readyz").status_code == 503
+        vault = restart_bao(vault)
+        vault.write_key("publer/api", api_key)
+        eventually(lambda: _status(proxy) == 200, timeout=30)
+        assert httpx.get(f"{proxy.url}/readyz").json()["status"] == "ready"
+    finally:
+        proxy.stop()
+        vault.stop()
+
+
+def test_vault_sealed_mid_traffic(tmp_path: Path, sandbox: Sandbox, api_key: str) -> None:
+    """A sealed Vault is an outage like any other: the held key keeps serving, readyz
+    names the reason, and unsealing heals it."""
+    vault = start_bao(tmp_path / "bao")
+    vault.write_key("publer/api", api_key)
+    token = tmp_path / "token"
+    token.write_text(vault.root_token)
+    config = proxy_config(
+        vault.url,
+        sandbox.url,
+        token_file=token,
+        credential={"refresh_seconds": 1, "max_stale_seconds": 60},
+    )
+    proxy = start_proxy(tmp_path / "proxy", config)
+    try:
+        vault.seal()
+
+        def stale() -> bool:
+            body = httpx.get(f"{proxy.url}/readyz").json()
+            return bool(body["credentials"]["publer"]["state"] == "stale")
+
+        eventually(stale)
+        reason = httpx.get(f"{proxy.url}/readyz").json()["credentials"]["publer"]["reason"]
+        assert "sealed" in reason
+        assert all(_status(proxy) == 200 for _ in range(10))
+        vault.unseal()
+        eventually(lambda: httpx.get(f"{proxy.url}/readyz").json()["status"] == "ready")
+    finally:
+        proxy.stop()
+        vault.stop()
+
+
+def test_key_never_read_is_503_and_nothing_forwarded(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """A key that was never read: 503 from the first request, readyz 503, nothing sent."""
+    config = proxy_config(
+        bao.url, sandbox.url, token_file=token_file, credential={"path": "does/not/exist"}
+    )
+    proxy = start_proxy(tmp_path, config, wait_ready=False)
+    try:
+        sandbox.clear()
+        answer = httpx.get(f"{proxy.url}/api/v1/posts")
+        assert answer.status_code == 503
+        assert answer.json()["code"] == "credential_unavailable"
+        ready = httpx.get(f"{proxy.url}/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["credentials"]["publer"]["state"] == "missing"
+        assert sandbox.requests() == []
+    finally:
+        proxy.stop()
+
+
+def test_approle_login_serves_traffic(
+    tmp_path: Path, bao: Bao, sandbox: Sandbox, api_key: str
+) -> None:
+    """AppRole with a least-privilege policy: the proxy logs in, renews and forwards."""
+    root = bao.client()
+    if "approle/" not in root.sys.list_auth_methods():
+        root.sys.enable_auth_method("approle")
+    root.sys.create_or_update_policy("publer-proxy-test", POLICY)
+    root.auth.approle.create_or_update_approle(
+        "publer-proxy-test",
+        token_policies=["publer-proxy-test"],
+        token_ttl="3s",
+        token_max_ttl="8s",
+    )
+    role_id = root.auth.approle.read_role_id("publer-proxy-test")["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id("publer-proxy-test")["data"]["secret_id"]
+    secret_file = tmp_path / "secret-id"
+    secret_file.write_text(secret_id)
+    config = proxy_config(bao.url, sandbox.url, credential={"refresh_seconds": 1})
+    config["vault"]["auth"] = {
+        "method": "approle",
+        "role_id": role_id,
+        "secret_id_file": str(secret_file),
+    }
+    proxy = start_proxy(tmp_path / "proxy", config)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # past the token's max TTL: re-login happened
+            assert _status(proxy) == 200
+            time.sleep(0.5)
+        assert httpx.get(f"{proxy.url}/readyz").json()["status"] == "ready"
+        assert secret_id not in proxy.output()
+    finally:
+        proxy.stop()
+
+
+def test_upstream_401_rereads_once_and_no_client_sees_it(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox, api_key: str
+) -> None:
+    """Rotate the key in Vault and make Publer accept only the new one while 20 clients
+    send traffic: no client sees a 401, and the re-read is shared (F7)."""
+    path = f"f7/{secrets.token_hex(4)}"
+    bao.write_key(path, api_key)
+    config = proxy_config(
+        bao.url,
+        sandbox.url,
+        token_file=token_file,
+        credential={"path": path, "refresh_seconds": 3600},
+    )
+    proxy = start_proxy(tmp_path, config)
+    new_key = "pk_f7_" + secrets.token_hex(16)
+    try:
+        statuses: list[int] = []
+
+        def client(n: int) -> list[int]:
+            with httpx.Client(timeout=10) as session:
+                return [
+                    session.get(f"{proxy.url}/api/v1/posts").status_code
+                    if i % 2
+                    else session.post(f"{proxy.url}/api/v1/posts", json={"n": n}).status_code
+                    for i in range(15)
+                ]
+
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            futures = [pool.submit(client, n) for n in range(20)]
+            time.sleep(0.3)
+            bao.write_key(path, new_key)
+            sandbox.set_keys({"key": new_key})
+            for future in futures:
+                statuses += future.result()
+        assert 401 not in statuses
+        assert set(statuses) <= {200, 202}
+        reads = [e for e in proxy.events() if e.get("event") == "key_rotated"]
+        assert len(reads) == 1
+    finally:
+        proxy.stop()
+        sandbox.set_keys({"key": api_key})
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_idempotent_retries_only(
+    tmp_path_factory: pytest.TempPathFactory,
+    bao: Bao,
+    token_file: Path,
+    sandbox: Sandbox,
+    method: str,
+) -> None:
+    """GET is retried on 503 and on a dropped connection; POST never is (F6)."""
+    proxy = start_proxy(
+        tmp_path_factory.mktemp("retry"),
+        proxy_config(bao.url, sandbox.url, token_file=token_file),
+    )
+    try:
+        for fault in ({"status": 503, "count": 2}, {"drop": True, "count": 1}):
+            sandbox.clear()
+            sandbox.fault(**fault)
+            answer = httpx.request(
+                method, f"{proxy.url}/api/v1/posts", json={} if method == "POST" else None
+            )
+            attempts = len(sandbox.requests())
+            if method == "GET":
+                assert answer.status_code == 200
+                assert attempts == fault["count"] + 1
+            else:
+                assert answer.status_code in (502, 503)
+                assert attempts == 1
+            sandbox.fault(count=0)
+    finally:
+        proxy.stop()
