@@ -1,12 +1,8 @@
 # Least privilege for publer-proxy: read its one key, nothing else.
-# KV v2 at mount "secret": data/ is the key, metadata/ gives its version and created_time.
+# KV v2 at mount "secret": a read of data/ returns the value with its version and
+# created_time, which is all the proxy needs (no metadata/, no list, no write).
 path "secret/data/publer/api" {
   capabilities = ["read"]
 }
 
-path "secret/metadata/publer/api" {
-  capabilities = ["read"]
-}
-
-# Tokens renew themselves; no policy is needed for auth/token/renew-self and lookup-self,
-# which the default policy grants.
+# Token renewal and self-lookup come from Vault's built-in default policy.

@@ -13,8 +13,9 @@ from typing import TextIO
 
 import httpx
 
+from proxy.logs import configure_logging
 from proxy.redact import SecretRegistry, mask
-from proxy.settings import Settings, UpstreamSettings
+from proxy.settings import LoggingSettings, Settings, UpstreamSettings
 from proxy.vault import VaultError, VaultSession
 
 PROBE_PATH = "/api/v1/workspaces"
@@ -57,6 +58,7 @@ def check_online(settings: Settings, out: TextIO | None = None) -> bool:
     """Print, per credential, the masked key, its version and age, and Publer's verdict."""
     stream = out or sys.stdout
     secrets = SecretRegistry()
+    configure_logging(LoggingSettings(format="console", level="warning"), secrets, sys.stderr)
 
     def say(line: str) -> None:
         print(secrets.redact(line), file=stream)

@@ -1,0 +1,196 @@
+"""The command line of SPEC S3.1, run as the user runs it: a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from proxy.policy import hash_token
+from tests.bao import Bao, free_port
+from tests.servers import Sandbox, proxy_config, start_proxy, start_sandbox
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m proxy ARGS` in a child process, HOME isolated."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("VAULT_")}
+    child_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=child_env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def write_config(tmp_path: Path, config: dict[str, Any], name: str = "proxy.yaml") -> Path:
+    """Write a config dict as YAML and return its path."""
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_check_prints_effective_routes() -> None:
+    """`check` on the shipped example config exits 0 and prints each route's fields."""
+    result = run_cli("check", "--config", str(REPO / "config" / "proxy.yaml"))
+    assert result.returncode == 0, result.stderr
+    for field in ("route default", "prefix:", "workspace:", "scopes:", "methods:", "clients:"):
+        assert field in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c["listen"].update(prot=1), "listen.prot: unknown key"),
+        (lambda c: c["routes"][0].update(credential="nope"), "routes.0.credential"),
+        (lambda c: c["routes"][0].update(scopes=["posts", "analytcs"]), "routes.0.scopes"),
+        (
+            lambda c: c["credentials"]["publer"].update(kv_version=3),
+            "credentials.publer.kv_version",
+        ),
+        (lambda c: c["upstream"].update(url="http://publer.example.com"), "upstream.url"),
+        (lambda c: c["listen"].update(host="0.0.0.0"), "routes.0.clients"),
+        (
+            lambda c: c["routes"][0].update(clients=[{"name": "a", "token_sha256": "abc"}]),
+            "routes.0.clients.0.token_sha256",
+        ),
+        (lambda c: c["vault"]["auth"].update(method="approle"), "vault.auth"),
+    ],
+)
+def test_config_mistakes_name_the_key(tmp_path: Path, mutate: Any, expected: str) -> None:
+    """Each config mistake exits 1 with a line naming its key path, never a traceback,
+    from both `check` and `serve` (O2)."""
+    config = proxy_config("http://127.0.0.1:8200", "http://127.0.0.1:9")
+    mutate(config)
+    path = write_config(tmp_path, config)
+    for command in ("check", "serve"):
+        result = run_cli(command, "--config", str(path))
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_missing_config_file_says_how_to_fix(tmp_path: Path) -> None:
+    """A missing file is named, with the ways to point at one."""
+    result = run_cli("check", env={"PUBLER_PROXY_CONFIG": str(tmp_path / "none.yaml")})
+    assert result.returncode == 1
+    assert "none.yaml" in result.stderr and "--config" in result.stderr
+
+
+def test_hash_token_matches_the_policy_digest() -> None:
+    """`hash-token` prints the digest that `clients` compares against."""
+    result = run_cli("hash-token", stdin="my-client-token\n")
+    assert result.returncode == 0
+    assert result.stdout.strip() == hash_token("my-client-token")
+    assert result.stdout.strip().startswith("sha256:")
+    assert "my-client-token" not in result.stdout
+    assert run_cli("hash-token", stdin="").returncode == 1
+
+
+@pytest.fixture(scope="module")
+def judging_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """A sandbox knowing a good key, a revoked key and a key without the workspaces scope."""
+    server = start_sandbox(
+        tmp_path_factory.mktemp("judge"), "pk_good_0123456789", "pk_narrow_0123456789=posts"
+    )
+    server.set_keys(
+        {"key": "pk_good_0123456789"},
+        {"key": "pk_revoked_0123456789", "revoked": True},
+        {"key": "pk_narrow_0123456789", "scopes": ["posts"]},
+    )
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    ("key", "code", "words"),
+    [
+        ("pk_good_0123456789", 0, "Publer accepts the key"),
+        ("pk_revoked_0123456789", 2, "revoked"),
+        ("pk_narrow_0123456789", 2, "lacks a scope"),
+    ],
+)
+def test_check_online_tells_good_revoked_and_underscoped_keys(
+    tmp_path: Path,
+    bao: Bao,
+    token_file: Path,
+    judging_sandbox: Sandbox,
+    key: str,
+    code: int,
+    words: str,
+) -> None:
+    """`check --online` reads the key from Vault, prints it masked with its version and
+    age, and turns Publer's answer into the key guide's words."""
+    path = f"online/{key.split('_')[1]}"
+    version = bao.write_key(path, key)
+    config = proxy_config(
+        bao.url, judging_sandbox.url, token_file=token_file, credential={"path": path}
+    )
+    result = run_cli("check", "--online", "--config", str(write_config(tmp_path, config)))
+    assert result.returncode == code, result.stdout + result.stderr
+    assert words in result.stdout
+    assert f"key ***{key[-4:]}" in result.stdout
+    assert f"KV version {version}" in result.stdout and "days ago" in result.stdout
+    assert key not in result.stdout + result.stderr
+
+
+def test_check_online_exit_2_when_vault_is_down(tmp_path: Path, token_file: Path) -> None:
+    """Vault unreachable: exit 2 with the reason, no traceback."""
+    config = proxy_config(
+        f"http://127.0.0.1:{free_port()}", "http://127.0.0.1:9", token_file=token_file
+    )
+    result = run_cli("check", "--online", "--config", str(write_config(tmp_path, config)))
+    assert result.returncode == 2
+    assert "unreachable" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_sigterm_lets_a_slow_upload_finish(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """SIGTERM during a slow upload: the upload completes with 200, then exit 0 (O1)."""
+    proxy = start_proxy(tmp_path, proxy_config(bao.url, sandbox.url, token_file=token_file))
+    outcome: dict[str, Any] = {}
+
+    def slow_body() -> Iterator[bytes]:
+        for _ in range(20):
+            time.sleep(0.1)
+            yield b"x" * 64 * 1024
+
+    def upload() -> None:
+        outcome["status"] = httpx.post(
+            f"{proxy.url}/api/v1/media",
+            content=slow_body(),
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(20 * 64 * 1024),
+            },
+            timeout=30,
+        ).status_code
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    time.sleep(0.5)
+    proxy.process.send_signal(signal.SIGTERM)
+    thread.join(30)
+    assert proxy.process.wait(30) == 0
+    assert outcome["status"] < 500 and outcome["status"] != 499
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{proxy.url}/healthz")
