@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PORT ?= 8080
 TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman
 BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
 
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/publer-proxy dev
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/publer-proxy dev --port $(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests bench

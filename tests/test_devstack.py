@@ -1,0 +1,111 @@
+"""`make run` and `publer-proxy dev` (SPEC S3.4): up, working, and gone without a trace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.bao import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until /readyz answers 200, or fail with the stack's output."""
+    deadline = time.monotonic() + 90  # the first `make run` may still install the venv
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"the stack did not become ready:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize(
+    ("command", "sig"),
+    [
+        (["make", "--no-print-directory", "run"], signal.SIGINT),
+        ([sys.executable, "-m", "proxy", "dev"], signal.SIGTERM),
+    ],
+)
+def test_local_stack_works_then_leaves_nothing(
+    tmp_path: Path, command: list[str], sig: signal.Signals
+) -> None:
+    """The stack forwards a keyless request with the key from OpenBao to the sandbox,
+    prints a curl line, and on Ctrl-C (or SIGTERM) stops everything it started."""
+    port = free_port()
+    log = tmp_path / "stack.log"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PUBLER_API_KEY", "PUBLER_WORKSPACE_ID") and not k.startswith("VAULT_")
+    }
+    env["PORT"] = str(port)
+    args = [*command, f"PORT={port}"] if command[0] == "make" else [*command, "--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, log)
+        answer = httpx.get(f"{url}/api/v1/users/me")
+        assert answer.status_code == 200, answer.text
+        assert "x-publer-proxy-error" not in answer.headers
+        started = descendants(process.pid)
+        assert len(started) >= 2  # OpenBao and the sandbox (and the proxy, under make)
+        deadline = time.monotonic() + 10
+        while f"curl -s {url}/api/v1/users/me" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        if sig == signal.SIGINT:
+            os.killpg(process.pid, sig)  # what Ctrl-C in a terminal does
+        else:
+            process.send_signal(sig)
+        process.wait(30)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in started if alive(pid)], log.read_text()[-2000:]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
