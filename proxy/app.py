@@ -92,6 +92,8 @@ def create_app(
             budget=make_budget(settings.rate_limit),
             metrics=registry,
         )
+        for warning in settings.warnings():
+            log.warning("insecure_setting", detail=warning)
         await store.start()
         log.info(
             "proxy_started",

@@ -87,6 +87,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _print_problems(exc)
     print(f"configuration {config_path(args.config)} is valid")
+    for warning in settings.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     for line in describe_routes(settings, scope_map):
         print(line)
     if not args.online:

@@ -334,6 +334,24 @@ class Settings(_Model):
         """True when only this machine can reach the proxy (loopback or a unix socket)."""
         return self.listen.unix_socket is not None or is_loopback_host(self.listen.host)
 
+    def warnings(self) -> list[str]:
+        """Things that work but should not stay that way, for `check` and the start log."""
+        found: list[str] = []
+        vault = urlsplit(self.vault.url)
+        if vault.scheme == "http" and not is_loopback_host(vault.hostname or ""):
+            found.append(
+                f"vault.url: {self.vault.url} is plain HTTP to a non-loopback host; the Vault"
+                " token and the key cross the network in clear text; use https://"
+            )
+        if self.upstream.insecure_allow_plain_http and urlsplit(self.upstream.url).scheme == "http":
+            found.append(
+                f"upstream.url: {self.upstream.url} is plain HTTP (insecure_allow_plain_http);"
+                " the API key crosses the network in clear text"
+            )
+        if self.vault.skip_verify:
+            found.append("vault.skip_verify: Vault's TLS certificate is not checked")
+        return found
+
     def credentials_in_use(self) -> dict[str, CredentialSettings]:
         """The credentials that at least one route refers to."""
         used = {route.credential for route in self.routes}

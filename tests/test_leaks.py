@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -49,7 +50,7 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
         "root token": vault.root_token,
     }
 
-    routes = [
+    routes: list[dict[str, Any]] = [
         {
             "name": "default",
             "credential": "publer",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import secrets
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -13,19 +12,11 @@ import pytest
 
 from tests.bao import Bao, restart_bao, start_bao
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy
+from tests.waiting import eventually
 
 POLICY = """
 path "secret/data/publer/api" { capabilities = ["read"] }
 """
-
-
-def eventually(check: Callable[[], bool], timeout: float = 15.0, step: float = 0.1) -> None:
-    """Wait until `check()` is true, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(step)
 
 
 def _status(proxy: Proxy, path: str = "/api/v1/posts") -> int:
