@@ -1,0 +1,52 @@
+"""The in-memory sliding window (R1, R2): pure timing on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy.ratelimit import MemoryBudget, retry_after_header, spend
+from proxy.settings import RateLimitSettings
+
+
+def test_window_spends_then_refuses_with_retry_after() -> None:
+    """N requests pass per window, the next is refused with the time until a slot frees."""
+
+    async def scenario() -> None:
+        budget = MemoryBudget(RateLimitSettings(requests=3, per_seconds=60))
+        grants = [await budget.take("c") for _ in range(4)]
+        assert [g.allowed for g in grants] == [True, True, True, False]
+        assert [g.remaining for g in grants[:3]] == [2, 1, 0]
+        assert 59 < grants[3].retry_after <= 60
+        assert retry_after_header(grants[3]) == 60
+        assert (await budget.take("other")).allowed  # budgets are per credential
+
+    asyncio.run(scenario())
+
+
+def test_sync_believes_publer_when_it_counted_more() -> None:
+    """Publer's lower Remaining shrinks the local window until Publer's reset."""
+
+    async def scenario() -> None:
+        budget = MemoryBudget(RateLimitSettings(requests=10, per_seconds=60))
+        await budget.take("c")
+        await budget.sync("c", remaining=1, reset_seconds=0.3)
+        assert (await budget.take("c")).allowed
+        assert not (await budget.take("c")).allowed
+        await asyncio.sleep(0.35)
+        assert (await budget.take("c")).allowed
+        await budget.sync("c", remaining=50, reset_seconds=10)  # more than ours: ignored
+        assert (await budget.take("c")).remaining == 6
+
+    asyncio.run(scenario())
+
+
+def test_spend_queues_up_to_max_wait() -> None:
+    """spend() waits for a slot when it frees within max_wait, else refuses at once."""
+
+    async def scenario() -> None:
+        budget = MemoryBudget(RateLimitSettings(requests=1, per_seconds=0.2))
+        assert (await spend(budget, "c", 0)).allowed
+        assert not (await spend(budget, "c", 0)).allowed
+        assert (await spend(budget, "c", 1.0)).allowed
+
+    asyncio.run(scenario())
