@@ -31,6 +31,8 @@ log = structlog.get_logger(__name__)
 
 State = Literal["fresh", "stale", "expired", "missing"]
 ROTATION_WARNING_PERIOD = 24 * 3600.0
+# A 401 storm after the re-read found no new key must not turn into a Vault read storm.
+REREAD_MIN_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class _Slot:
     key: HeldKey | None = None
     last_error: str | None = None
     last_attempt_failed: bool = False
-    reread: asyncio.Future[HeldKey] | None = None
+    reread: asyncio.Task[HeldKey] | None = None
+    reread_at: float = -math.inf
     warned_rotation_at: float = -math.inf
 
 
@@ -235,24 +238,25 @@ class CredentialStore:
     async def reread(self, name: str, rejected: HeldKey) -> HeldKey:
         """After Publer rejected `rejected`, re-read the key once for everyone (F7).
 
-        Requests that saw the same rejected key share one Vault read; a request that comes
-        after the key already changed gets the new key without another read.
+        Requests that saw the same rejected key share one Vault read, run as a task of its
+        own so that a client going away cannot cancel it for the others; a request that
+        comes after the key already changed gets the new key without another read.
         """
         slot = self._slots[name]
         if slot.key is not None and slot.key.value != rejected.value:
             return slot.key
-        if slot.reread is None:
-            slot.reread = asyncio.get_running_loop().create_future()
-            future = slot.reread
-            try:
-                held = await self._read(slot)
-                future.set_result(held or self.current(name))
-            except CredentialUnavailable as exc:
-                future.set_exception(exc)
-            finally:
-                slot.reread = None
-            return await future
-        return await asyncio.shield(slot.reread)
+        task = slot.reread
+        recent = time.monotonic() - slot.reread_at < REREAD_MIN_INTERVAL
+        if task is None or (task.done() and not recent):
+            task = slot.reread = asyncio.create_task(self._reread(slot))
+        return await asyncio.shield(task)
+
+    async def _reread(self, slot: _Slot) -> HeldKey:
+        try:
+            await self._read(slot)
+        finally:
+            slot.reread_at = time.monotonic()
+        return self.current(slot.name)
 
     def status(self) -> dict[str, dict[str, object]]:
         """Per-credential state for /readyz and `check --online`; never a key."""
