@@ -147,6 +147,8 @@ class Verdict:
 
 def decide(request: Located, routes: Sequence[Route], scope_map: ScopeMap) -> Verdict:
     """Route, authenticate, check the scope allow-list, choose the workspace (SPEC S1)."""
+    if request.raw_path == b"/":
+        return Verdict(Refusal.of("no_route", "no route serves /; call {prefix}/api/v1/..."))
     path = check_path(request.raw_path)
     if isinstance(path, UnsafePath):
         return Verdict(Refusal.of("bad_path", path.reason))

@@ -19,6 +19,7 @@ import yaml
 from proxy.policy import hash_token
 from tests.bao import Bao, free_port
 from tests.servers import Sandbox, proxy_config, start_proxy, start_sandbox
+from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -194,3 +195,31 @@ def test_sigterm_lets_a_slow_upload_finish(
     assert outcome["status"] < 500 and outcome["status"] != 499
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{proxy.url}/healthz")
+
+
+def test_serve_on_a_unix_socket(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """`listen.unix_socket` serves there (an open route is allowed: only local processes
+    reach it), and forwards with the key."""
+    socket_path = tmp_path / "proxy.sock"
+    config = proxy_config(bao.url, sandbox.url, token_file=token_file)
+    config["listen"] = {"unix_socket": str(socket_path), "host": "0.0.0.0"}
+    path = write_config(tmp_path, config)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():  # httpcore leaks a socket per refused uds connect
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+        transport = httpx.HTTPTransport(uds=str(socket_path))
+        with httpx.Client(transport=transport, base_url="http://proxy") as client:
+            eventually(lambda: client.get("/readyz").status_code == 200)
+            assert client.get("/api/v1/posts").status_code == 200
+    finally:
+        process.terminate()
+        assert process.wait(20) == 0

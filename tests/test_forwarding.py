@@ -163,6 +163,7 @@ REFUSALS: list[tuple[str, str, dict[str, str], int, str]] = [
         "workspace_denied",
     ),
     ("GET", "/nothing/here", {}, 404, "no_route"),
+    ("GET", "/", {}, 404, "no_route"),
     ("POST", "/api/v1/posts", {"Content-Length": str(MAX_BODY + 1)}, 413, "body_too_large"),
 ]
 
