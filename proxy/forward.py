@@ -254,8 +254,9 @@ class Forwarder:
                 response = await self.s.upstream.send(
                     method, verdict.upstream_target, headers, body
                 )
-            except ProxyError:
-                if attempt <= retries:
+            except ProxyError as exc:
+                # A timeout is not retried: another read_timeout would only double the wait.
+                if attempt <= retries and exc.refusal.code == "upstream_unreachable":
                     await asyncio.sleep(_backoff(attempt))
                     continue
                 raise
@@ -371,6 +372,7 @@ class Forwarder:
             duration_ms=round(duration * 1000, 2),
             key=outcome.key.masked if outcome.key else None,
             key_version=outcome.key.version if outcome.key else None,
+            attempts=outcome.attempts,
         )
         metrics = self.s.metrics
         metrics.requests.labels(
