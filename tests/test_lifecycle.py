@@ -63,31 +63,34 @@ def test_rotation_is_picked_up_without_restart(
         sandbox.set_keys({"key": api_key})
 
 
+def _proxy_on_own_vault(
+    tmp_path: Path, sandbox: Sandbox, api_key: str, *, max_stale_seconds: float
+) -> tuple[Bao, Proxy]:
+    """A Vault of the test's own (to break it) and a proxy refreshing from it every second."""
+    vault = start_bao(tmp_path / "bao")
+    vault.write_key("publer/api", api_key)
+    token = tmp_path / "token"
+    token.write_text(vault.root_token)
+    credential = {"refresh_seconds": 1, "max_stale_seconds": max_stale_seconds}
+    config = proxy_config(vault.url, sandbox.url, token_file=token, credential=credential)
+    return vault, start_proxy(tmp_path / "proxy", config)
+
+
+def _credential_state(proxy: Proxy) -> str:
+    state: str = httpx.get(f"{proxy.url}/readyz").json()["credentials"]["publer"]["state"]
+    return state
+
+
 def test_vault_killed_stale_key_then_503_then_recovery(
     tmp_path: Path, sandbox: Sandbox, api_key: str
 ) -> None:
     """With Vault down the held key serves (readyz 200, stale with a reason) until
     max_stale_seconds, then 503 credential_unavailable; Vault back means recovery."""
-    vault = start_bao(tmp_path / "bao")
-    vault.write_key("publer/api", api_key)
-    token = tmp_path / "token"
-    token.write_text(vault.root_token)
-    config = proxy_config(
-        vault.url,
-        sandbox.url,
-        token_file=token,
-        credential={"refresh_seconds": 1, "max_stale_seconds": 4},
-    )
-    proxy = start_proxy(tmp_path / "proxy", config)
+    vault, proxy = _proxy_on_own_vault(tmp_path, sandbox, api_key, max_stale_seconds=4)
     try:
         assert _status(proxy) == 200
         vault.stop()
-
-        def stale() -> bool:
-            body = httpx.get(f"{proxy.url}/readyz").json()
-            return bool(body["credentials"]["publer"]["state"] == "stale")
-
-        eventually(stale)
+        eventually(lambda: _credential_state(proxy) == "stale")
         ready = httpx.get(f"{proxy.url}/readyz")
         assert ready.status_code == 200
         assert ready.json()["status"] == "degraded"
@@ -110,25 +113,10 @@ def test_vault_killed_stale_key_then_503_then_recovery(
 def test_vault_sealed_mid_traffic(tmp_path: Path, sandbox: Sandbox, api_key: str) -> None:
     """A sealed Vault is an outage like any other: the held key keeps serving, readyz
     names the reason, and unsealing heals it."""
-    vault = start_bao(tmp_path / "bao")
-    vault.write_key("publer/api", api_key)
-    token = tmp_path / "token"
-    token.write_text(vault.root_token)
-    config = proxy_config(
-        vault.url,
-        sandbox.url,
-        token_file=token,
-        credential={"refresh_seconds": 1, "max_stale_seconds": 60},
-    )
-    proxy = start_proxy(tmp_path / "proxy", config)
+    vault, proxy = _proxy_on_own_vault(tmp_path, sandbox, api_key, max_stale_seconds=60)
     try:
         vault.seal()
-
-        def stale() -> bool:
-            body = httpx.get(f"{proxy.url}/readyz").json()
-            return bool(body["credentials"]["publer"]["state"] == "stale")
-
-        eventually(stale)
+        eventually(lambda: _credential_state(proxy) == "stale")
         reason = httpx.get(f"{proxy.url}/readyz").json()["credentials"]["publer"]["reason"]
         assert "sealed" in reason
         assert all(_status(proxy) == 200 for _ in range(10))
