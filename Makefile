@@ -7,7 +7,7 @@ PORT ?= 8080
 TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman
 BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
 
-.PHONY: run test lint typecheck unit container-test bench fuzz clean
+.PHONY: run test lint typecheck container-test bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,8 @@ run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/publer-proxy dev --port $(PORT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
-	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/ruff check proxy tests bench deploy
+	$(BIN)/ruff format --check proxy tests bench deploy
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -29,6 +29,10 @@ test: $(STAMP)
 	scripts/system-deps.sh $(TEST_TOOLS)
 	$(MAKE) lint typecheck
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+
+container-test: $(STAMP)
+	scripts/system-deps.sh $(TEST_TOOLS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -m container
 
 bench: $(STAMP)
 	scripts/system-deps.sh $(BENCH_TOOLS)

@@ -1,0 +1,78 @@
+# publer-proxy image (SPEC O3): the venv and the app only, run as uid 10001, no secret in
+# any layer, a HEALTHCHECK on /healthz, and no write anywhere at run time, so the root
+# filesystem can be mounted read-only (docker run --read-only, readOnlyRootFilesystem).
+#
+#   docker build -t publer-proxy .
+#
+# Builds without a registry where none is reachable (NOTES.md): scripts/container-base.sh
+# creates debian:bookworm-slim locally, then
+#   buildah bud --isolation chroot --pull=never --format docker -t publer-proxy .
+# Behind a TLS-inspecting proxy, mount its CA bundle and point pip at it:
+#   -v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt
+
+FROM debian:bookworm-slim AS builder
+
+ARG DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+# A CA bundle for pip (the path of a file mounted at build time, never a layer's content);
+# build arguments reach every RUN below as environment variables, and pip reads PIP_CERT.
+ARG PIP_CERT=""
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore
+RUN python3 -m venv /opt/venv
+
+# Dependencies first, in a layer of their own: a change to the code alone reuses it.
+WORKDIR /src
+COPY pyproject.toml README.md ./
+RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+        > /tmp/requirements.txt \
+    && pip install --no-compile -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# The project itself, without its test or devstack extras (no openbao, no pytest); then
+# no installer left in the venv, and bytecode compiled now, checked by hash rather than
+# timestamp so that it stays valid after the copy below: nothing writes a .pyc at run time.
+COPY proxy ./proxy
+RUN pip install --no-compile --no-deps . \
+    && pip uninstall --yes --quiet setuptools pip \
+    && rm -f /opt/venv/bin/activate* /opt/venv/bin/Activate.ps1 \
+    && python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/venv
+
+FROM debian:bookworm-slim
+
+LABEL org.opencontainers.image.title="publer-proxy" \
+      org.opencontainers.image.description="A reverse proxy for the Publer API that keeps its key in Vault" \
+      org.opencontainers.image.licenses="MIT"
+
+# ca-certificates: the upstream and Vault clients verify TLS against the system CA store.
+ARG DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/* \
+    && groupadd --gid 10001 publer-proxy \
+    && useradd --uid 10001 --gid 10001 --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin publer-proxy
+
+COPY --from=builder /opt/venv /opt/venv
+COPY deploy/proxy.image.yaml /etc/publer-proxy/proxy.yaml
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# Numeric, so that Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
+USER 10001:10001
+EXPOSE 8080
+
+# The default config's address; a config that listens elsewhere needs its own health check.
+# No proxy from the environment: the probe is for this container's loopback.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:8080/healthz', timeout=4)"]
+
+ENTRYPOINT ["publer-proxy"]
+CMD ["serve", "--config", "/etc/publer-proxy/proxy.yaml"]
