@@ -14,6 +14,7 @@ import httpx
 from proxy.policy import hash_token
 from tests.bao import start_bao
 from tests.servers import proxy_config, start_proxy, start_sandbox
+from tests.waiting import eventually
 
 POLICY = 'path "secret/data/publer/api" { capabilities = ["read"] }'
 
@@ -115,7 +116,8 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
         vault.seal()
         time.sleep(1.5)
         vault.stop()
-        time.sleep(3)  # stale, then expired: 503s with reasons
+        # The AppRole proxy's key expires (max_stale_seconds 2): 503s with reasons.
+        eventually(lambda: httpx.get(f"{proxies[0].url}/api/v1/posts").status_code == 503)
         for proxy in proxies:
             for path in ("/api/v1/posts", "/readyz"):
                 answer = httpx.get(f"{proxy.url}{path}")
