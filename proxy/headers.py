@@ -3,6 +3,10 @@
 References: RFC 9110 section 7.6.1 (Connection and the hop-by-hop fields it names),
 RFC 9112 section 6.1 (Transfer-Encoding is hop-by-hop). Headers stay a list of pairs, so
 repeated fields such as Set-Cookie keep each value and are never comma-joined.
+
+Names are compared with '_' read as '-': CGI-style servers (Rack, WSGI, PHP) turn both into
+the same variable, so `Publer_Workspace_Id` would reach Publer as the workspace header and
+`X_Forwarded_For` as the forwarding one (the class of CVE-2024-45614 in Puma).
 """
 
 from __future__ import annotations
@@ -36,17 +40,30 @@ _DROP_UPSTREAM = HOP_BY_HOP | {
     b"publer-workspace-id",
     b"x-request-id",
     b"content-length",
+    # A method or path other than the one checked: Rack::MethodOverride (on in Rails apps)
+    # turns a POST with X-HTTP-Method-Override into another method; IIS, Symfony and Zend
+    # route by X-Original-URL / X-Rewrite-URL.
+    b"x-http-method-override",
+    b"x-http-method",
+    b"x-method-override",
+    b"x-original-url",
+    b"x-rewrite-url",
 }
 # uvicorn's own date/server are turned off; Publer's pass through as Publer sent them.
 _DROP_DOWNSTREAM = HOP_BY_HOP
+
+
+def field_name(name: bytes) -> bytes:
+    """A header name as CGI-style servers read it: lower case, '_' the same as '-'."""
+    return name.lower().replace(b"_", b"-")
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """The header names listed in every Connection header (RFC 9110 7.6.1)."""
     names: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
-            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+        if field_name(name) == b"connection":
+            names.update(field_name(t.strip()) for t in value.split(b",") if t.strip())
     return frozenset(names)
 
 
@@ -75,14 +92,15 @@ def upstream_headers(
     saw_accept_encoding = False
     for name, value in client_headers:
         lower = name.lower()
+        canonical = field_name(name)
         if (
-            lower in _DROP_UPSTREAM
-            or lower in named
-            or lower.startswith(b"x-forwarded-")
-            or lower.startswith(b"proxy-")
+            canonical in _DROP_UPSTREAM
+            or canonical in named
+            or canonical.startswith(b"x-forwarded-")
+            or canonical.startswith(b"proxy-")
         ):
             continue
-        if lower == b"accept-encoding":
+        if canonical == b"accept-encoding":
             saw_accept_encoding = True
         out.append((lower, value))
     if not saw_accept_encoding:
@@ -106,8 +124,8 @@ def downstream_headers(upstream: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
     named = connection_tokens(upstream)
     out: RawHeaders = []
     for name, value in upstream:
-        lower = name.lower()
-        if lower in _DROP_DOWNSTREAM or lower in named or lower == b"x-request-id":
+        canonical = field_name(name)
+        if canonical in _DROP_DOWNSTREAM or canonical in named or canonical == b"x-request-id":
             continue
-        out.append((lower, value))
+        out.append((name.lower(), value))
     return out

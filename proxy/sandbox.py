@@ -320,14 +320,15 @@ class _Dropped(Exception):
 
 
 class _Recorder:
-    """Records each /api/v1 request before anything else runs, then applies the pending fault."""
+    """Records every request but the control endpoints before anything else runs (so a key
+    sent anywhere else would show), then applies the pending fault."""
 
     def __init__(self, app: ASGIApp, state: _State) -> None:
         self.app = app
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+        if scope["type"] != "http" or scope["path"].startswith("/__sandbox/"):
             await self.app(scope, receive, send)
             return
         record = self.state.record(scope)

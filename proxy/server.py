@@ -2,32 +2,230 @@
 
 httptools, not h11: it answers 400 to a request with both Content-Length and
 Transfer-Encoding, to bare LF line ends and to control bytes in header values, the
-ingredients of request smuggling (see NOTES). Its URL parser keeps only the path of an
-absolute-form target, so the protocol below marks those requests for the forwarder to
-refuse: a request line naming another host is a probe, never a Publer call.
+ingredients of request smuggling (see NOTES). uvicorn's httptools protocol is made strict
+here, because the apps that call the proxy are not trusted to be well-behaved:
+
+- the policy decides on the request target exactly as it was sent: httptools' URL parser
+  drops a `#fragment` and keeps only the path of an absolute-form target, so the raw target
+  is put back into the scope, and absolute-form targets are marked for the forwarder to
+  refuse (a request line naming another host is a probe, never a Publer call);
+- the request head and the trailer section are bounded (httptools buffers a header of any
+  size in memory), and trailer fields are dropped, never merged into the headers
+  (RFC 9110 section 6.5.1);
+- a request head must arrive within `HEADER_TIMEOUT_SECONDS` and a body may pause at most
+  `BODY_IDLE_TIMEOUT_SECONDS` (slowloris); a client that reads nothing of its answer for
+  `SEND_TIMEOUT_SECONDS` is dropped, since it holds one of the pooled connections to
+  Publer; uvicorn itself only times out idle keep-alive;
+- `Upgrade` requests are refused: the proxy speaks HTTP/1.1 to Publer and nothing else;
+- whatever httptools refuses is answered in the envelope of SPEC S3.3 (`bad_request`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
-from typing import Any
+import uuid
+from typing import Any, Literal
 
+import httptools
+import structlog
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from proxy.errors import Refusal
 from proxy.forward import ABSOLUTE_FORM_KEY
 from proxy.settings import Settings
 
+log = structlog.get_logger("proxy.server")
+
 GRACEFUL_SHUTDOWN_SECONDS = 30
-MAX_HEADER_BYTES = 32 * 1024
+MAX_HEADER_BYTES = 32 * 1024  # request line + header fields; the trailer section alike
+HEADER_TIMEOUT_SECONDS = 10.0
+BODY_IDLE_TIMEOUT_SECONDS = 10.0
+SEND_TIMEOUT_SECONDS = 10.0
+KEEP_ALIVE_SECONDS = 30
+TOO_LARGE = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
+MALFORMED = (
+    "the request is not valid HTTP/1.1 (a malformed request line or header, or ambiguous body"
+    " framing such as both Content-Length and Transfer-Encoding); fix the client"
+)
+
+_Phase = Literal["head", "body", "trailers", "done"]
 
 
 class StrictHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, telling the app when the target was absolute-form."""
+    """uvicorn's httptools protocol with the limits of the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase: _Phase = "head"
+        self._phase_changes = 0
+        self._unparsed = 0  # bytes of the current head or trailer section seen so far
+        self._last_data = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._reason = MALFORMED
+
+    # -- phases and timers ---------------------------------------------------------------
+
+    def _enter(self, phase: _Phase) -> None:
+        if phase != self._phase:
+            self._phase = phase
+            self._phase_changes += 1
+            self._unparsed = 0
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._on_timer)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        """A head's deadline runs from its first byte; a body's is an idle timeout."""
+        self._timer = None
+        if self.transport.is_closing() or self._phase == "done":
+            return
+        waiting_for_us = self.flow.read_paused or (
+            self.cycle is not None and self.cycle.waiting_for_100_continue
+        )
+        idle = self.loop.time() - self._last_data
+        if waiting_for_us or (self._phase != "head" and idle < BODY_IDLE_TIMEOUT_SECONDS):
+            self._arm(BODY_IDLE_TIMEOUT_SECONDS - (0.0 if waiting_for_us else idle))
+            return
+        log.warning("client_timed_out", phase=self._phase, client=_peer(self.client))
+        self.transport.close()
+
+    def _too_large(self) -> None:
+        log.warning("request_head_too_large", phase=self._phase, client=_peer(self.client))
+        if self._phase == "head" and (self.cycle is None or self.cycle.response_complete):
+            self._reason = TOO_LARGE
+            self.send_400_response(self._reason)
+        else:
+            self.transport.close()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._last_data = self.loop.time()
+        self._arm(HEADER_TIMEOUT_SECONDS)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._reading_again()
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(SEND_TIMEOUT_SECONDS, self._not_reading)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._reading_again()
+
+    def _reading_again(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _not_reading(self) -> None:
+        self._send_timer = None
+        log.warning("client_not_reading", client=_peer(self.client))
+        self.transport.abort()  # close() would wait for the buffer that never drains
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self.loop.time()
+        if self._phase == "done":
+            self._enter("head")  # a keep-alive connection sends its next request
+            self._arm(HEADER_TIMEOUT_SECONDS)
+        phase, changes = self._phase, self._phase_changes
+        super().data_received(data)
+        # httptools buffers an unfinished header field whole: count what a head or trailer
+        # section has taken so far. A read in which the phase changed is not counted, so a
+        # body is never mistaken for a head; the bound is then off by one read at most.
+        if phase in ("head", "trailers") and changes == self._phase_changes:
+            self._unparsed += len(data)
+            if self._unparsed > MAX_HEADER_BYTES and not self.transport.is_closing():
+                self._too_large()
+
+    # -- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._enter("head")
+        if self._timer is None:
+            self._arm(HEADER_TIMEOUT_SECONDS)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._phase == "head":
+            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self.scope[ABSOLUTE_FORM_KEY] = not self.url.startswith(b"/")  # type: ignore[literal-required]
+        target = self.url
+        # As on the wire: each field also takes ': ' and CRLF.
+        if len(target) + sum(len(n) + len(v) + 4 for n, v in self.headers) > MAX_HEADER_BYTES:
+            self._reason = TOO_LARGE
+            raise httptools.HttpParserCallbackError(self._reason)
+        if self.parser.should_upgrade():
+            self._reason = "Upgrade is not supported: the proxy speaks HTTP/1.1 only"
+            raise httptools.HttpParserCallbackError(self._reason)
+        self.scope[ABSOLUTE_FORM_KEY] = not target.startswith(b"/")  # type: ignore[literal-required]
         super().on_headers_complete()
+        # After uvicorn filled the scope (its ASGI task has not run yet): the target as sent.
+        path, _, query = target.partition(b"?")
+        self.scope["raw_path"] = path
+        self.scope["query_string"] = query
+        self._enter("body")
+        self._arm(BODY_IDLE_TIMEOUT_SECONDS)
+
+    def on_chunk_header(self) -> None:
+        # Either a chunk's data follows (on_body), or this was the last chunk: trailers.
+        self._enter("trailers")
+
+    def on_body(self, body: bytes) -> None:
+        self._enter("body")
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._enter("done")
+        self._disarm()
+
+    def send_400_response(self, msg: str) -> None:
+        """Answer what httptools refused in the envelope of SPEC S3.3, then close."""
+        refusal = Refusal.of("bad_request", self._reason)
+        request_id = uuid.uuid4().hex
+        body = refusal.body(request_id)
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        for name, value in refusal.headers(len(body)):
+            head += [name, b": ", value, b"\r\n"]
+        head += [b"x-request-id: ", request_id.encode(), b"\r\nconnection: close\r\n\r\n"]
+        log.warning(
+            "request_refused",
+            request_id=request_id,
+            decision=refusal.code,
+            status=refusal.status,
+            reason=self._reason,
+            client=_peer(self.client),
+        )
+        self._enter("done")
+        self.transport.write(b"".join(head) + (b"" if self._method() == b"HEAD" else body))
+        self.transport.close()
+
+    def _method(self) -> bytes | None:
+        try:
+            method: bytes = self.parser.get_method()
+        except (AttributeError, httptools.HttpParserError):  # no parser, or no request line
+            return None
+        return method
+
+
+def _peer(client: tuple[str, int] | None) -> str | None:
+    return f"{client[0]}:{client[1]}" if client else None
 
 
 def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
@@ -39,6 +237,7 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         port=listen.port,
         uds=str(listen.unix_socket) if listen.unix_socket else None,
         http=StrictHttpToolsProtocol,
+        ws="none",
         loop="uvloop",
         lifespan="on",
         access_log=False,
@@ -46,9 +245,8 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         date_header=False,
         proxy_headers=False,
         log_config=None,
-        timeout_keep_alive=30,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
 
 

@@ -67,23 +67,28 @@ class Process:
 class Sandbox(Process):
     """The Publer sandbox, with its recording and control endpoints."""
 
+    def _control(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        with httpx.Client(base_url=self.url, trust_env=False) as client:
+            answer = client.request(method, f"/__sandbox/{path}", **kwargs)
+        answer.raise_for_status()  # a typo in a control call must fail the test
+        return answer
+
     def requests(self) -> list[dict[str, Any]]:
-        """Every /api/v1 request the sandbox received, in order."""
-        answer = httpx.get(f"{self.url}/__sandbox/requests", trust_env=False)
-        found: list[dict[str, Any]] = answer.json()["requests"]
+        """Every request the sandbox received (but control calls), in order."""
+        found: list[dict[str, Any]] = self._control("GET", "requests").json()["requests"]
         return found
 
     def clear(self) -> None:
         """Forget the recorded requests."""
-        httpx.delete(f"{self.url}/__sandbox/requests", trust_env=False)
+        self._control("DELETE", "requests")
 
     def set_keys(self, *keys: dict[str, Any]) -> None:
         """Replace the keys the sandbox accepts."""
-        httpx.put(f"{self.url}/__sandbox/keys", json={"keys": list(keys)}, trust_env=False)
+        self._control("PUT", "keys", json={"keys": list(keys)})
 
     def fault(self, **fault: Any) -> None:
         """Make the next requests fail the way `fault` says."""
-        httpx.put(f"{self.url}/__sandbox/faults", json=fault, trust_env=False)
+        self._control("PUT", "faults", json=fault)
 
 
 def start_sandbox(workdir: Path, *keys: str, rate_limit: int = 100000) -> Sandbox:
