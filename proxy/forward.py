@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 import structlog
+from prometheus_client import Counter
 from starlette.types import Message, Receive, Scope, Send
 
 from proxy.credentials import CredentialStore, HeldKey
@@ -35,6 +36,8 @@ REPLAYABLE_BODY_BYTES = 256 * 1024
 RETRY_STATUSES = frozenset({502, 503, 504})
 ABSOLUTE_FORM_KEY = "publer_proxy.absolute_form"
 EPOCH_2001 = 1_000_000_000  # a reset above this is a timestamp, not a number of seconds
+# Answers up to this size (by Content-Length) are read whole and sent in one piece.
+SMALL_ANSWER_BYTES = 64 * 1024
 
 
 class ClientGone(Exception):
@@ -143,6 +146,7 @@ class Forwarder:
 
     def __init__(self, services: Services) -> None:
         self.s = services
+        self._counters: dict[tuple[str, str, str, str], Counter] = {}  # labelled children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -298,8 +302,8 @@ class Forwarder:
         assert verdict.route is not None
         outcome.status = outcome.upstream_status = response.status_code
         try:
-            await self._resync_budget(verdict.route.settings.credential, response)
             headers = downstream_headers(response.headers.raw)
+            await self._resync_budget(verdict.route.settings.credential, headers)
             hint = auth_hint(response.status_code, verdict, verdict.route.settings.credential)
             if hint is not None:
                 headers.append((b"x-publer-proxy-hint", hint.encode("latin-1", "replace")))
@@ -311,12 +315,32 @@ class Forwarder:
                     key_version=outcome.key.version if outcome.key else None,
                     hint=hint,
                 )
-            await send(
-                {"type": "http.response.start", "status": response.status_code, "headers": headers}
-            )
+            start = {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": headers,
+            }
             if scope["method"] == "HEAD":
+                await send(start)
                 await send({"type": "http.response.body", "body": b""})
                 return
+            length = _declared_length(headers)
+            if length is not None and length <= SMALL_ANSWER_BYTES:
+                # Read whole before the status line goes out: no relay and watch tasks,
+                # and an answer that breaks off is still a clean 502.
+                try:
+                    body = b"".join([chunk async for chunk in response.aiter_raw()])
+                except httpx.HTTPError as exc:
+                    raise ProxyError(
+                        Refusal.of(
+                            "upstream_unreachable",
+                            f"Publer's answer broke off ({type(exc).__name__})",
+                        )
+                    ) from None
+                await send(start)
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(start)
             relay = asyncio.create_task(self._relay(send, response))
             watch = asyncio.create_task(_wait_disconnect(receive))
             done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -340,9 +364,13 @@ class Forwarder:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
-    async def _resync_budget(self, credential: str, response: httpx.Response) -> None:
-        remaining = response.headers.get("x-ratelimit-remaining")
-        reset = response.headers.get("x-ratelimit-reset")
+    async def _resync_budget(self, credential: str, headers: list[tuple[bytes, bytes]]) -> None:
+        remaining = reset = None
+        for name, value in headers:
+            if name == b"x-ratelimit-remaining":
+                remaining = value
+            elif name == b"x-ratelimit-reset":
+                reset = value
         if remaining is None or reset is None:
             return
         try:
@@ -375,14 +403,25 @@ class Forwarder:
             attempts=outcome.attempts,
         )
         metrics = self.s.metrics
-        metrics.requests.labels(
+        labels = (
             route or "none",
             (verdict.scope if verdict else None) or "none",
             method,
             str(outcome.status),
-        ).inc()
+        )
+        counter = self._counters.get(labels)
+        if counter is None:
+            counter = self._counters[labels] = metrics.requests.labels(*labels)
+        counter.inc()
         if outcome.decision in STATUS:
             metrics.refusals.labels(outcome.decision).inc()
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 async def _wait_disconnect(receive: Receive) -> None:

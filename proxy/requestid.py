@@ -7,7 +7,7 @@ and breaks contextvars propagation: the request id would be missing from log lin
 from __future__ import annotations
 
 import re
-import uuid
+import secrets
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,7 +21,7 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     found = [value for name, value in headers if name == b"x-request-id"]
     if len(found) == 1 and _SANE_ID.match(found[0]):
         return found[0].decode("ascii")
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 class RequestContext:
