@@ -3,11 +3,12 @@
 Publer allows 100 requests per 2 minutes per user account, across all its keys. The proxy
 spends that budget locally and answers 429 itself before Publer would, so one noisy app
 cannot lock every other app out of the shared key. Publer's own X-RateLimit-Remaining and
-X-RateLimit-Reset re-sync the window: when Publer has counted more than we have (another
-client of the same account), we believe Publer.
+X-RateLimit-Reset re-sync the budget: when Publer has counted more than we have (another
+client of the same account), its Remaining becomes a ceiling until its reset.
 
 With `redis_url`, every replica spends one budget: the window is a sorted set per
-credential, changed only by Lua scripts (atomic), timed by the Redis server's clock.
+credential and the ceiling a counter beside it, changed only by Lua scripts (atomic),
+timed by the Redis server's clock.
 """
 
 from __future__ import annotations
@@ -56,13 +57,35 @@ class Budget(Protocol):
         ...
 
 
+@dataclass
+class _Ceiling:
+    """What Publer said is left of its own window: `left` requests until `until`."""
+
+    left: int
+    until: float
+
+
+def _ceiling_seconds(reset_seconds: float, period: float) -> float | None:
+    """How long to believe Publer's Remaining: until its reset, never past our own
+    window, and not at all for a reset that is not a finite number."""
+    if not math.isfinite(reset_seconds) or reset_seconds <= 0:
+        return None
+    return min(reset_seconds, period)
+
+
 class MemoryBudget:
-    """A sliding-window log per credential, for one process."""
+    """A sliding-window log per credential, for one process, under a ceiling taken from
+    Publer's headers when Publer has counted more than we have.
+
+    The ceiling is one number per credential, not placeholder entries in the log: the gap
+    between our limit and Publer's Remaining can be as large as the configured limit.
+    """
 
     def __init__(self, settings: RateLimitSettings) -> None:
         self._limit = settings.requests
         self._period = settings.per_seconds
         self._windows: dict[str, deque[float]] = {}
+        self._ceilings: dict[str, _Ceiling] = {}
 
     def _window(self, credential: str, now: float) -> deque[float]:
         window = self._windows.setdefault(credential, deque())
@@ -71,58 +94,85 @@ class MemoryBudget:
             window.popleft()
         return window
 
+    def _ceiling(self, credential: str, now: float) -> _Ceiling | None:
+        ceiling = self._ceilings.get(credential)
+        if ceiling is not None and ceiling.until <= now:
+            del self._ceilings[credential]
+            return None
+        return ceiling
+
     async def take(self, credential: str) -> Grant:
         now = time.monotonic()
         window = self._window(credential, now)
-        if len(window) < self._limit:
-            window.append(now)
-            return Grant(True, self._limit - len(window), 0.0)
-        return Grant(False, 0, window[0] + self._period - now)
+        ceiling = self._ceiling(credential, now)
+        if ceiling is not None and ceiling.left <= 0:
+            return Grant(False, 0, ceiling.until - now)
+        if len(window) >= self._limit:
+            return Grant(False, 0, window[0] + self._period - now)
+        window.append(now)
+        remaining = self._limit - len(window)
+        if ceiling is not None:
+            ceiling.left -= 1
+            remaining = min(remaining, ceiling.left)
+        return Grant(True, remaining, 0.0)
 
     async def sync(self, credential: str, remaining: int, reset_seconds: float) -> None:
-        now = time.monotonic()
-        window = self._window(credential, now)
-        missing = self._limit - len(window) - max(remaining, 0)
-        if missing <= 0:
+        seconds = _ceiling_seconds(reset_seconds, self._period)
+        if seconds is None:
             return
-        # Placeholders that expire when Publer's window resets.
-        expires = now + min(max(reset_seconds, 0.0), self._period) - self._period
-        entries = sorted([*window, *([expires] * missing)])
-        window.clear()
-        window.extend(entries)
+        now = time.monotonic()
+        left = max(remaining, 0)
+        if left >= self._limit - len(self._window(credential, now)):
+            return
+        ceiling = self._ceiling(credential, now)
+        if ceiling is None or left < ceiling.left:
+            self._ceilings[credential] = _Ceiling(left, now + seconds)
 
     async def close(self) -> None:
         return None
 
 
 _TAKE = """
-local key, limit, period, member = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local key, ceiling_key = KEYS[1], KEYS[2]
+local limit, period, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ceiling = tonumber(redis.call('GET', ceiling_key))
+if ceiling and ceiling <= 0 then
+  return {0, 0, tostring(math.max(redis.call('PTTL', ceiling_key), 0) / 1000)}
+end
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - period)
 local count = redis.call('ZCARD', key)
 if count < limit then
   redis.call('ZADD', key, now, member)
   redis.call('PEXPIRE', key, math.ceil(period * 1000))
-  return {1, limit - count - 1, '0'}
+  local remaining = limit - count - 1
+  if ceiling then
+    remaining = math.min(remaining, redis.call('DECR', ceiling_key))
+  end
+  return {1, remaining, '0'}
 end
 local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
 return {0, 0, tostring(tonumber(oldest[2]) + period - now)}
 """
 
 _SYNC = """
-local key, limit, period = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local remaining, reset, prefix = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local key, ceiling_key = KEYS[1], KEYS[2]
+local limit, period = tonumber(ARGV[1]), tonumber(ARGV[2])
+local left, milliseconds = math.max(tonumber(ARGV[3]), 0), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - period)
-local missing = limit - redis.call('ZCARD', key) - math.max(remaining, 0)
-local score = now + math.min(math.max(reset, 0), period) - period
-for i = 1, missing do
-  redis.call('ZADD', key, score, prefix .. i)
+if left >= limit - redis.call('ZCARD', key) then
+  return 0
 end
-redis.call('PEXPIRE', key, math.ceil(period * 1000))
-return missing
+local ceiling = tonumber(redis.call('GET', ceiling_key))
+if ceiling and ceiling <= left then
+  return 0
+end
+-- DECR in _TAKE keeps this expiry: the ceiling lasts until Publer's reset.
+redis.call('SET', ceiling_key, left, 'PX', milliseconds)
+return 1
 """
 
 
@@ -159,13 +209,16 @@ class RedisBudget:
         self._degraded = error is not None
 
     @staticmethod
-    def _key(credential: str) -> str:
-        return f"publer-proxy:budget:{credential}"
+    def _keys(credential: str) -> list[str]:
+        # One hash tag for both keys: a Redis Cluster keeps them in one slot, as a
+        # script that touches both needs.
+        window = f"publer-proxy:budget:{{{credential}}}"
+        return [window, f"{window}:ceiling"]
 
     async def take(self, credential: str) -> Grant:
         try:
             allowed, remaining, retry_after = await self._take(
-                keys=[self._key(credential)],
+                keys=self._keys(credential),
                 args=[self._limit, self._period, uuid.uuid4().hex],
             )
         except self._error as exc:
@@ -175,10 +228,13 @@ class RedisBudget:
         return Grant(bool(allowed), int(remaining), float(retry_after))
 
     async def sync(self, credential: str, remaining: int, reset_seconds: float) -> None:
+        seconds = _ceiling_seconds(reset_seconds, self._period)
+        if seconds is None:
+            return
         try:
             await self._sync(
-                keys=[self._key(credential)],
-                args=[self._limit, self._period, remaining, reset_seconds, uuid.uuid4().hex],
+                keys=self._keys(credential),
+                args=[self._limit, self._period, remaining, math.ceil(seconds * 1000)],
             )
         except self._error as exc:
             self._note(exc)

@@ -186,6 +186,69 @@ def test_two_replicas_share_one_budget_in_redis(
         second.stop()
 
 
+def test_redis_ceiling_under_a_huge_limit(redis_url: str) -> None:
+    """In Redis too, Publer's lower Remaining is one counter with Publer's reset as its
+    expiry: a limit of a billion adds no members to the window (once it added one per
+    missing request, in a Lua loop that blocked Redis)."""
+    import asyncio
+
+    import redis
+
+    from proxy.ratelimit import RedisBudget
+    from proxy.settings import RateLimitSettings
+
+    settings = RateLimitSettings(requests=1_000_000_000, per_seconds=120, redis_url=redis_url)
+
+    async def scenario() -> list[tuple[bool, int, float]]:
+        budget = RedisBudget(settings, redis_url)
+        try:
+            await budget.take("huge")
+            await budget.sync("huge", remaining=50, reset_seconds=30)  # lowers the ceiling
+            await budget.sync("huge", remaining=2, reset_seconds=30)
+            await budget.sync("huge", remaining=40, reset_seconds=30)  # higher: ignored
+            grants = [await budget.take("huge") for _ in range(3)]
+            return [(g.allowed, g.remaining, g.retry_after) for g in grants]
+        finally:
+            await budget.close()
+
+    grants = asyncio.run(scenario())
+    assert [(allowed, remaining) for allowed, remaining, _ in grants[:2]] == [
+        (True, 1),
+        (True, 0),
+    ]
+    allowed, _, retry_after = grants[2]
+    assert not allowed
+    assert 29 < retry_after <= 30
+    client = redis.Redis.from_url(redis_url)
+    try:
+        window = "publer-proxy:budget:{huge}"
+        assert client.zcard(window) == 3
+        assert 29_000 < client.pttl(f"{window}:ceiling") <= 30_000
+    finally:
+        client.close()
+
+
+def test_large_budget_resyncs_in_flat_memory(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """A budget far above Publer's own (the sandbox sends X-RateLimit-* on every answer)
+    keeps the proxy's memory flat through many re-syncs."""
+    from tests.test_streaming import rss_bytes
+
+    config = _budget_config(bao, sandbox, token_file, requests=10_000_000, per_seconds=120)
+    proxy = start_proxy(tmp_path, config)
+    try:
+        with httpx.Client() as client:
+            client.get(f"{proxy.url}/api/v1/posts")
+            before = rss_bytes(proxy.process.pid)
+            statuses = [client.get(f"{proxy.url}/api/v1/posts").status_code for _ in range(30)]
+        growth_mib = (rss_bytes(proxy.process.pid) - before) / 2**20
+        assert statuses == [200] * 30
+        assert growth_mib < 10, f"RSS grew {growth_mib:.1f} MiB over 30 requests"
+    finally:
+        proxy.stop()
+
+
 def test_redis_down_falls_back_to_a_local_budget(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
 ) -> None:

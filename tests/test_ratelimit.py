@@ -50,3 +50,41 @@ def test_spend_queues_up_to_max_wait() -> None:
         assert (await spend(budget, "c", 1.0)).allowed
 
     asyncio.run(scenario())
+
+
+def test_sync_under_a_huge_limit_costs_no_memory() -> None:
+    """The gap between our limit and Publer's Remaining becomes one ceiling, not one entry
+    per missing request: a limit of ten million once cost 80 MB per re-sync."""
+    import tracemalloc
+
+    async def scenario() -> None:
+        budget = MemoryBudget(RateLimitSettings(requests=10_000_000, per_seconds=120))
+        await budget.take("c")
+        tracemalloc.start()
+        await budget.sync("c", remaining=2, reset_seconds=30)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak < 64 * 1024, f"sync allocated {peak} bytes"
+        grants = [await budget.take("c") for _ in range(3)]
+        assert [g.allowed for g in grants] == [True, True, False]
+        assert [g.remaining for g in grants[:2]] == [1, 0]
+        assert 29 < grants[2].retry_after <= 30  # until Publer's reset, not our window
+
+    asyncio.run(scenario())
+
+
+def test_sync_keeps_the_lowest_ceiling_and_ignores_bad_resets() -> None:
+    """A later, higher Remaining from an answer that overtook another does not lift the
+    ceiling; a reset that is not a positive finite number is not believed at all."""
+
+    async def scenario() -> None:
+        budget = MemoryBudget(RateLimitSettings(requests=100, per_seconds=60))
+        for reset in (float("nan"), float("inf"), -1.0, 0.0):
+            await budget.sync("c", remaining=0, reset_seconds=reset)
+            assert (await budget.take("c")).allowed, reset
+        await budget.sync("c", remaining=1, reset_seconds=10)
+        await budget.sync("c", remaining=5, reset_seconds=10)
+        assert (await budget.take("c")).allowed
+        assert not (await budget.take("c")).allowed
+
+    asyncio.run(scenario())
