@@ -9,6 +9,9 @@ before the app is built, so everything else is the code under test):
   httpx-nosniffio  the same, with sniffio made unimportable (as on a machine without it:
                    httpcore then retries the import on every request)
   httpx-aiohttp    httpx_aiohttp.AiohttpTransport as published, no adaptation
+  aiohttp          aiohttp's pool behind httpx's interface, as shipped before proxy/pool.py
+                   (bench/aiohttp_transport.py; reached through httpx.Request like the
+                   other variants, so it pays for building one per request)
   tree:PATH        the shipped transport, but the `proxy` package of another checkout at
                    PATH (to measure a change side by side with the current code)
 """
@@ -25,7 +28,7 @@ from typing import Any
 
 import httpx
 
-VARIANTS = ("shipped", "httpx", "httpx-nosniffio", "httpx-aiohttp")
+VARIANTS = ("shipped", "httpx", "httpx-nosniffio", "httpx-aiohttp", "aiohttp")
 
 
 class _HideSniffio(importlib.abc.MetaPathFinder):
@@ -86,6 +89,10 @@ def main() -> int:
         proxy.upstream.make_transport = _httpx_transport
     elif variant == "httpx-aiohttp":
         proxy.upstream.make_transport = _httpx_aiohttp_transport
+    elif variant == "aiohttp":
+        from aiohttp_transport import make_transport
+
+        proxy.upstream.make_transport = make_transport
     return cli_main(argv)
 
 

@@ -27,7 +27,7 @@ from proxy.ratelimit import Budget, retry_after_header, spend
 from proxy.requestid import REQUEST_ID_KEY
 from proxy.scopes import READ_METHODS, ScopeMap
 from proxy.settings import Settings
-from proxy.upstream import Upstream
+from proxy.upstream import Answer, Upstream
 
 log = structlog.get_logger("proxy.access")
 
@@ -232,7 +232,7 @@ class Forwarder:
         body: bytes | AsyncIterator[bytes] | None,
         length: int | None,
         outcome: Outcome,
-    ) -> httpx.Response:
+    ) -> Answer:
         """Send upstream, with the retries of F6 (idempotent) and F7 (after a 401)."""
         assert verdict.route is not None
         method: str = scope["method"]
@@ -295,14 +295,14 @@ class Forwarder:
         receive: Receive,
         send: Send,
         verdict: Verdict,
-        response: httpx.Response,
+        response: Answer,
         outcome: Outcome,
     ) -> None:
         """Pass Publer's answer back as it comes, and stop at once if the client leaves."""
         assert verdict.route is not None
         outcome.status = outcome.upstream_status = response.status_code
         try:
-            headers = downstream_headers(response.headers.raw)
+            headers = downstream_headers(response.raw_headers)
             await self._resync_budget(verdict.route.settings.credential, headers)
             hint = auth_hint(response.status_code, verdict, verdict.route.settings.credential)
             if hint is not None:
@@ -359,7 +359,7 @@ class Forwarder:
         finally:
             await response.aclose()
 
-    async def _relay(self, send: Send, response: httpx.Response) -> None:
+    async def _relay(self, send: Send, response: Answer) -> None:
         async for chunk in response.aiter_raw():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})

@@ -4,301 +4,234 @@ Requests go straight to an httpx transport, not through `httpx.AsyncClient`: the
 conveniences are each a hazard here (a cookie jar that replays one app's cookies on
 another's request, redirect following that could carry the key elsewhere, `trust_env`
 letting HTTPS_PROXY reroute keys, URL normalisation). The transport does none of them.
-Low-level errors are mapped to the proxy's refusals in one place, `send`.
+Low-level errors are mapped to the proxy's refusals in one place, `Upstream.send`.
 
-The transport is aiohttp's connection pool behind httpx's transport interface
-(`AiohttpTransport`). httpcore's pool, httpx's default, re-checks every pooled connection
-on each request (encode/httpx#3215): `bench/run.py --variants httpx` measures it at a
-fifth of this transport's throughput at 50 connections, at 4 to 5 times the CPU per
-request.
-
-Like httpcore, which drops a pooled connection the server closed before reusing it,
-aiohttp sends a request again, once, when a reused connection turns out closed before any
-answer; it does so only for idempotent methods whose body was not consumed (RFC 9110
-section 9.2.2).
+The shipped transport, `PoolTransport`, is the HTTP/1.1 pool of proxy/pool.py behind
+httpx's transport interface. `make bench` compares it with httpx's own transport (httpcore,
+which re-checks every pooled connection on each request: encode/httpx#3215), with
+`httpx_aiohttp` and with the aiohttp pool shipped before (bench/aiohttp_transport.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
-import aiohttp
 import httpx
-import yarl
-from multidict import CIMultiDict
 
 from proxy.errors import Refusal, UpstreamFailed
+from proxy.pool import Connection, Pool, request_head
 from proxy.settings import UpstreamSettings
 
 KEEPALIVE_EXPIRY_SECONDS = 30.0
-# aiohttp reads the upstream socket in pieces of this size and pauses reading while about
-# twice as much waits unsent to the client: that bounds memory per streamed answer.
+# Reading from Publer pauses while this much of its answer waits unsent to the client.
 READ_BUFFER_BYTES = 256 * 1024
-# Headers that aiohttp would add on its own when the request has none. The proxy sends
-# exactly the client's headers minus SPEC F3 plus its own (proxy/headers.py), so none of
-# these may appear unless the client sent it.
-_NO_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+RawHeaders = list[tuple[bytes, bytes]]
+Body = bytes | AsyncIterable[bytes] | None
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds for each phase of an exchange (None: no limit), as httpx names them."""
+
+    connect: float | None
+    read: float | None
+    write: float | None
+    pool: float | None
+
+    @classmethod
+    def of(cls, extension: dict[str, float | None]) -> Timeouts:
+        """From httpx's `timeout` request extension."""
+        get = extension.get
+        return cls(get("connect"), get("read"), get("write"), get("pool"))
+
+
+class Answer(Protocol):
+    """Publer's answer as the forwarder uses it: head read, body not yet."""
+
+    @property
+    def status_code(self) -> int:
+        """The status Publer answered."""
+        ...
+
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
+        """Publer's headers as received, in order."""
+        ...
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, byte for byte. Raises httpx's exceptions."""
+        ...
+
+    async def aclose(self) -> None:
+        """Free the connection (pooled again only if the body was read to its end)."""
+        ...
+
+
+class PoolAnswer:
+    """An answer on a pooled connection."""
+
+    __slots__ = ("_connection", "_open", "_pool", "_read_timeout", "raw_headers", "status_code")
+
+    def __init__(
+        self,
+        status: int,
+        headers: RawHeaders,
+        connection: Connection,
+        pool: Pool,
+        read_timeout: float | None,
+    ) -> None:
+        self.status_code = status
+        self.raw_headers = headers
+        self._connection = connection
+        self._pool = pool
+        self._read_timeout = read_timeout
+        self._open = True
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        while chunk := await self._connection.read(self._read_timeout):
+            yield chunk
+
+    async def aclose(self) -> None:
+        if self._open:
+            self._open = False
+            self._pool.release(self._connection)
+
+
+class HttpxAnswer:
+    """An `httpx.Response` from any other httpx transport, seen as an Answer."""
+
+    __slots__ = ("_response", "raw_headers", "status_code")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.status_code = response.status_code
+        self.raw_headers = response.headers.raw
+        self._response = response
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_raw()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class _AnswerStream(httpx.AsyncByteStream):
+    def __init__(self, answer: PoolAnswer) -> None:
+        self._answer = answer
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._answer.aiter_raw():
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._answer.aclose()
 
 
 def _ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
+    # Python's default client context: certificates and host names verified, TLS >= 1.2.
     context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
 
-def make_transport(settings: UpstreamSettings) -> httpx.AsyncBaseTransport:
-    """The aiohttp transport, with certificate checks and no environment proxies.
+class PoolTransport(httpx.AsyncBaseTransport):
+    """httpx's transport interface over one `Pool` to the configured origin.
 
-    A plain-HTTP origin (loopback, or an explicit opt-out in the settings) never uses TLS,
-    so its transport gets no TLS context: loading the CA bundle costs 40 ms of start-up.
-    """
-    https = urlsplit(settings.url).scheme == "https"
-    return AiohttpTransport(
-        ssl_context=_ssl_context(settings) if https else None,
-        max_connections=settings.max_connections,
-    )
-
-
-class _RequestBody:
-    """The request body as aiohttp pulls it, with httpx's write timeout and error passing.
-
-    aiohttp writes the body in a task of its own and turns any error there into a
-    connection error. This keeps what the body's source raised (the client left, the body
-    grew too large), so `send` raises that, as httpx's own transport would. The write
-    timeout runs only while aiohttp holds a chunk it cannot get rid of (the upstream stopped
-    reading), never while the source waits for the client.
-    """
-
-    def __init__(self, body: bytes | AsyncIterable[bytes], write_timeout: float | None) -> None:
-        self._body = body
-        self._write_timeout = write_timeout
-        self._deadline: asyncio.Timeout | None = None
-        self.error: Exception | None = None
-        self.stalled = False
-
-    def watch(self, deadline: asyncio.Timeout | None) -> None:
-        """Arm the write timeout on `deadline` (None: the request no longer waits on it)."""
-        self._deadline = deadline
-
-    def _arm(self, when: float | None) -> None:
-        deadline = self._deadline
-        if deadline is not None and self._write_timeout is not None and not deadline.expired():
-            deadline.reschedule(when)
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body, chunk by chunk."""
-        loop = asyncio.get_running_loop()
-        try:
-            async for chunk in _pieces(self._body):
-                if self._write_timeout is not None:
-                    self.stalled = True
-                    self._arm(loop.time() + self._write_timeout)
-                yield chunk
-                self.stalled = False
-                self._arm(None)
-        except Exception as exc:
-            self.error = exc
-            raise
-
-
-async def _pieces(body: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    if isinstance(body, bytes):
-        yield body
-    else:
-        async for chunk in body:
-            yield chunk
-
-
-class _ResponseBody(httpx.AsyncByteStream):
-    """An aiohttp response body as an httpx stream; closing it frees the connection."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise _httpx_error(exc) from exc
-
-    async def aclose(self) -> None:
-        # A body not read to the end leaves the connection unusable: aiohttp closes it
-        # rather than pooling it (F5).
-        self._response.release()
-
-
-def _httpx_error(exc: BaseException, *, writing: bool = False) -> httpx.TransportError:
-    """The httpx exception for an aiohttp (or socket) failure."""
-    message = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout(message)
-    if isinstance(exc, TimeoutError):
-        return httpx.WriteTimeout(message) if writing else httpx.ReadTimeout(message)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(message)
-    if isinstance(
-        exc,
-        aiohttp.ServerDisconnectedError | aiohttp.ClientResponseError | aiohttp.ClientPayloadError,
-    ):
-        return httpx.RemoteProtocolError(message)
-    return httpx.ReadError(message)
-
-
-def _header_text(value: bytes) -> str:
-    # aiohttp encodes header text as UTF-8, so a value survives byte for byte only when
-    # it is valid UTF-8 (ASCII in practice).
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        raise httpx.LocalProtocolError("a header value is not ASCII or UTF-8") from None
-
-
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """httpx's transport interface over one aiohttp connection pool.
-
-    It keeps the guarantees of httpx's own transport where aiohttp's defaults would not:
-    no cookie jar, no redirects, no decompression, no environment proxies, no header that
-    aiohttp would add by itself, the target sent exactly as given (`encoded=True`: no
-    requoting or normalisation), streaming both ways, a write timeout, and errors raised
-    as httpx's exceptions. `Upstream` calls `send` directly, which skips building an
-    `httpx.Request` (a URL parse and a header copy) on every request.
+    It sends the target exactly as given (no requoting or normalisation), the headers as
+    given, in order, and adds none but the body framing; it keeps no cookies, follows no
+    redirects, decodes no content and reads no proxy settings from the environment.
+    `Upstream` calls `send` directly, which skips building an `httpx.Request` and an
+    `httpx.Response` on every request; other callers use `handle_async_request`.
     """
 
     def __init__(
         self,
+        settings: UpstreamSettings,
         *,
-        ssl_context: ssl.SSLContext | None,
-        max_connections: int,
         keepalive_expiry: float = KEEPALIVE_EXPIRY_SECONDS,
+        read_buffer: int = READ_BUFFER_BYTES,
     ) -> None:
-        self._ssl_context = ssl_context
-        self._max_connections = max_connections
-        self._keepalive_expiry = keepalive_expiry
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+        parts = urlsplit(settings.url)
+        https = parts.scheme == "https"
+        self._origin = (parts.scheme, parts.hostname or "", parts.port or (443 if https else 80))
+        self._pool = Pool(
+            self._origin[1],
+            self._origin[2],
+            # A plain-HTTP origin (loopback, or an explicit opt-out in the settings) gets
+            # no TLS context: loading the CA bundle costs start-up time and memory.
+            _ssl_context(settings) if https else None,
+            max_connections=settings.max_connections,
+            keepalive_expiry=keepalive_expiry,
+            read_buffer=read_buffer,
+        )
 
-    def _client(self) -> aiohttp.ClientSession:
-        # Made on first use, because an aiohttp session belongs to the running event loop.
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                limit_per_host=0,
-                keepalive_timeout=self._keepalive_expiry,
-                # Without a context of ours, aiohttp's default: certificates verified.
-                # (`ssl=False` would mean "do not verify", never pass it.)
-                ssl=self._ssl_context if self._ssl_context is not None else True,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                trust_env=False,
-                auto_decompress=False,
-                skip_auto_headers=_NO_AUTO_HEADERS,
-                requote_redirect_url=False,
-                raise_for_status=False,
-                read_bufsize=READ_BUFFER_BYTES,
-                timeout=aiohttp.ClientTimeout(total=None),
-            )
-        return self._session
-
-    def _timeout(self, timeouts: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
-        connect, read, pool = timeouts.get("connect"), timeouts.get("read"), timeouts.get("pool")
-        key = (connect, read, pool)
-        found = self._timeouts.get(key)
-        if found is None:
-            # aiohttp's `connect` covers waiting for a pooled connection and connecting.
-            waiting = None if connect is None or pool is None else connect + pool
-            found = aiohttp.ClientTimeout(
-                total=None, connect=waiting, sock_connect=connect, sock_read=read
-            )
-            self._timeouts[key] = found
-        return found
+    @property
+    def pool(self) -> Pool:
+        return self._pool
 
     async def send(
-        self,
-        method: str,
-        url: yarl.URL,
-        headers: Iterable[tuple[bytes, bytes]],
-        body: bytes | AsyncIterable[bytes] | None,
-        timeouts: Mapping[str, float | None],
-        request: httpx.Request | None = None,
-    ) -> httpx.Response:
-        """Send one request and return the response with its body unread.
+        self, method: str, target: str, headers: RawHeaders, body: Body, timeouts: Timeouts
+    ) -> PoolAnswer:
+        """Send one request and return the answer with its body unread.
 
-        `url` must be built with `encoded=True`; `headers` are sent as they are, in order,
-        repeated ones included. Raises httpx's exceptions, or what `body` raised.
+        `target` is the path and query as they go on the request line. Raises httpx's
+        exceptions, or what iterating `body` raised.
         """
-        session = self._client()
-        fields = CIMultiDict(
-            (name.decode("latin-1"), _header_text(value))
-            for name, value in headers
-            # aiohttp frames the body itself: chunked only when there is no Content-Length.
-            if name.lower() != b"transfer-encoding"
-        )
-        timeout = self._timeout(timeouts)
-        if body is None or body == b"":
-            try:
-                response = await session.request(
-                    method, url, headers=fields, allow_redirects=False, timeout=timeout
-                )
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise _httpx_error(exc) from exc
-        else:
-            source = _RequestBody(body, timeouts.get("write"))
-            try:
-                async with asyncio.timeout(None) as deadline:
-                    source.watch(deadline)
-                    response = await session.request(
-                        method,
-                        url,
-                        headers=fields,
-                        data=source.chunks(),
-                        allow_redirects=False,
-                        timeout=timeout,
-                    )
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                if source.error is not None:
-                    raise source.error from None
-                raise _httpx_error(exc, writing=source.stalled) from exc
-            finally:
-                source.watch(None)
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.raw_headers,
-            stream=_ResponseBody(response),
-            request=request,
-            extensions={"http_version": b"HTTP/1.1"},
-        )
+        head, chunked = request_head(method, target, headers, body)
+        connection = await self._pool.acquire(timeouts.connect, timeouts.pool)
+        try:
+            status, answer_headers = await connection.request(
+                head, body, chunked, method == "HEAD", (timeouts.read, timeouts.write)
+            )
+        except BaseException:
+            self._pool.release(connection)  # not reusable mid-exchange: closed
+            raise
+        return PoolAnswer(status, answer_headers, connection, self._pool, timeouts.read)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """httpx's transport interface, for callers that hold an `httpx.Request`."""
         url = request.url
-        target = yarl.URL(
-            f"{url.scheme}://{url.netloc.decode('ascii')}{url.raw_path.decode('ascii')}",
-            encoded=True,
-        )
-        body: bytes | AsyncIterable[bytes] | None
+        if (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)) != (
+            self._origin
+        ):
+            raise httpx.UnsupportedProtocol(f"this transport only reaches {self._origin}")
+        body: Body
         try:
             body = request.content
         except httpx.RequestNotRead:
             assert isinstance(request.stream, AsyncIterable)
             body = request.stream
-        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
-        return await self.send(request.method, target, request.headers.raw, body, timeouts, request)
+        answer = await self.send(
+            request.method,
+            url.raw_path.decode("ascii"),
+            request.headers.raw,
+            body,
+            Timeouts.of(request.extensions.get("timeout", {})),
+        )
+        return httpx.Response(
+            status_code=answer.status_code,
+            headers=answer.raw_headers,
+            stream=_AnswerStream(answer),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._pool.aclose()
+
+
+def make_transport(settings: UpstreamSettings) -> httpx.AsyncBaseTransport:
+    """The shipped transport (bench/launch.py swaps this for the transport comparison)."""
+    return PoolTransport(settings)
 
 
 class Upstream:
-    """Sends requests to the one configured origin and returns streaming responses."""
+    """Sends requests to the one configured origin and returns streaming answers."""
 
     def __init__(
         self, settings: UpstreamSettings, transport: httpx.AsyncBaseTransport | None = None
@@ -308,25 +241,18 @@ class Upstream:
         self.hostname = parts.hostname or ""
         self.port = parts.port
         self.host_header = parts.netloc.encode("ascii")
-        self._origin = f"{parts.scheme}://{parts.netloc}"
         self._transport = transport or make_transport(settings)
-        self._timeout = httpx.Timeout(
+        self._timeouts = Timeouts(
             connect=settings.connect_timeout_seconds,
             read=settings.read_timeout_seconds,
             write=settings.read_timeout_seconds,
             pool=settings.connect_timeout_seconds,
-        ).as_dict()
+        )
 
-    async def _send(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes | AsyncIterable[bytes] | None,
-    ) -> httpx.Response:
-        if isinstance(self._transport, AiohttpTransport):
-            url = yarl.URL(self._origin + target, encoded=True)
-            return await self._transport.send(method, url, headers, body, self._timeout)
+    async def _send(self, method: str, target: str, headers: RawHeaders, body: Body) -> Answer:
+        if isinstance(self._transport, PoolTransport):
+            return await self._transport.send(method, target, headers, body, self._timeouts)
+        timeouts = self._timeouts
         request = httpx.Request(
             method,
             httpx.URL(
@@ -337,18 +263,19 @@ class Upstream:
             ),
             headers=headers,
             content=body,
-            extensions={"timeout": self._timeout},
+            extensions={
+                "timeout": {
+                    "connect": timeouts.connect,
+                    "read": timeouts.read,
+                    "write": timeouts.write,
+                    "pool": timeouts.pool,
+                }
+            },
         )
-        return await self._transport.handle_async_request(request)
+        return HttpxAnswer(await self._transport.handle_async_request(request))
 
-    async def send(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes | AsyncIterable[bytes] | None,
-    ) -> httpx.Response:
-        """Send one request; the response body is not read. Raises UpstreamFailed.
+    async def send(self, method: str, target: str, headers: RawHeaders, body: Body) -> Answer:
+        """Send one request; the answer's body is not read. Raises UpstreamFailed.
 
         `target` is the path and query exactly as checked; the origin never comes from
         the request, so no client input can send the key anywhere else (F4).

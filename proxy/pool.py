@@ -1,0 +1,518 @@
+"""HTTP/1.1 to one origin: keep-alive connections on asyncio, answers parsed by httptools.
+
+The proxy talks to exactly one origin, one request per connection at a time, and never
+needs redirects, cookies, proxies, decompression or URL handling: a general client spends
+most of its time on those. This pool writes the request head as the bytes it was given and
+hands the answer back as raw header pairs and body chunks, parsed by llhttp (httptools,
+already the parser of the server side). Failures are raised as httpx's exceptions, so the
+transport in proxy/upstream.py is a plain httpx transport to its callers.
+
+Rules it keeps:
+  - a connection is reused only after an answer was read to its end, the request was sent
+    whole, and the origin did not ask to close it; anything else closes it (F5);
+  - an idle connection the origin closed is dropped before it is picked, and idle ones
+    are closed after `keepalive_expiry` seconds, shorter than common server timeouts, so
+    a request seldom meets a connection closing under it. Nothing is ever sent twice;
+  - reading pauses while `read_buffer` bytes of answer wait for the client, and writing
+    waits while the socket's buffer is full: memory per request stays bounded both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterable
+from typing import cast
+
+import httptools
+import httpx
+
+# Bodies without a declared length go upstream in chunked framing.
+_CHUNKED = b"transfer-encoding"
+_LENGTH = b"content-length"
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+MAX_ANSWER_HEAD_BYTES = 64 * 1024
+
+
+class _Exchange:
+    """The state of one request and its answer on a connection."""
+
+    __slots__ = (
+        "buffered",
+        "chunks",
+        "complete",
+        "error",
+        "head",
+        "head_bytes",
+        "head_only",
+        "headers",
+        "interim",
+        "sent",
+        "status",
+        "until_close",
+        "waiter",
+    )
+
+    def __init__(self, head: asyncio.Future[None], head_only: bool) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.head = head
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.complete = False
+        self.error: Exception | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.head_only = head_only
+        self.until_close = False
+        self.interim = False
+        self.sent = False
+
+
+def _wake(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+def _expire(future: asyncio.Future[None], error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+class Connection(asyncio.Protocol):
+    """One connection to the origin; httptools calls the `on_*` methods while parsing."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._exchange: _Exchange | None = None
+        self._reading_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._writing_paused = False
+        self.closed = False
+        self.keep_alive = True
+        self.idle_since = 0.0
+        self.counted = True  # still counted in the pool's size
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports have the Transport methods without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._exchange is None:
+            # Bytes while idle: the origin is not speaking HTTP as agreed.
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"malformed answer from upstream: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        self.keep_alive = False
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.keep_alive = False
+        exchange = self._exchange
+        if exchange is not None and not exchange.complete:
+            if exchange.until_close and exchange.head.done():
+                exchange.complete = True  # a body framed by the end of the connection
+                _wake(exchange.waiter)
+            else:
+                self._fail(httpx.RemoteProtocolError("upstream closed the connection mid-answer"))
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(httpx.WriteError("upstream closed the connection"))
+        self._pool.forget(self)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        _wake(self._drain)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        exchange.headers = []
+        exchange.head_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        exchange.head_bytes += len(name) + len(value) + 4
+        if exchange.head_bytes > MAX_ANSWER_HEAD_BYTES:
+            raise httpx.RemoteProtocolError("upstream answer head is too large")
+        exchange.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        status = self._parser.get_status_code()
+        if status < 200:
+            exchange.interim = True  # 100 Continue and the like: wait for the real answer
+            return
+        exchange.status = status
+        if exchange.head_only:
+            # An answer to HEAD has no body whatever its Content-Length says; llhttp cannot
+            # be told so through httptools, so the connection is not used again.
+            exchange.complete = True
+            self.keep_alive = False
+        elif status not in (204, 304):
+            exchange.until_close = not any(
+                name.lower() in (_LENGTH, _CHUNKED) for name, _ in exchange.headers
+            )
+        _wake(exchange.head)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        if exchange.complete:
+            return
+        exchange.chunks.append(body)
+        exchange.buffered += len(body)
+        if exchange.buffered >= self._pool.read_buffer and not self._reading_paused:
+            assert self._transport is not None
+            self._reading_paused = True
+            self._transport.pause_reading()
+        _wake(exchange.waiter)
+
+    def on_message_complete(self) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        if exchange.interim:
+            exchange.interim = False
+            return
+        exchange.complete = True
+        if not self._parser.should_keep_alive():
+            self.keep_alive = False
+        _wake(exchange.waiter)
+
+    # used by the pool and the answer
+
+    def _fail(self, error: Exception) -> None:
+        exchange = self._exchange
+        if exchange is None or exchange.complete or exchange.error is not None:
+            return
+        exchange.error = error
+        head = exchange.head
+        if not head.done():
+            head.set_exception(error)
+            head.exception()  # retrieved here: a request that already gave up never awaits it
+        _wake(exchange.waiter)
+
+    def close(self) -> None:
+        """Close the connection; it is never used again."""
+        self.keep_alive = False
+        if self._transport is not None and not self.closed:
+            self._transport.close()
+        self.closed = True
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the exchange left the connection ready for another request: the request
+        went out whole and its answer was read to the end, and nobody asked to close."""
+        exchange = self._exchange
+        return (
+            exchange is not None
+            and exchange.sent
+            and exchange.complete
+            and exchange.error is None
+            and not exchange.chunks
+            and self.keep_alive
+            and not self.closed
+        )
+
+    def park(self, now: float) -> None:
+        """Mark the connection idle; bytes arriving now would close it."""
+        self._exchange = None
+        self.idle_since = now
+
+    async def _drained(self, write_timeout: float | None) -> None:
+        if not self._writing_paused:
+            return
+        drain = self._drain = self._loop.create_future()
+        timer = None
+        if write_timeout is not None:
+            timer = self._loop.call_later(
+                write_timeout, _expire, drain, httpx.WriteTimeout("upstream stopped reading")
+            )
+        try:
+            await drain
+        finally:
+            self._drain = None
+            if timer is not None:
+                timer.cancel()
+
+    async def request(
+        self,
+        head: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
+        chunked: bool,
+        head_only: bool,
+        timeouts: tuple[float | None, float | None],
+    ) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Send one request; return the answer's status and headers once they arrived."""
+        read_timeout, write_timeout = timeouts
+        transport = self._transport
+        assert transport is not None
+        exchange = self._exchange = _Exchange(self._loop.create_future(), head_only)
+        if body is None or isinstance(body, bytes):
+            transport.write(head + body if body else head)
+        else:
+            transport.write(head)
+            async for chunk in body:
+                if exchange.head.done() or self.closed:
+                    break  # answered (or failed) before the body was all sent
+                if not chunk:
+                    continue
+                if chunked:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    transport.write(chunk)
+                await self._drained(write_timeout)
+            else:
+                if chunked:
+                    transport.write(b"0\r\n\r\n")
+                exchange.sent = True
+        if body is None or isinstance(body, bytes):
+            exchange.sent = True
+        if not exchange.head.done():
+            timer = None
+            if read_timeout is not None:
+                timer = self._loop.call_later(
+                    read_timeout,
+                    _expire,
+                    exchange.head,
+                    httpx.ReadTimeout("upstream did not answer in time"),
+                )
+            try:
+                await exchange.head
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        elif exchange.error is not None:
+            raise exchange.error
+        return exchange.status, exchange.headers
+
+    async def read(self, read_timeout: float | None) -> bytes:
+        """The next part of the answer's body; b"" at its end."""
+        exchange = self._exchange
+        assert exchange is not None
+        while not exchange.chunks:
+            if exchange.error is not None:
+                raise exchange.error
+            if exchange.complete:
+                return b""
+            waiter = exchange.waiter = self._loop.create_future()
+            timer = None
+            if read_timeout is not None:
+                timer = self._loop.call_later(
+                    read_timeout,
+                    _expire,
+                    waiter,
+                    httpx.ReadTimeout("upstream stopped sending its answer"),
+                )
+            try:
+                await waiter
+            finally:
+                exchange.waiter = None
+                if timer is not None:
+                    timer.cancel()
+        chunks = exchange.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        exchange.buffered = 0
+        if self._reading_paused:
+            self._reading_paused = False
+            assert self._transport is not None
+            self._transport.resume_reading()
+        return data
+
+
+class Pool:
+    """Up to `max_connections` connections to one origin, idle ones reused newest first."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        max_connections: int,
+        keepalive_expiry: float,
+        read_buffer: int,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._ssl = ssl_context
+        self._max = max_connections
+        self._expiry = keepalive_expiry
+        self.read_buffer = read_buffer
+        self._idle: list[Connection] = []
+        self._count = 0  # connections open or opening
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(connections open or opening, of which idle): for tests and metrics."""
+        return self._count, len(self._idle)
+
+    async def acquire(
+        self, connect_timeout: float | None, pool_timeout: float | None
+    ) -> Connection:
+        """An idle connection, or a new one once there is room for it."""
+        loop = self.loop
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and loop.time() - connection.idle_since < self._expiry:
+                return connection
+            self._discard(connection)
+        if self._count >= self._max:
+            await self._wait_for_room(pool_timeout)
+            return await self.acquire(connect_timeout, pool_timeout)
+        self._count += 1
+        made: list[Connection] = []
+
+        def factory() -> Connection:
+            made.append(Connection(self))
+            return made[0]
+
+        try:
+            async with asyncio.timeout(connect_timeout):
+                await loop.create_connection(
+                    factory,
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+        except BaseException as exc:
+            if made:
+                self._discard(made[0])
+            else:
+                self._release_slot()
+            if isinstance(exc, TimeoutError):
+                raise httpx.ConnectTimeout("connecting to upstream timed out") from None
+            if isinstance(exc, OSError):
+                raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from None
+            raise
+        return made[0]
+
+    async def _wait_for_room(self, pool_timeout: float | None) -> None:
+        waiter = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(pool_timeout):
+                await waiter
+        except TimeoutError:
+            raise httpx.PoolTimeout("no upstream connection became free in time") from None
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _release_slot(self) -> None:
+        self._count -= 1
+        self._wake_one()
+
+    def _discard(self, connection: Connection) -> None:
+        connection.close()
+        self.forget(connection)
+
+    def forget(self, connection: Connection) -> None:
+        """Stop counting a connection that is closed (counted down once per connection)."""
+        if connection.counted:
+            connection.counted = False
+            if connection in self._idle:
+                self._idle.remove(connection)
+            self._release_slot()
+
+    def release(self, connection: Connection) -> None:
+        """Take a connection back after an exchange: pooled if reusable, else closed."""
+        if not connection.reusable:
+            self._discard(connection)
+            return
+        connection.park(self.loop.time())
+        self._idle.append(connection)
+        self._wake_one()
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(self._expiry, self._close_expired)
+
+    def _close_expired(self) -> None:
+        self._sweep = None
+        horizon = self.loop.time() - self._expiry
+        for connection in [c for c in self._idle if c.idle_since <= horizon]:
+            self._discard(connection)
+        if self._idle:
+            self._sweep = self.loop.call_later(self._expiry, self._close_expired)
+
+    async def aclose(self) -> None:
+        """Close every idle connection and refuse to wait for more."""
+        for connection in list(self._idle):
+            self._discard(connection)
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+
+def request_head(
+    method: str, target: str, headers: list[tuple[bytes, bytes]], body: object
+) -> tuple[bytes, bool]:
+    """The request line and header section, and whether the body goes chunked.
+
+    Headers go out as given, in order; the framing headers are the proxy's to decide: the
+    client's Content-Length stays (the body is passed on byte for byte), a streamed body
+    of unknown length is chunked, and a body-less POST says Content-Length: 0 as RFC 9110
+    asks. A CR, LF or NUL inside any name or value is refused: it would split the request.
+    """
+    lines = [f"{method} {target} HTTP/1.1".encode("ascii")]
+    has_length = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == _CHUNKED:
+            continue
+        if lower == _LENGTH:
+            has_length = True
+        lines.append(name + b": " + value)
+    chunked = False
+    if body is None or body == b"":
+        if not has_length and method not in _NO_BODY_METHODS:
+            lines.append(b"content-length: 0")
+    elif isinstance(body, bytes):
+        if not has_length:
+            lines.append(b"content-length: %d" % len(body))
+    elif not has_length:
+        chunked = True
+        lines.append(b"transfer-encoding: chunked")
+    lines.append(b"\r\n")
+    head = b"\r\n".join(lines)
+    # Exactly one CRLF per line and the blank line: anything more came from a value.
+    if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines) or b"\0" in head:
+        raise httpx.LocalProtocolError("a header name or value holds CR, LF or NUL")
+    return head, chunked

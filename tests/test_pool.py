@@ -1,0 +1,289 @@
+"""The upstream connection pool (proxy/pool.py) against a scripted server on loopback.
+
+Each test runs a real TCP server that answers with exact bytes, so framing, keep-alive and
+failure cases are under the test's control; the end-to-end behaviour through the proxy is
+in test_forwarding, test_streaming and test_hostile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from proxy.pool import MAX_ANSWER_HEAD_BYTES, request_head
+from proxy.settings import UpstreamSettings
+from proxy.upstream import PoolAnswer, PoolTransport, Timeouts
+
+TIMEOUTS = Timeouts(connect=2.0, read=2.0, write=2.0, pool=2.0)
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@dataclass
+class Answer:
+    """What the server writes for one request, and whether it closes afterwards."""
+
+    data: bytes
+    close: bool = False
+    hold: bool = False  # write nothing and keep the connection open
+
+
+@dataclass
+class Scripted:
+    """A loopback HTTP server answering requests with the next scripted answer."""
+
+    answers: list[Answer]
+    port: int = 0
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+
+    async def _body(self, reader: asyncio.StreamReader, head: bytes) -> bytes:
+        lower = head.lower()
+        if b"transfer-encoding: chunked" in lower:
+            body = b""
+            while not body.endswith(b"0\r\n\r\n"):
+                body += await reader.read(65536)
+            return body
+        for line in lower.split(b"\r\n"):
+            if line.startswith(b"content-length:"):
+                return await reader.readexactly(int(line.split(b":")[1]))
+        return b""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                self.requests.append(head + await self._body(reader, head))
+                answer = self.answers.pop(0)
+                if answer.hold:
+                    await asyncio.sleep(3600)
+                writer.write(answer.data)
+                await writer.drain()
+                if answer.close:
+                    return
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> Scripted:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+
+
+def transport(server: Scripted, **kwargs: float) -> PoolTransport:
+    settings = UpstreamSettings(
+        url=f"http://127.0.0.1:{server.port}", max_connections=int(kwargs.pop("max", 10))
+    )
+    return PoolTransport(settings, **kwargs)  # type: ignore[arg-type]
+
+
+async def fetch(
+    pool: PoolTransport,
+    method: str = "GET",
+    body: bytes | AsyncIterator[bytes] | None = None,
+    timeouts: Timeouts = TIMEOUTS,
+) -> tuple[int, bytes]:
+    answer = await pool.send(method, "/api/v1/posts?x=%2F", [(b"host", b"h")], body, timeouts)
+    try:
+        return answer.status_code, b"".join([c async for c in answer.aiter_raw()])
+    finally:
+        await answer.aclose()
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_request_head_frames_the_body_and_refuses_line_breaks() -> None:
+    """The head is the given headers in order plus framing the proxy decides."""
+    head, chunked = request_head("POST", "/a?b", [(b"host", b"h"), (b"x-a", b"1")], None)
+    assert head == b"POST /a?b HTTP/1.1\r\nhost: h\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n"
+    assert not chunked
+    head, _ = request_head("GET", "/a", [(b"host", b"h")], None)
+    assert head == b"GET /a HTTP/1.1\r\nhost: h\r\n\r\n"
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"x"
+
+    head, chunked = request_head(
+        "PUT", "/a", [(b"host", b"h"), (b"transfer-encoding", b"gzip")], stream()
+    )
+    assert chunked and head.endswith(b"host: h\r\ntransfer-encoding: chunked\r\n\r\n")
+    head, chunked = request_head("PUT", "/a", [(b"content-length", b"3")], stream())
+    assert not chunked and b"transfer-encoding" not in head
+    for bad in (b"v\r\nx-evil: 1", b"v\nx", b"v\rx", b"v\0"):
+        with pytest.raises(httpx.LocalProtocolError):
+            request_head("GET", "/a", [(b"x-a", bad)], None)
+
+
+def test_keep_alive_reuses_one_connection_until_the_origin_closes() -> None:
+    """Answers read to the end leave the connection pooled; `Connection: close` does not."""
+
+    async def scenario() -> None:
+        closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+        script = [Answer(OK), Answer(OK), Answer(closing, close=True), Answer(OK)]
+        async with Scripted(script) as server:
+            pool = transport(server)
+            for _ in range(4):
+                assert await fetch(pool) == (200, b"ok")
+            assert server.connections == 2
+            assert server.requests[0].startswith(b"GET /api/v1/posts?x=%2F HTTP/1.1\r\n")
+            await pool.aclose()
+
+    run(scenario)
+
+
+def test_an_idle_connection_the_origin_closed_is_not_used() -> None:
+    """The origin closing an idle connection costs no failed request."""
+
+    async def scenario() -> None:
+        async with Scripted([Answer(OK, close=True), Answer(OK)]) as server:
+            pool = transport(server)
+            assert await fetch(pool) == (200, b"ok")  # keep-alive answer, then closed
+            await asyncio.sleep(0.1)
+            assert await fetch(pool) == (200, b"ok")
+            assert server.connections == 2
+            assert pool.pool.size == (1, 1)
+
+    run(scenario)
+
+
+def test_body_until_close_head_without_body_and_interim_answers() -> None:
+    """A body framed by the end of the connection is read whole; an answer to HEAD has no
+    body whatever its Content-Length says; 1xx answers are skipped."""
+
+    async def scenario() -> None:
+        script = [
+            Answer(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", close=True),
+            Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+            Answer(b"HTTP/1.1 100 Continue\r\n\r\n" + OK),
+        ]
+        async with Scripted(script) as server:
+            pool = transport(server)
+            assert await fetch(pool) == (200, b"until the end")
+            assert await fetch(pool, "HEAD") == (200, b"")
+            assert await fetch(pool) == (200, b"ok")
+            assert server.connections == 3  # neither of the first two was reused
+
+    run(scenario)
+
+
+def test_an_answer_not_read_to_its_end_closes_the_connection() -> None:
+    """F5: a body left unread makes the connection unusable; it is closed, not pooled."""
+
+    async def scenario() -> None:
+        big = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100000
+        async with Scripted([Answer(big), Answer(OK)]) as server:
+            pool = transport(server)
+            answer = await pool.send("GET", "/", [(b"host", b"h")], None, TIMEOUTS)
+            await answer.aclose()
+            assert pool.pool.size == (0, 0)
+            assert await fetch(pool) == (200, b"ok")
+            assert server.connections == 2
+
+    run(scenario)
+
+
+def test_streamed_upload_goes_chunked_byte_for_byte() -> None:
+    """A body of unknown length is sent in chunked framing as it is produced."""
+
+    async def scenario() -> None:
+        async def body() -> AsyncIterator[bytes]:
+            for part in (b"abc", b"", b"de"):
+                yield part
+
+        async with Scripted([Answer(OK)]) as server:
+            pool = transport(server)
+            assert await fetch(pool, "POST", body()) == (200, b"ok")
+            head, _, sent = server.requests[0].partition(b"\r\n\r\n")
+            assert b"transfer-encoding: chunked" in head
+            assert sent == b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+
+    run(scenario)
+
+
+def test_failures_are_httpx_exceptions_and_free_their_connection() -> None:
+    """A malformed answer, an oversized head, a silent origin and a refused connection
+    each raise httpx's exception, and leave no connection counted."""
+
+    async def scenario() -> None:
+        huge = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * MAX_ANSWER_HEAD_BYTES + b"\r\n\r\n"
+        script = [Answer(b"NOT HTTP\r\n\r\n"), Answer(huge), Answer(b"", hold=True)]
+        async with Scripted(script) as server:
+            pool = transport(server)
+            with pytest.raises(httpx.RemoteProtocolError):
+                await fetch(pool)
+            with pytest.raises(httpx.RemoteProtocolError):
+                await fetch(pool)
+            quick = Timeouts(connect=2.0, read=0.2, write=2.0, pool=2.0)
+            with pytest.raises(httpx.ReadTimeout):
+                await fetch(pool, timeouts=quick)
+            await asyncio.sleep(0.05)
+            assert pool.pool.size == (0, 0)
+        async with Scripted([]) as gone:
+            port = gone.port
+        closed = PoolTransport(UpstreamSettings(url=f"http://127.0.0.1:{port}"))
+        with pytest.raises(httpx.ConnectError):
+            await fetch(closed)
+        assert closed.pool.size == (0, 0)
+
+    run(scenario)
+
+
+def test_pool_limit_waits_then_times_out() -> None:
+    """With every connection busy a request waits for one, up to the pool timeout."""
+
+    async def scenario() -> None:
+        async with Scripted([Answer(OK), Answer(OK)]) as server:
+            pool = transport(server, max=1)
+            held: PoolAnswer = await pool.send("GET", "/", [(b"host", b"h")], None, TIMEOUTS)
+            quick = Timeouts(connect=2.0, read=2.0, write=2.0, pool=0.2)
+            with pytest.raises(httpx.PoolTimeout):
+                await fetch(pool, timeouts=quick)
+            waiting = asyncio.create_task(fetch(pool))
+            await asyncio.sleep(0.05)
+            assert b"".join([c async for c in held.aiter_raw()]) == b"ok"
+            await held.aclose()
+            assert await waiting == (200, b"ok")
+            assert server.connections == 1
+
+    run(scenario)
+
+
+def test_idle_connections_close_after_the_keepalive_expiry() -> None:
+    """Idle connections do not linger past keepalive_expiry, traffic or not."""
+
+    async def scenario() -> None:
+        async with Scripted([Answer(OK)]) as server:
+            pool = transport(server, keepalive_expiry=0.2)
+            assert await fetch(pool) == (200, b"ok")
+            assert pool.pool.size == (1, 1)
+            await asyncio.sleep(0.5)
+            assert pool.pool.size == (0, 0)
+
+    run(scenario)
+
+
+def test_httpx_client_over_the_transport() -> None:
+    """The transport serves httpx.AsyncClient like any httpx transport, to its origin only."""
+
+    async def scenario() -> None:
+        async with Scripted([Answer(OK)]) as server:
+            base = f"http://127.0.0.1:{server.port}"
+            async with httpx.AsyncClient(transport=transport(server), base_url=base) as client:
+                answer = await client.get("/api/v1/posts")
+                assert (answer.status_code, answer.content) == (200, b"ok")
+                with pytest.raises(httpx.UnsupportedProtocol):
+                    await client.get("http://127.0.0.2:1/elsewhere")
+
+    run(scenario)
