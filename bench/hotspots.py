@@ -17,10 +17,11 @@ from pathlib import Path
 COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("uvicorn + httptools: the client-side HTTP server", ("uvicorn/", "httptools/")),
     (
-        "upstream hop: aiohttp pool, request and parser (proxy/upstream.py included)",
-        ("aiohttp/", "yarl/", "multidict/", "proxy/upstream.py"),
+        "upstream hop: connection pool, request head, answer parsing (proxy/pool.py,"
+        " proxy/upstream.py; aiohttp in the variant)",
+        ("proxy/pool.py", "proxy/upstream.py", "aiohttp/", "yarl/", "multidict/"),
     ),
-    ("httpx.Response wrapper around the upstream answer", ("httpx/",)),
+    ("httpx: Request and Response objects (transport variants only)", ("httpx/",)),
     (
         "access log: structlog, orjson, redaction",
         ("structlog/", "proxy/logs.py", "proxy/redact.py"),

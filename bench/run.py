@@ -347,7 +347,7 @@ def parse_args() -> argparse.Namespace:
         "--variants",
         default="",
         help="also measure publer-proxy with these transports (comma list of"
-        " httpx, httpx-nosniffio, httpx-aiohttp), or from another checkout (tree:PATH);"
+        " httpx, httpx-nosniffio, httpx-aiohttp, aiohttp), or from another checkout (tree:PATH);"
         " see bench/launch.py",
     )
     parser.add_argument(

@@ -28,8 +28,8 @@ from typing import cast
 import httptools
 import httpx
 
-# Bodies without a declared length go upstream in chunked framing.
-_CHUNKED = b"transfer-encoding"
+# Framing headers: the pool decides them for requests and reads them on answers.
+_TRANSFER_ENCODING = b"transfer-encoding"
 _LENGTH = b"content-length"
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 MAX_ANSWER_HEAD_BYTES = 64 * 1024
@@ -68,6 +68,14 @@ class _Exchange:
         self.until_close = False
         self.interim = False
         self.sent = False
+
+
+def _frames_body(name: bytes, value: bytes) -> bool:
+    """Whether this header gives the answer's body an end other than the connection's."""
+    lower = name.lower()
+    if lower == _LENGTH:
+        return True
+    return lower == _TRANSFER_ENCODING and value.rstrip().lower().endswith(b"chunked")
 
 
 def _wake(future: asyncio.Future[None] | None) -> None:
@@ -144,6 +152,11 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         exchange = self._exchange
         assert exchange is not None
+        if exchange.complete:
+            # A second answer to one request: the two sides no longer agree where the
+            # messages are, so the connection must not be used again.
+            self.keep_alive = False
+            raise httpx.RemoteProtocolError("upstream sent more than one answer")
         exchange.headers = []
         exchange.head_bytes = 0
 
@@ -170,7 +183,7 @@ class Connection(asyncio.Protocol):
             self.keep_alive = False
         elif status not in (204, 304):
             exchange.until_close = not any(
-                name.lower() in (_LENGTH, _CHUNKED) for name, _ in exchange.headers
+                _frames_body(name, value) for name, value in exchange.headers
             )
         _wake(exchange.head)
 
@@ -495,7 +508,7 @@ def request_head(
     has_length = False
     for name, value in headers:
         lower = name.lower()
-        if lower == _CHUNKED:
+        if lower == _TRANSFER_ENCODING:
             continue
         if lower == _LENGTH:
             has_length = True

@@ -178,6 +178,23 @@ def test_body_until_close_head_without_body_and_interim_answers() -> None:
     run(scenario)
 
 
+def test_more_than_one_answer_to_a_request_closes_the_connection() -> None:
+    """Bytes past the end of the answer (a second answer, or gzip-only framing that ends
+    with the connection) never leave a connection in the pool out of step."""
+
+    async def scenario() -> None:
+        gzip_only = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nraw"
+        script = [Answer(OK + OK), Answer(gzip_only, close=True), Answer(OK)]
+        async with Scripted(script) as server:
+            pool = transport(server)
+            assert await fetch(pool) == (200, b"ok")
+            assert await fetch(pool) == (200, b"raw")
+            assert await fetch(pool) == (200, b"ok")
+            assert server.connections == 3
+
+    run(scenario)
+
+
 def test_an_answer_not_read_to_its_end_closes_the_connection() -> None:
     """F5: a body left unread makes the connection unusable; it is closed, not pooled."""
 
