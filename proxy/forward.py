@@ -275,7 +275,11 @@ class Forwarder:
                 continue
             if response.status_code == 401 and replayable and not reread_done:
                 reread_done = True
-                fresh = await self.s.credentials.reread(credential, key)
+                try:
+                    fresh = await self.s.credentials.reread(credential, key)
+                except BaseException:
+                    await response.aclose()  # the answer's connection goes back either way
+                    raise
                 if fresh.value != key.value:
                     await response.aclose()
                     key = fresh

@@ -23,6 +23,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable
+from dataclasses import dataclass
 from typing import cast
 
 import httptools
@@ -131,13 +132,17 @@ class Connection(asyncio.Protocol):
         self.keep_alive = False
         exchange = self._exchange
         if exchange is not None and not exchange.complete:
-            if exchange.until_close and exchange.head.done():
+            if exchange.until_close and exchange.head.done() and exc is None:
                 exchange.complete = True  # a body framed by the end of the connection
                 _wake(exchange.waiter)
             else:
                 self._fail(httpx.RemoteProtocolError("upstream closed the connection mid-answer"))
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(httpx.WriteError("upstream closed the connection"))
+        drain = self._drain
+        if drain is not None and not drain.done():
+            if exchange is not None and exchange.head.done():
+                drain.set_result(None)  # answered already: the upload loop stops and returns it
+            else:
+                drain.set_exception(httpx.WriteError("upstream closed the connection"))
         self._pool.forget(self)
 
     def pause_writing(self) -> None:
@@ -186,10 +191,13 @@ class Connection(asyncio.Protocol):
                 _frames_body(name, value) for name, value in exchange.headers
             )
         _wake(exchange.head)
+        _wake(self._drain)  # an early answer (a 413, say) ends an upload that is stuck
 
     def on_body(self, body: bytes) -> None:
         exchange = self._exchange
         assert exchange is not None
+        if exchange.interim:
+            raise httpx.RemoteProtocolError("upstream sent a body with an interim answer")
         if exchange.complete:
             return
         exchange.chunks.append(body)
@@ -223,13 +231,27 @@ class Connection(asyncio.Protocol):
             head.set_exception(error)
             head.exception()  # retrieved here: a request that already gave up never awaits it
         _wake(exchange.waiter)
+        _wake(self._drain)
 
     def close(self) -> None:
-        """Close the connection; it is never used again."""
+        """Drop the connection at once; it is never used again. (A graceful close would
+        wait to flush what is unsent, for ever if the origin stopped reading.)"""
         self.keep_alive = False
         if self._transport is not None and not self.closed:
-            self._transport.close()
+            self._transport.abort()
         self.closed = True
+
+    @property
+    def usable(self) -> bool:
+        """Whether an idle connection can take a request: the origin has not closed it,
+        not even in a way the event loop has yet to report."""
+        transport = self._transport
+        return (
+            not self.closed
+            and self.keep_alive
+            and transport is not None
+            and not transport.is_closing()
+        )
 
     @property
     def reusable(self) -> bool:
@@ -269,9 +291,8 @@ class Connection(asyncio.Protocol):
 
     async def request(
         self,
-        head: bytes,
+        head: Head,
         body: bytes | AsyncIterable[bytes] | None,
-        chunked: bool,
         head_only: bool,
         timeouts: tuple[float | None, float | None],
     ) -> tuple[int, list[tuple[bytes, bytes]]]:
@@ -281,25 +302,12 @@ class Connection(asyncio.Protocol):
         assert transport is not None
         exchange = self._exchange = _Exchange(self._loop.create_future(), head_only)
         if body is None or isinstance(body, bytes):
-            transport.write(head + body if body else head)
-        else:
-            transport.write(head)
-            async for chunk in body:
-                if exchange.head.done() or self.closed:
-                    break  # answered (or failed) before the body was all sent
-                if not chunk:
-                    continue
-                if chunked:
-                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                else:
-                    transport.write(chunk)
-                await self._drained(write_timeout)
-            else:
-                if chunked:
-                    transport.write(b"0\r\n\r\n")
-                exchange.sent = True
-        if body is None or isinstance(body, bytes):
+            # request_head checked the declared length against these bytes.
+            transport.write(head.data + body if body else head.data)
             exchange.sent = True
+        else:
+            transport.write(head.data)
+            exchange.sent = await self._upload(body, head, write_timeout)
         if not exchange.head.done():
             timer = None
             if read_timeout is not None:
@@ -317,6 +325,37 @@ class Connection(asyncio.Protocol):
         elif exchange.error is not None:
             raise exchange.error
         return exchange.status, exchange.headers
+
+    async def _upload(
+        self, body: AsyncIterable[bytes], head: Head, write_timeout: float | None
+    ) -> bool:
+        """Write a streamed body as it comes; False if the answer (or a failure) came first.
+
+        Never more and never fewer bytes than a declared Content-Length: a body that
+        disagrees with it would leave the origin reading the next request from the wrong
+        place, so it fails the request and the connection is not used again.
+        """
+        transport = self._transport
+        exchange = self._exchange
+        assert transport is not None and exchange is not None
+        written = 0
+        async for chunk in body:
+            if exchange.head.done() or self.closed:
+                return False
+            if not chunk:
+                continue
+            written += len(chunk)
+            if head.length is not None and written > head.length:
+                raise httpx.LocalProtocolError("the request body is longer than its Content-Length")
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if head.chunked else chunk)
+            await self._drained(write_timeout)
+            if exchange.head.done() or self.closed:
+                return False
+        if head.length is not None and written != head.length:
+            raise httpx.LocalProtocolError("the request body is shorter than its Content-Length")
+        if head.chunked:
+            transport.write(b"0\r\n\r\n")
+        return True
 
     async def read(self, read_timeout: float | None) -> bytes:
         """The next part of the answer's body; b"" at its end."""
@@ -354,7 +393,12 @@ class Connection(asyncio.Protocol):
 
 
 class Pool:
-    """Up to `max_connections` connections to one origin, idle ones reused newest first."""
+    """Up to `max_connections` connections to one origin, idle ones reused newest first.
+
+    Requests that find every connection busy queue in order: a connection coming back is
+    handed to the first of them, and a slot freed by a closed connection is reserved for
+    it, so a newcomer cannot overtake the queue and `pool_timeout` bounds the wait.
+    """
 
     def __init__(
         self,
@@ -373,8 +417,9 @@ class Pool:
         self._expiry = keepalive_expiry
         self.read_buffer = read_buffer
         self._idle: list[Connection] = []
-        self._count = 0  # connections open or opening
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._count = 0  # connections open, opening, or reserved for a waiter
+        # Each waiter gets a connection, or None: a slot reserved to open one.
+        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
         self._sweep: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -393,17 +438,45 @@ class Pool:
         self, connect_timeout: float | None, pool_timeout: float | None
     ) -> Connection:
         """An idle connection, or a new one once there is room for it."""
-        loop = self.loop
-        idle = self._idle
-        while idle:
-            connection = idle.pop()
-            if not connection.closed and loop.time() - connection.idle_since < self._expiry:
-                return connection
-            self._discard(connection)
-        if self._count >= self._max:
-            await self._wait_for_room(pool_timeout)
-            return await self.acquire(connect_timeout, pool_timeout)
-        self._count += 1
+        if not self._waiters:
+            idle = self._idle
+            now = self.loop.time()
+            while idle:
+                connection = idle.pop()
+                if connection.usable and now - connection.idle_since < self._expiry:
+                    return connection
+                self._discard(connection)
+            if self._count < self._max:
+                self._count += 1
+                return await self._open(connect_timeout)
+        handed = await self._wait_turn(pool_timeout)
+        if handed is not None:
+            return handed
+        return await self._open(connect_timeout)  # into the slot reserved for us
+
+    async def _wait_turn(self, pool_timeout: float | None) -> Connection | None:
+        waiter: asyncio.Future[Connection | None] = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(pool_timeout):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # Our turn came as we gave up: pass it on rather than lose it.
+                handed = waiter.result()
+                if handed is not None:
+                    self._hand_over(handed)
+                else:
+                    self._release_slot()
+            else:
+                waiter.cancel()
+                self._waiters.remove(waiter)  # a dead waiter must not make others queue
+            if isinstance(exc, TimeoutError):
+                raise httpx.PoolTimeout("no upstream connection became free in time") from None
+            raise
+
+    async def _open(self, connect_timeout: float | None) -> Connection:
+        """Connect, in a slot already counted for this connection."""
         made: list[Connection] = []
 
         def factory() -> Connection:
@@ -412,7 +485,7 @@ class Pool:
 
         try:
             async with asyncio.timeout(connect_timeout):
-                await loop.create_connection(
+                await self.loop.create_connection(
                     factory,
                     self._host,
                     self._port,
@@ -431,28 +504,19 @@ class Pool:
             raise
         return made[0]
 
-    async def _wait_for_room(self, pool_timeout: float | None) -> None:
-        waiter = self.loop.create_future()
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(pool_timeout):
-                await waiter
-        except TimeoutError:
-            raise httpx.PoolTimeout("no upstream connection became free in time") from None
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-    def _wake_one(self) -> None:
+    def _next_waiter(self) -> asyncio.Future[Connection | None] | None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
+                return waiter
+        return None
 
     def _release_slot(self) -> None:
-        self._count -= 1
-        self._wake_one()
+        waiter = self._next_waiter()
+        if waiter is not None:
+            waiter.set_result(None)  # the slot passes to the waiter, still counted
+        else:
+            self._count -= 1
 
     def _discard(self, connection: Connection) -> None:
         connection.close()
@@ -467,13 +531,20 @@ class Pool:
             self._release_slot()
 
     def release(self, connection: Connection) -> None:
-        """Take a connection back after an exchange: pooled if reusable, else closed."""
+        """Take a connection back after an exchange: to the next waiter or the idle
+        list if it can take another request, else closed."""
         if not connection.reusable:
             self._discard(connection)
             return
         connection.park(self.loop.time())
+        self._hand_over(connection)
+
+    def _hand_over(self, connection: Connection) -> None:
+        waiter = self._next_waiter()
+        if waiter is not None:
+            waiter.set_result(connection)
+            return
         self._idle.append(connection)
-        self._wake_one()
         if self._sweep is None:
             self._sweep = self.loop.call_later(self._expiry, self._close_expired)
 
@@ -486,7 +557,7 @@ class Pool:
             self._sweep = self.loop.call_later(self._expiry, self._close_expired)
 
     async def aclose(self) -> None:
-        """Close every idle connection and refuse to wait for more."""
+        """Close every idle connection."""
         for connection in list(self._idle):
             self._discard(connection)
         if self._sweep is not None:
@@ -494,38 +565,51 @@ class Pool:
             self._sweep = None
 
 
+@dataclass(frozen=True)
+class Head:
+    """A request's line and header section, and how its body is framed."""
+
+    data: bytes
+    chunked: bool
+    length: int | None  # the declared Content-Length
+
+
 def request_head(
     method: str, target: str, headers: list[tuple[bytes, bytes]], body: object
-) -> tuple[bytes, bool]:
-    """The request line and header section, and whether the body goes chunked.
+) -> Head:
+    """The request line and header section, and how the body goes.
 
-    Headers go out as given, in order; the framing headers are the proxy's to decide: the
-    client's Content-Length stays (the body is passed on byte for byte), a streamed body
-    of unknown length is chunked, and a body-less POST says Content-Length: 0 as RFC 9110
-    asks. A CR, LF or NUL inside any name or value is refused: it would split the request.
+    Headers go out as given, in order; the framing headers are the proxy's to decide: a
+    given Content-Length stays (the body is passed on byte for byte, and must match it), a
+    streamed body of unknown length is chunked, and a body-less POST says
+    Content-Length: 0 as RFC 9110 asks. A CR, LF or NUL inside any name or value is
+    refused: it would split the request.
     """
     lines = [f"{method} {target} HTTP/1.1".encode("ascii")]
-    has_length = False
+    length: int | None = None
     for name, value in headers:
         lower = name.lower()
         if lower == _TRANSFER_ENCODING:
             continue
         if lower == _LENGTH:
-            has_length = True
+            declared = int(value) if value.isdigit() else -1
+            if declared < 0 or (length is not None and declared != length):
+                raise httpx.LocalProtocolError("the Content-Length header is not one number")
+            length = declared
         lines.append(name + b": " + value)
     chunked = False
-    if body is None or body == b"":
-        if not has_length and method not in _NO_BODY_METHODS:
-            lines.append(b"content-length: 0")
-    elif isinstance(body, bytes):
-        if not has_length:
-            lines.append(b"content-length: %d" % len(body))
-    elif not has_length:
+    if body is None or isinstance(body, bytes):
+        size = len(body) if body else 0
+        if length is None and (size or method not in _NO_BODY_METHODS):
+            lines.append(b"content-length: %d" % size)
+        elif length is not None and length != size:
+            raise httpx.LocalProtocolError("the request body does not match its Content-Length")
+    elif length is None:
         chunked = True
         lines.append(b"transfer-encoding: chunked")
     lines.append(b"\r\n")
-    head = b"\r\n".join(lines)
+    data = b"\r\n".join(lines)
     # Exactly one CRLF per line and the blank line: anything more came from a value.
-    if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines) or b"\0" in head:
+    if data.count(b"\n") != len(lines) or data.count(b"\r") != len(lines) or b"\0" in data:
         raise httpx.LocalProtocolError("a header name or value holds CR, LF or NUL")
-    return head, chunked
+    return Head(data, chunked, length)

@@ -181,11 +181,11 @@ class PoolTransport(httpx.AsyncBaseTransport):
         `target` is the path and query as they go on the request line. Raises httpx's
         exceptions, or what iterating `body` raised.
         """
-        head, chunked = request_head(method, target, headers, body)
+        head = request_head(method, target, headers, body)
         connection = await self._pool.acquire(timeouts.connect, timeouts.pool)
         try:
             status, answer_headers = await connection.request(
-                head, body, chunked, method == "HEAD", (timeouts.read, timeouts.write)
+                head, body, method == "HEAD", (timeouts.read, timeouts.write)
             )
         except BaseException:
             self._pool.release(connection)  # not reusable mid-exchange: closed

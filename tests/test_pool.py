@@ -8,6 +8,8 @@ in test_forwarding, test_streaming and test_hostile.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +31,8 @@ class Answer:
     data: bytes
     close: bool = False
     hold: bool = False  # write nothing and keep the connection open
+    early: bool = False  # answer after the head, never reading the body
+    reset: bool = False  # end with a TCP reset instead of a close
 
 
 @dataclass
@@ -58,15 +62,22 @@ class Scripted:
             while True:
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
+                    answer = self.answers.pop(0)
+                    body = b"" if answer.early else await self._body(reader, head)
                 except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                self.requests.append(head + await self._body(reader, head))
-                answer = self.answers.pop(0)
+                    return  # the client gave up mid-request
+                self.requests.append(head + body)
                 if answer.hold:
                     await asyncio.sleep(3600)
                 writer.write(answer.data)
                 await writer.drain()
-                if answer.close:
+                if answer.reset:
+                    await asyncio.sleep(0.05)
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    return
+                if answer.close or answer.early:
                     return
         finally:
             writer.close()
@@ -106,21 +117,25 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
 
 def test_request_head_frames_the_body_and_refuses_line_breaks() -> None:
     """The head is the given headers in order plus framing the proxy decides."""
-    head, chunked = request_head("POST", "/a?b", [(b"host", b"h"), (b"x-a", b"1")], None)
-    assert head == b"POST /a?b HTTP/1.1\r\nhost: h\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n"
-    assert not chunked
-    head, _ = request_head("GET", "/a", [(b"host", b"h")], None)
-    assert head == b"GET /a HTTP/1.1\r\nhost: h\r\n\r\n"
+    head = request_head("POST", "/a?b", [(b"host", b"h"), (b"x-a", b"1")], None)
+    assert head.data == b"POST /a?b HTTP/1.1\r\nhost: h\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n"
+    assert not head.chunked
+    assert request_head("GET", "/a", [(b"host", b"h")], None).data == (
+        b"GET /a HTTP/1.1\r\nhost: h\r\n\r\n"
+    )
+    assert request_head("POST", "/a", [], b"abc").data.endswith(b"content-length: 3\r\n\r\n")
 
     async def stream() -> AsyncIterator[bytes]:
         yield b"x"
 
-    head, chunked = request_head(
-        "PUT", "/a", [(b"host", b"h"), (b"transfer-encoding", b"gzip")], stream()
-    )
-    assert chunked and head.endswith(b"host: h\r\ntransfer-encoding: chunked\r\n\r\n")
-    head, chunked = request_head("PUT", "/a", [(b"content-length", b"3")], stream())
-    assert not chunked and b"transfer-encoding" not in head
+    head = request_head("PUT", "/a", [(b"host", b"h"), (b"transfer-encoding", b"gzip")], stream())
+    assert head.chunked and head.length is None
+    assert head.data.endswith(b"host: h\r\ntransfer-encoding: chunked\r\n\r\n")
+    head = request_head("PUT", "/a", [(b"content-length", b"3")], stream())
+    assert not head.chunked and head.length == 3 and b"transfer-encoding" not in head.data
+    for length in (b"-1", b"3x", b""):
+        with pytest.raises(httpx.LocalProtocolError):
+            request_head("PUT", "/a", [(b"content-length", length)], stream())
     for bad in (b"v\r\nx-evil: 1", b"v\nx", b"v\rx", b"v\0"):
         with pytest.raises(httpx.LocalProtocolError):
             request_head("GET", "/a", [(b"x-a", bad)], None)
@@ -302,5 +317,101 @@ def test_httpx_client_over_the_transport() -> None:
                 assert (answer.status_code, answer.content) == (200, b"ok")
                 with pytest.raises(httpx.UnsupportedProtocol):
                     await client.get("http://127.0.0.2:1/elsewhere")
+
+    run(scenario)
+
+
+def test_an_early_answer_ends_a_stuck_upload() -> None:
+    """An origin that answers (413, say) without reading the body gets its answer to the
+    client, not a write timeout; the connection is not used again."""
+
+    async def scenario() -> None:
+        async def endless() -> AsyncIterator[bytes]:
+            while True:
+                yield b"x" * 65536
+
+        refusal = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig"
+        async with Scripted([Answer(refusal, early=True), Answer(OK)]) as server:
+            pool = transport(server)
+            slow_write = Timeouts(connect=2.0, read=2.0, write=10.0, pool=2.0)
+            assert await fetch(pool, "POST", endless(), timeouts=slow_write) == (413, b"big")
+            assert await fetch(pool) == (200, b"ok")
+            assert server.connections == 2
+
+    run(scenario)
+
+
+def test_a_reset_cuts_a_body_framed_by_the_close() -> None:
+    """A body that ends with the connection is complete only when the connection closed
+    cleanly; a reset means it broke off."""
+
+    async def scenario() -> None:
+        cut = b"HTTP/1.1 200 OK\r\n\r\npartial-"
+        async with Scripted([Answer(cut, reset=True)]) as server:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await fetch(transport(server))
+
+    run(scenario)
+
+
+def test_a_body_that_disagrees_with_its_length_is_never_sent_whole() -> None:
+    """More or fewer bytes than the declared Content-Length fail the request before the
+    origin could read a second request out of the first one's body."""
+
+    async def scenario() -> None:
+        def body(*parts: bytes) -> AsyncIterator[bytes]:
+            async def produce() -> AsyncIterator[bytes]:
+                for part in parts:
+                    yield part
+
+            return produce()
+
+        smuggled = b"abcGET /smuggled HTTP/1.1\r\nhost: h\r\n\r\n"
+        async with Scripted([Answer(OK)] * 3) as server:
+            pool = transport(server)
+            for parts, length in (((b"abc", smuggled[3:]), b"3"), ((b"ab",), b"3")):
+                with pytest.raises(httpx.LocalProtocolError):
+                    await pool.send(
+                        "POST", "/", [(b"content-length", length)], body(*parts), TIMEOUTS
+                    )
+            with pytest.raises(httpx.LocalProtocolError):
+                await pool.send("POST", "/", [(b"content-length", b"3")], b"abcd", TIMEOUTS)
+            assert await fetch(pool) == (200, b"ok")
+            assert all(b"/smuggled" not in request for request in server.requests)
+            assert pool.pool.size == (1, 1)
+
+    run(scenario)
+
+
+def test_a_waiter_that_leaves_passes_its_turn_on() -> None:
+    """A queued request woken and then cancelled does not swallow the free connection;
+    the queue is served in order, within its pool timeout."""
+
+    async def scenario() -> None:
+        async with Scripted([Answer(OK), Answer(OK), Answer(OK)]) as server:
+            pool = transport(server, max=1)
+            held = await pool.send("GET", "/", [(b"host", b"h")], None, TIMEOUTS)
+            first = asyncio.create_task(fetch(pool))
+            second = asyncio.create_task(
+                fetch(pool, timeouts=Timeouts(connect=2.0, read=2.0, write=2.0, pool=1.0))
+            )
+            await asyncio.sleep(0.05)
+            assert b"".join([c async for c in held.aiter_raw()]) == b"ok"
+            await held.aclose()  # handed to `first` ...
+            first.cancel()  # ... which leaves before it runs
+            assert await second == (200, b"ok")
+            assert pool.pool.size == (1, 1)
+
+    run(scenario)
+
+
+def test_a_body_on_an_interim_answer_is_refused() -> None:
+    """A 1xx answer carries no body; bytes after it are not glued onto the real answer."""
+
+    async def scenario() -> None:
+        junk = b"HTTP/1.1 199 Odd\r\nContent-Length: 4\r\n\r\nJUNK" + OK
+        async with Scripted([Answer(junk)]) as server:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await fetch(transport(server))
 
     run(scenario)
