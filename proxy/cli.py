@@ -111,9 +111,13 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
     from proxy.sandbox import DEFAULT_SANDBOX_KEY, create_app, parse_key_spec
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("sandbox: --tls-cert and --tls-key go together", file=sys.stderr)
+        return EXIT_INVALID
     keys = [parse_key_spec(k) for k in (args.key or [DEFAULT_SANDBOX_KEY])]
     app = create_app(keys, rate_limit=args.rate_limit, rate_period_seconds=args.rate_period)
-    print(f"Publer sandbox on http://{args.host}:{args.port}/api/v1", flush=True)
+    scheme = "https" if args.tls_cert else "http"
+    print(f"Publer sandbox on {scheme}://{args.host}:{args.port}/api/v1", flush=True)
     uvicorn.run(
         app,
         host=args.host,
@@ -122,6 +126,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         access_log=False,
         loop="uvloop",
         http="httptools",
+        ssl_certfile=args.tls_cert,
+        ssl_keyfile=args.tls_key,
     )
     return EXIT_OK
 
@@ -176,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument(
         "--rate-period", type=float, default=120.0, help="window seconds (default 120)"
     )
+    sandbox.add_argument(
+        "--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (with --tls-key)"
+    )
+    sandbox.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     sandbox.set_defaults(func=cmd_sandbox)
     hash_cmd = sub.add_parser(
         "hash-token", help="print the sha256 digest of a client token read on stdin"

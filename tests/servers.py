@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -24,19 +25,29 @@ from tests.bao import free_port
 START_TIMEOUT_SECONDS = 20.0
 
 
-def _wait(url: str, process: subprocess.Popen[bytes], log: Path, expect: int | None) -> None:
+def _wait(
+    url: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    expect: int | None,
+    verify: Path | None = None,
+) -> None:
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
             break
         try:
-            answer = httpx.get(url, timeout=1.0, trust_env=False)
+            answer = httpx.get(url, timeout=1.0, trust_env=False, verify=_verify(verify))
             if expect is None or answer.status_code == expect:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
     raise RuntimeError(f"{url} did not come up; log:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _verify(ca: Path | None) -> ssl.SSLContext | bool:
+    return ssl.create_default_context(cafile=str(ca)) if ca else True
 
 
 @dataclass
@@ -67,8 +78,10 @@ class Process:
 class Sandbox(Process):
     """The Publer sandbox, with its recording and control endpoints."""
 
+    ca: Path | None = None  # the CA of its certificate, when it serves HTTPS
+
     def _control(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        with httpx.Client(base_url=self.url, trust_env=False) as client:
+        with httpx.Client(base_url=self.url, trust_env=False, verify=_verify(self.ca)) as client:
             answer = client.request(method, f"/__sandbox/{path}", **kwargs)
         answer.raise_for_status()  # a typo in a control call must fail the test
         return answer
@@ -91,8 +104,74 @@ class Sandbox(Process):
         self._control("PUT", "faults", json=fault)
 
 
-def start_sandbox(workdir: Path, *keys: str, rate_limit: int = 100000) -> Sandbox:
-    """`publer-proxy sandbox` on a free port, accepting `keys`."""
+@dataclass(frozen=True)
+class Tls:
+    """A private CA and a server certificate it signed for 127.0.0.1 (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls(workdir: Path) -> Tls:
+    """Generate a CA and a certificate for IP 127.0.0.1 only, signed by it."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(
+        subject: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: x509.Name | None,
+        signer: ec.EllipticCurvePrivateKey,
+        ca: bool,
+    ) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer or name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = certificate("publer-proxy test CA", ca_key, None, ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = certificate("127.0.0.1", server_key, ca_cert.subject, ca_key, ca=False)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tls = Tls(workdir / "ca.pem", workdir / "cert.pem", workdir / "key.pem")
+    tls.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    tls.cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    tls.key.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return tls
+
+
+def start_sandbox(
+    workdir: Path, *keys: str, rate_limit: int = 100000, tls: Tls | None = None
+) -> Sandbox:
+    """`publer-proxy sandbox` on a free port, accepting `keys` (over HTTPS with `tls`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / f"sandbox-{port}.log"
@@ -100,10 +179,13 @@ def start_sandbox(workdir: Path, *keys: str, rate_limit: int = 100000) -> Sandbo
     args += ["--rate-limit", str(rate_limit)]
     for key in keys:
         args += ["--key", key]
+    if tls is not None:
+        args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    sandbox = Sandbox(process, log_path, f"http://127.0.0.1:{port}")
-    _wait(f"{sandbox.url}/__sandbox/health", process, log_path, 200)
+    scheme = "https" if tls else "http"
+    sandbox = Sandbox(process, log_path, f"{scheme}://127.0.0.1:{port}", tls.ca if tls else None)
+    _wait(f"{sandbox.url}/__sandbox/health", process, log_path, 200, verify=sandbox.ca)
     return sandbox
 
 

@@ -44,6 +44,44 @@ def test_upstream_must_be_https_unless_loopback(url: str, opt_out: bool, ok: boo
         assert any(line.startswith("upstream") for line in error.value.problems)
 
 
+def test_https_upstream_is_verified_against_its_ca(
+    tmp_path: Path, bao: Bao, token_file: Path, api_key: str
+) -> None:
+    """The key travels only over TLS whose certificate checks out: with the private CA in
+    `upstream.ca_file` the request goes through; without it, or under a host name the
+    certificate does not name, it is refused before a byte of the request is sent."""
+    from tests.servers import make_tls, start_sandbox
+
+    tls = make_tls(tmp_path / "tls")
+    secure = start_sandbox(tmp_path / "sandbox", api_key, tls=tls)
+    port = secure.url.rsplit(":", 1)[1]
+    proxies = []
+    try:
+        cases = [
+            (secure.url, tls.ca, 200),
+            (secure.url, None, 502),  # the system CAs do not know ours
+            (f"https://localhost:{port}", tls.ca, 502),  # the certificate names 127.0.0.1
+        ]
+        for index, (url, ca_file, status) in enumerate(cases):
+            config = proxy_config(bao.url, url, token_file=token_file)
+            if ca_file is not None:
+                config["upstream"]["ca_file"] = str(ca_file)
+            proxy = start_proxy(tmp_path / f"proxy{index}", config)
+            proxies.append(proxy)
+            answer = httpx.get(f"{proxy.url}/api/v1/posts")
+            assert answer.status_code == status, (url, ca_file, answer.text)
+            if status == 502:
+                assert answer.headers["x-publer-proxy-error"] == "upstream_unreachable"
+        recorded = secure.requests()
+        assert len(recorded) == 1
+        sent = [value for name, value in recorded[0]["headers"] if name == "authorization"]
+        assert sent == [f"Bearer-API {api_key}"]
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        secure.stop()
+
+
 def test_plain_http_vault_off_loopback_is_warned() -> None:
     """A Vault address that is plain HTTP beyond loopback gets a warning, not silence."""
     settings = parse_settings(proxy_config("http://vault.internal:8200", "https://app.publer.com"))
