@@ -208,6 +208,19 @@ def test_query_string_is_forwarded_byte_for_byte(proxy: Proxy, upstream: Sandbox
     assert record["path"] == "/api/v1/posts"
 
 
+def test_header_bytes_are_forwarded_as_they_came(proxy: Proxy, upstream: Sandbox) -> None:
+    """A header value with obs-text (a Latin-1 byte, legal in HTTP/1.1 though not UTF-8)
+    reaches Publer byte for byte, neither re-encoded nor refused."""
+    answer = raw_request(
+        proxy.url,
+        b"GET /api/v1/posts HTTP/1.1\r\nHost: x\r\nX-Note: caf\xe9 \x80\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    [record] = upstream.requests()
+    assert _headers(record, "x-note") == ["caf\xe9 \x80"]
+
+
 @pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "DELETE"])
 def test_methods_and_bodies_are_forwarded(proxy: Proxy, upstream: Sandbox, method: str) -> None:
     """Every method Publer uses passes with its body; the sandbox counted the same bytes."""
