@@ -18,8 +18,15 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("uvicorn + httptools: the client-side HTTP server", ("uvicorn/", "httptools/")),
     (
         "upstream hop: connection pool, request head, answer parsing (proxy/pool.py,"
-        " proxy/upstream.py; aiohttp in the variant)",
-        ("proxy/pool.py", "proxy/upstream.py", "aiohttp/", "yarl/", "multidict/"),
+        " proxy/connection.py, proxy/upstream.py; aiohttp in the variant)",
+        (
+            "proxy/pool.py",
+            "proxy/connection.py",
+            "proxy/upstream.py",
+            "aiohttp/",
+            "yarl/",
+            "multidict/",
+        ),
     ),
     ("httpx: Request and Response objects (transport variants only)", ("httpx/",)),
     (

@@ -22,8 +22,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from proxy.connection import Connection, request_head
 from proxy.errors import Refusal, UpstreamFailed
-from proxy.pool import Connection, Pool, request_head
+from proxy.pool import Pool
 from proxy.settings import UpstreamSettings
 
 KEEPALIVE_EXPIRY_SECONDS = 30.0

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from proxy.pool import MAX_ANSWER_HEAD_BYTES, request_head
+from proxy.connection import MAX_ANSWER_HEAD_BYTES, request_head
 from proxy.settings import UpstreamSettings
 from proxy.upstream import PoolAnswer, PoolTransport, Timeouts
 
