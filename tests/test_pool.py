@@ -415,3 +415,21 @@ def test_a_body_on_an_interim_answer_is_refused() -> None:
                 await fetch(transport(server))
 
     run(scenario)
+
+
+def test_many_requests_share_a_small_pool_in_order() -> None:
+    """Forty concurrent requests over three connections each get one answer, none twice; the
+    origin never sees more than three connections."""
+
+    async def scenario() -> None:
+        answers = [
+            Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n%03d" % i) for i in range(40)
+        ]
+        async with Scripted(answers) as server:
+            pool = transport(server, max=3)
+            results = await asyncio.gather(*(fetch(pool) for _ in range(40)))
+            assert sorted(body for _, body in results) == [b"%03d" % i for i in range(40)]
+            assert server.connections <= 3
+            assert pool.pool.size == (server.connections, server.connections)
+
+    run(scenario)
