@@ -123,6 +123,7 @@ class Connection(asyncio.Protocol):
         self.keep_alive = True
         self.idle_since = 0.0
         self.counted = True  # still counted in the pool's size
+        self.in_transit = False  # handed to a waiter that has not yet taken it
 
     # asyncio.Protocol
 

@@ -77,7 +77,12 @@ class Pool:
                 return await self._open(connect_timeout)
         handed = await self._wait_turn(pool_timeout)
         if handed is not None:
-            return handed
+            handed.in_transit = False
+            if handed.usable:
+                return handed
+            # Closed on its way to us: its slot is still ours (forget skipped it).
+            handed.close()
+            handed.counted = False
         return await self._open(connect_timeout)  # into the slot reserved for us
 
     async def _wait_turn(self, pool_timeout: float | None) -> Connection | None:
@@ -91,12 +96,19 @@ class Pool:
                 # Our turn came as we gave up: pass it on rather than lose it.
                 handed = waiter.result()
                 if handed is not None:
-                    self._hand_over(handed)
+                    handed.in_transit = False
+                    if handed.usable:
+                        self._hand_over(handed)
+                    else:
+                        handed.close()
+                        handed.counted = False
+                        self._release_slot()
                 else:
                     self._release_slot()
             else:
                 waiter.cancel()
-                self._waiters.remove(waiter)  # a dead waiter must not make others queue
+                if waiter in self._waiters:  # release may have popped it already
+                    self._waiters.remove(waiter)  # a dead waiter must not make others queue
             if isinstance(exc, TimeoutError):
                 raise httpx.PoolTimeout("no upstream connection became free in time") from None
             raise
@@ -150,7 +162,7 @@ class Pool:
 
     def forget(self, connection: Connection) -> None:
         """Stop counting a connection that is closed (counted down once per connection)."""
-        if connection.counted:
+        if connection.counted and not connection.in_transit:
             connection.counted = False
             if connection in self._idle:
                 self._idle.remove(connection)
@@ -168,6 +180,7 @@ class Pool:
     def _hand_over(self, connection: Connection) -> None:
         waiter = self._next_waiter()
         if waiter is not None:
+            connection.in_transit = True
             waiter.set_result(connection)
             return
         self._idle.append(connection)
@@ -180,7 +193,8 @@ class Pool:
         for connection in [c for c in self._idle if c.idle_since <= horizon]:
             self._discard(connection)
         if self._idle:
-            self._sweep = self.loop.call_later(self._expiry, self._close_expired)
+            oldest = min(c.idle_since for c in self._idle)
+            self._sweep = self.loop.call_at(oldest + self._expiry, self._close_expired)
 
     async def aclose(self) -> None:
         """Close every idle connection."""

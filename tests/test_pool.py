@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -431,5 +433,94 @@ def test_many_requests_share_a_small_pool_in_order() -> None:
             assert sorted(body for _, body in results) == [b"%03d" % i for i in range(40)]
             assert server.connections <= 3
             assert pool.pool.size == (server.connections, server.connections)
+
+    run(scenario)
+
+
+def test_a_cancelled_waiter_ends_with_its_own_exception() -> None:
+    """A queued request cancelled just before a connection comes back ends cancelled (not
+    with an internal error), and the connection stays pooled."""
+
+    async def scenario() -> None:
+        async with Scripted([Answer(OK), Answer(OK)]) as server:
+            pool = transport(server, max=1)
+            held = await pool.send("GET", "/", [(b"host", b"h")], None, TIMEOUTS)
+            assert b"".join([c async for c in held.aiter_raw()]) == b"ok"
+            waiting = asyncio.create_task(fetch(pool))
+            await asyncio.sleep(0.05)
+            waiting.cancel()  # its place in the queue is cancelled before it runs again
+            await held.aclose()
+            [outcome] = await asyncio.gather(waiting, return_exceptions=True)
+            assert isinstance(outcome, asyncio.CancelledError)
+            assert pool.pool.size == (1, 1)
+            assert await fetch(pool) == (200, b"ok")
+            await pool.aclose()
+
+    run(scenario)
+
+
+class ClosingOrigin(threading.Thread):
+    """An origin whose first connection answers once and closes when told to; later
+    connections answer every request. Threaded, so its close lands while the client's
+    event loop is busy, as a real origin's would."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.close_first = threading.Event()
+        self.requests = 0
+
+    def _serve(self, conn: socket.socket, first: bool) -> None:
+        pending = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in pending:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    pending += data
+                _, _, pending = pending.partition(b"\r\n\r\n")
+                self.requests += 1
+                conn.sendall(OK)
+                if first:
+                    self.close_first.wait(10)
+                    return
+
+    def run(self) -> None:
+        first = True
+        while True:
+            conn, _ = self.listener.accept()
+            threading.Thread(target=self._serve, args=(conn, first), daemon=True).start()
+            first = False
+
+
+@pytest.mark.parametrize("passed_on", [False, True])
+def test_a_connection_closed_on_its_way_to_a_waiter_is_replaced(passed_on: bool) -> None:
+    """The origin closes a connection after it was handed to a queued request but before
+    that request ran (or after the request left and passed it on): the request gets a new
+    connection instead of failing on the dead one."""
+    origin = ClosingOrigin()
+    origin.start()
+
+    async def scenario() -> None:
+        settings = UpstreamSettings(url=f"http://127.0.0.1:{origin.port}", max_connections=1)
+        pool = PoolTransport(settings)
+        first = asyncio.create_task(fetch(pool))
+        second = asyncio.create_task(fetch(pool)) if passed_on else None
+        held = await pool.send("GET", "/", [(b"host", b"h")], None, TIMEOUTS)
+        assert b"".join([c async for c in held.aiter_raw()]) == b"ok"
+        origin.close_first.set()
+        time.sleep(0.05)  # noqa: ASYNC251 - a busy loop: the origin's FIN waits in the kernel
+        await asyncio.sleep(0)
+        await held.aclose()  # reusable as far as the pool knows: handed to `first`
+        if second is not None:
+            first.cancel()  # `first` leaves and passes the connection to `second`
+            assert await second == (200, b"ok")
+        else:
+            assert await first == (200, b"ok")
+        assert origin.requests == 2  # nothing was sent on the dead connection
+        assert pool.pool.size == (1, 1)
+        await pool.aclose()
 
     run(scenario)
