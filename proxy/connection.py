@@ -262,7 +262,7 @@ class Connection(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        """Whether an idle connection can take a request: the origin has not closed it,
+        """Whether the connection can take a request: neither side closed it or asked to,
         not even in a way the event loop has yet to report."""
         transport = self._transport
         return (
@@ -283,8 +283,7 @@ class Connection(asyncio.Protocol):
             and exchange.complete
             and exchange.error is None
             and not exchange.chunks
-            and self.keep_alive
-            and not self.closed
+            and self.usable
         )
 
     def park(self, now: float) -> None:

@@ -75,15 +75,23 @@ class Pool:
             if self._count < self._max:
                 self._count += 1
                 return await self._open(connect_timeout)
-        handed = await self._wait_turn(pool_timeout)
+        handed = self._arrived(await self._wait_turn(pool_timeout))
         if handed is not None:
-            handed.in_transit = False
-            if handed.usable:
-                return handed
-            # Closed on its way to us: its slot is still ours (forget skipped it).
-            handed.close()
-            handed.counted = False
+            return handed
         return await self._open(connect_timeout)  # into the slot reserved for us
+
+    @staticmethod
+    def _arrived(handed: Connection | None) -> Connection | None:
+        """What a waiter was handed: a live connection, or None for a slot of its own. A
+        connection closed on its way gives its slot to the waiter (forget skipped it)."""
+        if handed is None:
+            return None
+        handed.in_transit = False
+        if handed.usable:
+            return handed
+        handed.close()
+        handed.counted = False
+        return None
 
     async def _wait_turn(self, pool_timeout: float | None) -> Connection | None:
         waiter: asyncio.Future[Connection | None] = self.loop.create_future()
@@ -94,15 +102,9 @@ class Pool:
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
                 # Our turn came as we gave up: pass it on rather than lose it.
-                handed = waiter.result()
+                handed = self._arrived(waiter.result())
                 if handed is not None:
-                    handed.in_transit = False
-                    if handed.usable:
-                        self._hand_over(handed)
-                    else:
-                        handed.close()
-                        handed.counted = False
-                        self._release_slot()
+                    self._hand_over(handed)
                 else:
                     self._release_slot()
             else:

@@ -50,6 +50,10 @@ class Timeouts:
         get = extension.get
         return cls(get("connect"), get("read"), get("write"), get("pool"))
 
+    def as_extension(self) -> dict[str, float | None]:
+        """As httpx's `timeout` request extension."""
+        return {"connect": self.connect, "read": self.read, "write": self.write, "pool": self.pool}
+
 
 class Answer(Protocol):
     """Publer's answer as the forwarder uses it: head read, body not yet."""
@@ -253,7 +257,6 @@ class Upstream:
     async def _send(self, method: str, target: str, headers: RawHeaders, body: Body) -> Answer:
         if isinstance(self._transport, PoolTransport):
             return await self._transport.send(method, target, headers, body, self._timeouts)
-        timeouts = self._timeouts
         request = httpx.Request(
             method,
             httpx.URL(
@@ -264,14 +267,7 @@ class Upstream:
             ),
             headers=headers,
             content=body,
-            extensions={
-                "timeout": {
-                    "connect": timeouts.connect,
-                    "read": timeouts.read,
-                    "write": timeouts.write,
-                    "pool": timeouts.pool,
-                }
-            },
+            extensions={"timeout": self._timeouts.as_extension()},
         )
         return HttpxAnswer(await self._transport.handle_async_request(request))
 
