@@ -106,7 +106,7 @@ class Sandbox(Process):
 
 @dataclass(frozen=True)
 class Tls:
-    """A private CA and a server certificate it signed for 127.0.0.1 (PEM files)."""
+    """A certificate for 127.0.0.1 and its key (PEM files); `ca` is what trusts it."""
 
     ca: Path
     cert: Path
@@ -114,57 +114,14 @@ class Tls:
 
 
 def make_tls(workdir: Path) -> Tls:
-    """Generate a CA and a certificate for IP 127.0.0.1 only, signed by it."""
-    import datetime
-    import ipaddress
+    """Write a self-signed certificate for IP 127.0.0.1 only; it is its own CA."""
+    from tests.k8s_tokenreview import self_signed_loopback_cert
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def certificate(
-        subject: str,
-        key: ec.EllipticCurvePrivateKey,
-        issuer: x509.Name | None,
-        signer: ec.EllipticCurvePrivateKey,
-        ca: bool,
-    ) -> x509.Certificate:
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(issuer or name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False,
-            )
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = certificate("publer-proxy test CA", ca_key, None, ca_key, ca=True)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = certificate("127.0.0.1", server_key, ca_cert.subject, ca_key, ca=False)
+    cert_pem, key_pem = self_signed_loopback_cert()
     workdir.mkdir(parents=True, exist_ok=True)
-    tls = Tls(workdir / "ca.pem", workdir / "cert.pem", workdir / "key.pem")
-    tls.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    tls.cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    tls.key.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    tls = Tls(workdir / "cert.pem", workdir / "cert.pem", workdir / "key.pem")
+    tls.cert.write_bytes(cert_pem)
+    tls.key.write_bytes(key_pem)
     return tls
 
 
