@@ -26,6 +26,23 @@ TIMEOUTS = Timeouts(connect=2.0, read=2.0, write=2.0, pool=2.0)
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
+async def read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+    """The request body that follows `head`, as sent (chunked framing included)."""
+    lower = head.lower()
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            size = int(line.strip(), 16)
+            body += line + await reader.readexactly(size + 2)
+            if size == 0:
+                return body
+    for line in lower.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return await reader.readexactly(int(line.split(b":")[1]))
+    return b""
+
+
 @dataclass
 class Answer:
     """What the server writes for one request, and whether it closes afterwards."""
@@ -46,18 +63,6 @@ class Scripted:
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)
 
-    async def _body(self, reader: asyncio.StreamReader, head: bytes) -> bytes:
-        lower = head.lower()
-        if b"transfer-encoding: chunked" in lower:
-            body = b""
-            while not body.endswith(b"0\r\n\r\n"):
-                body += await reader.read(65536)
-            return body
-        for line in lower.split(b"\r\n"):
-            if line.startswith(b"content-length:"):
-                return await reader.readexactly(int(line.split(b":")[1]))
-        return b""
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
@@ -65,7 +70,7 @@ class Scripted:
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
                     answer = self.answers.pop(0)
-                    body = b"" if answer.early else await self._body(reader, head)
+                    body = b"" if answer.early else await read_body(reader, head)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return  # the client gave up mid-request
                 self.requests.append(head + body)

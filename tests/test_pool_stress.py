@@ -25,6 +25,7 @@ from proxy.connection import Connection
 from proxy.pool import Pool
 from proxy.settings import UpstreamSettings
 from proxy.upstream import PoolTransport, Timeouts
+from tests.test_pool import read_body
 
 MAX_CONNECTIONS = 2
 OPERATIONS = 1500
@@ -48,13 +49,7 @@ class Origin:
 
     async def _read_request(self, reader: asyncio.StreamReader) -> str:
         head = await reader.readuntil(b"\r\n\r\n")
-        lower = head.lower()
-        if b"transfer-encoding: chunked" in lower:
-            while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
-                await reader.readexactly(size + 2)
-            await reader.readexactly(2)
-        elif b"content-length:" in lower:
-            await reader.readexactly(int(lower.split(b"content-length:")[1].split(b"\r\n")[0]))
+        await read_body(reader, head)
         return head.split(b" ")[1][1:].decode()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
