@@ -1,10 +1,10 @@
-# publer-proxy image (SPEC O3): the venv and the app only, run as uid 10001, no secret in
+# publer-proxy image: the venv and the app only, run as uid 10001, no secret in
 # any layer, a HEALTHCHECK on /healthz, and no write anywhere at run time, so the root
 # filesystem can be mounted read-only (docker run --read-only, readOnlyRootFilesystem).
 #
 #   docker build -t publer-proxy .
 #
-# Builds without a registry where none is reachable (NOTES.md): scripts/container-base.sh
+# Builds without a registry where none is reachable: scripts/container-base.sh
 # creates debian:bookworm-slim locally, then
 #   buildah bud --isolation chroot --pull=never --format docker -t publer-proxy .
 # Behind a TLS-inspecting proxy, mount its CA bundle and point pip at it:

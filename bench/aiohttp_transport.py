@@ -24,8 +24,8 @@ KEEPALIVE_EXPIRY_SECONDS = 30.0
 # twice as much waits unsent to the client: that bounds memory per streamed answer.
 READ_BUFFER_BYTES = 256 * 1024
 # Headers that aiohttp would add on its own when the request has none. The proxy sends
-# exactly the client's headers minus SPEC F3 plus its own (proxy/headers.py), so none of
-# these may appear unless the client sent it.
+# exactly the client's headers minus the hop-by-hop and identity headers plus its own
+# (proxy/headers.py), so none of these may appear unless the client sent it.
 _NO_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
@@ -113,7 +113,7 @@ class _ResponseBody(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         # A body not read to the end leaves the connection unusable: aiohttp closes it
-        # rather than pooling it (F5).
+        # rather than pooling it.
         self._response.release()
 
 

@@ -38,7 +38,7 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
         "policy: route, client token, scope map, path checks",
         ("proxy/policy.py", "proxy/paths.py", "proxy/scopes.py"),
     ),
-    ("header filtering (F3)", ("proxy/headers.py",)),
+    ("header filtering", ("proxy/headers.py",)),
     ("rate budget", ("proxy/ratelimit.py",)),
     ("credentials", ("proxy/credentials.py", "proxy/vault.py")),
     ("request id middleware", ("proxy/requestid.py",)),

@@ -1,4 +1,4 @@
-"""The benchmark's results: one table with ratios, the targets of issue 5, the machine."""
+"""The benchmark's results: one table with ratios, the performance targets, the machine."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def main_table(results: dict[str, ServerResult], mib: float) -> list[str]:
 
 @dataclass(frozen=True)
 class Target:
-    """One target of issue 5, item 2."""
+    """One performance target."""
 
     name: str
     limit: str
@@ -248,7 +248,7 @@ def targets(results: dict[str, ServerResult]) -> list[Target]:
 
 def targets_table(found: Sequence[Target]) -> list[str]:
     """The targets as a table."""
-    lines = ["| target (issue 5) | limit | measured | met |", "|---|---|---:|---|"]
+    lines = ["| target | limit | measured | met |", "|---|---|---:|---|"]
     for t in found:
         met = "-" if t.met is None else ("yes" if t.met else "**NO**")
         lines.append(f"| {t.name} | {t.limit} | {t.measured} | {met} |")

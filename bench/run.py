@@ -1,4 +1,4 @@
-"""`make bench`: publer-proxy measured side by side with nginx and a naive proxy (issue 5).
+"""`make bench`: publer-proxy measured side by side with nginx and a naive proxy.
 
 One run sets up everything on loopback and tears it down again:
   - the upstream: nginx answering like Publer from static files (a page of posts as JSON,
@@ -324,7 +324,7 @@ def save(text: str, data: dict[str, Any], out: Path) -> Path:
 def parse_args() -> argparse.Namespace:
     """The command line of bench/run.py."""
     parser = argparse.ArgumentParser(
-        description="Benchmark publer-proxy against nginx and a naive proxy (issue 5)."
+        description="Benchmark publer-proxy against nginx and a naive proxy."
     )
     parser.add_argument("--seconds", type=int, default=10, help="per wrk run (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up seconds (default 3)")

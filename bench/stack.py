@@ -22,7 +22,7 @@ from typing import Any
 import hvac
 import yaml
 
-from proxy.devstack import openbao_dev
+from proxy.dev.stack import openbao_dev
 from proxy.policy import hash_token
 
 BENCH_DIR = Path(__file__).resolve().parent

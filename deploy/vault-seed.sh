@@ -44,7 +44,7 @@ umask 077
 grep -q '[^[:space:]]' "$PUBLER_API_KEY_FILE" 2>/dev/null ||
   fail "no key in $PUBLER_API_KEY_FILE; give a file holding the Publer API key"
 # @file: the key goes from the file to Vault, never through a command line. The proxy trims
-# the newline a file usually ends with (SPEC C2).
+# the newline a file usually ends with.
 bao kv put -mount=secret publer/api "api_key=@$PUBLER_API_KEY_FILE" >/dev/null
 say "wrote the Publer key to secret/publer/api"
 

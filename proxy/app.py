@@ -43,7 +43,7 @@ def _services(request: Request) -> Services:
 
 
 async def healthz(_request: Request) -> Response:
-    """200 while the process serves (SPEC S3.3)."""
+    """200 while the process serves."""
     return JSONResponse({"status": "ok"})
 
 
@@ -60,7 +60,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text format (SPEC L4)."""
+    """Prometheus text format."""
     services = _services(request)
     services.credentials.update_metrics()
     return Response(services.metrics.render(), media_type=CONTENT_TYPE)

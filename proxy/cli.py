@@ -1,4 +1,4 @@
-"""The command line of SPEC S3.1: serve, check, dev, sandbox, hash-token."""
+"""The command line: serve, check, dev, sandbox, hash-token."""
 
 from __future__ import annotations
 
@@ -99,17 +99,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """The embedded local stack of SPEC S3.4."""
-    from proxy.devstack import run_dev
+    """The embedded local stack: OpenBao, the sandbox (or Publer) and the proxy."""
+    from proxy.dev.stack import run_dev
 
     return run_dev(port=args.port, upstream=args.upstream)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    """The Publer sandbox alone (SPEC S5)."""
+    """The Publer sandbox alone."""
     import uvicorn
 
-    from proxy.sandbox import DEFAULT_SANDBOX_KEY, create_app, parse_key_spec
+    from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY, create_app, parse_key_spec
 
     if bool(args.tls_cert) != bool(args.tls_key):
         print("sandbox: --tls-cert and --tls-key go together", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The keys the proxy holds (SPEC C3, C4, F7): read from Vault, refreshed, aged out.
+"""The keys the proxy holds: read from Vault, refreshed, aged out.
 
 The request path only ever reads `current()`, which never waits on Vault. A background
 task per credential re-reads it every `refresh_seconds` (and retries sooner after a
@@ -236,7 +236,7 @@ class CredentialStore:
         return slot.key
 
     async def reread(self, name: str, rejected: HeldKey) -> HeldKey:
-        """After Publer rejected `rejected`, re-read the key once for everyone (F7).
+        """After Publer rejected `rejected`, re-read the key once for everyone.
 
         Requests that saw the same rejected key share one Vault read, run as a task of its
         own so that a client going away cannot cancel it for the others; a request that

@@ -1,4 +1,4 @@
-"""The refusals the proxy answers itself (SPEC S3.3) and their Publer-shaped envelope.
+"""The refusals the proxy answers itself and their Publer-shaped envelope.
 
     ProxyError                      an exception carrying a Refusal up to the app
     ├── CredentialUnavailable       503 credential_unavailable (no usable key)
@@ -52,7 +52,7 @@ RATE_LIMIT_MESSAGE = "Rate limit exceeded. Retry later."
 
 @dataclass(frozen=True)
 class Refusal:
-    """An answer of the proxy's own: the code of SPEC S3.3 and a sentence for the client."""
+    """An answer of the proxy's own: a refusal code and a sentence for the client."""
 
     code: Code
     message: str
@@ -61,7 +61,7 @@ class Refusal:
 
     @classmethod
     def of(cls, code: Code, message: str, *, retry_after: int | None = None) -> Refusal:
-        """A refusal with the status that SPEC S3.3 gives its code."""
+        """A refusal with the status that the refusal table gives its code."""
         return cls(code, message, STATUS[code], retry_after)
 
     def body(self, request_id: str) -> bytes:

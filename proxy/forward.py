@@ -1,8 +1,8 @@
-"""The one forwarding endpoint: route, authenticate, check, inject, forward, log (SPEC S1).
+"""The one forwarding endpoint: route, authenticate, check, inject, forward, log.
 
 A pure ASGI app, because every decision is made on the raw request (`raw_path`, the raw
 header list) and both bodies stream: nothing here reads a whole body into memory, except
-small request bodies kept so that a request can be replayed once after a 401 (F7).
+small request bodies kept so that a request can be replayed once after a 401.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Services:
 
 
 async def send_refusal(send: Send, refusal: Refusal, request_id: str, head_only: bool) -> None:
-    """Answer with the proxy's own Publer-shaped error (SPEC S3.3)."""
+    """Answer with the proxy's own Publer-shaped error."""
     body = refusal.body(request_id)
     await send(
         {
@@ -233,7 +233,7 @@ class Forwarder:
         length: int | None,
         outcome: Outcome,
     ) -> Answer:
-        """Send upstream, with the retries of F6 (idempotent) and F7 (after a 401)."""
+        """Send upstream, retrying idempotent requests, replaying once after a rejected key."""
         assert verdict.route is not None
         method: str = scope["method"]
         credential = verdict.route.settings.credential

@@ -1,4 +1,4 @@
-"""Which headers pass each way (SPEC F3), as pure functions on raw ASGI header lists.
+"""Which headers pass each way, as pure functions on raw ASGI header lists.
 
 References: RFC 9110 section 7.6.1 (Connection and the hop-by-hop fields it names),
 RFC 9112 section 6.1 (Transfer-Encoding is hop-by-hop). Headers stay a list of pairs, so
@@ -81,7 +81,7 @@ def upstream_headers(
     request_id: str,
     content_length: int | None,
 ) -> RawHeaders:
-    """The headers sent to Publer: the client's minus F3, plus the key and workspace.
+    """The headers sent to Publer: the client's, filtered, plus the key and workspace.
 
     The Authorization and Publer-Workspace-Id the proxy sets are appended after every
     client header was filtered, so neither a client value nor a `Connection: authorization`

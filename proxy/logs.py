@@ -1,4 +1,4 @@
-"""structlog set-up (SPEC L1-L3): JSON lines or console, with redaction as the last step.
+"""structlog set-up: JSON lines or console, with redaction as the last step.
 
 The pipeline is: contextvars (request id) -> level, timestamp -> exception text ->
 renderer -> redaction. Redaction runs on the rendered line, after everything else, so a

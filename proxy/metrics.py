@@ -1,4 +1,4 @@
-"""The Prometheus series of SPEC L4, on a registry of the app's own (not the global one)."""
+"""The proxy's Prometheus series, on a registry of the app's own (not the global one)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`check --online` (SPEC S3.1): read every key from Vault and ask Publer if it works.
+"""`check --online`: read every key from Vault and ask Publer if it works.
 
 Publer's key guide says what a 401 or 403 means; this turns the answer into those words,
 so whoever runs the check learns whether to rotate the key or fix its scopes.

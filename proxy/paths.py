@@ -1,4 +1,4 @@
-"""Path safety on the raw request target (SPEC P3, F4).
+"""Path safety on the raw request target.
 
 Decided on the bytes the client sent, before any decoding, because every layer that
 normalises (uvicorn's `scope["path"]`, httpx's URL builder, the upstream's router) does it

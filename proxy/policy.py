@@ -1,8 +1,9 @@
-"""The allow/deny decision of SPEC S4 (P2-P6), as pure functions with no I/O.
+"""The allow/deny decision, as pure functions with no I/O.
 
-`decide` reads like the list of SPEC S1: pick the route, authenticate the client, check
+`decide` reads like the request path: pick the route, authenticate the client, check
 the path against the scope allow-list, decide the workspace. It answers either a
-`Decision` to forward or a `Refusal` whose code is one of SPEC S3.3.
+`Decision` to forward or a `Refusal` whose code is one of
+`proxy.errors.STATUS`.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def select_route(routes: Sequence[Route], path: str) -> tuple[Route, str] | None
 
 
 def presented_token(authorization: str | None) -> str | None:
-    """The client token from `Authorization: Bearer-API <t>` or `Bearer <t>` (P4)."""
+    """The client token from `Authorization: Bearer-API <t>` or `Bearer <t>`."""
     if not authorization:
         return None
     for scheme in _SCHEMES:
@@ -107,7 +108,7 @@ def authenticate(route: Route, authorization: str | None) -> str | Refusal | Non
 
 
 def choose_workspace(route: Route, requested: Sequence[str]) -> str | Refusal | None:
-    """The workspace id to send: the route's, or the client's choice among the route's (P6)."""
+    """The workspace id to send: the route's, or the client's choice among the route's."""
     allowed = route.settings.allowed_workspaces
     if len(requested) > 1:
         return Refusal.of("workspace_denied", "send at most one Publer-Workspace-Id header")
@@ -146,7 +147,7 @@ class Verdict:
 
 
 def decide(request: Located, routes: Sequence[Route], scope_map: ScopeMap) -> Verdict:
-    """Route, authenticate, check the scope allow-list, choose the workspace (SPEC S1)."""
+    """Route, authenticate, check the scope allow-list, choose the workspace."""
     if request.raw_path == b"/":
         return Verdict(Refusal.of("no_route", "no route serves /; call {prefix}/api/v1/..."))
     path = check_path(request.raw_path)

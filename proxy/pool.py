@@ -3,7 +3,7 @@
 Idle connections are reused newest first; one the origin closed is dropped before it is
 picked, and idle ones close after `keepalive_expiry` seconds, shorter than common server
 timeouts, so a request seldom meets a connection closing under it. Nothing is ever sent
-twice: the proxy's own F6 retries of GET and HEAD are the only resends. Connections are
+twice: the proxy's own retries of GET and HEAD are the only resends. Connections are
 proxy/connection.py.
 """
 

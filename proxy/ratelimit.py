@@ -1,4 +1,4 @@
-"""The rate budget per credential (SPEC R1-R3): a sliding window, in memory or in Redis.
+"""The rate budget per credential: a sliding window, in memory or in Redis.
 
 Publer allows 100 requests per 2 minutes per user account, across all its keys. The proxy
 spends that budget locally and answers 429 itself before Publer would, so one noisy app

@@ -1,4 +1,4 @@
-"""Masking and redaction of secrets (SPEC L2).
+"""Masking and redaction of secrets.
 
 Every secret the process learns (API keys, Vault tokens, AppRole secret ids) is added to
 one `SecretRegistry`; the last structlog processor and every error path pass their text

@@ -1,4 +1,4 @@
-"""Request ids and per-request log context (SPEC L3), as pure ASGI middleware.
+"""Request ids and per-request log context, as pure ASGI middleware.
 
 Pure ASGI rather than BaseHTTPMiddleware, because the latter runs the app in another task
 and breaks contextvars propagation: the request id would be missing from log lines.

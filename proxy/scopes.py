@@ -1,4 +1,4 @@
-"""The scope map (SPEC P1, S6): method + path template -> Publer scope, loaded from YAML.
+"""The scope map: method + path template -> Publer scope, loaded from YAML.
 
 The map is data so that it can be reviewed and replaced without touching code. Lookup is
 pure: given a method and the path below /api/v1, it answers the endpoint or why not.

@@ -1,4 +1,4 @@
-"""Running the app under uvicorn: httptools and uvloop, one worker, graceful SIGTERM (O1).
+"""Running the app under uvicorn: httptools and uvloop, one worker, graceful SIGTERM.
 
 httptools, not h11: it answers 400 to a request with both Content-Length and
 Transfer-Encoding, to bare LF line ends and to control bytes in header values, the
@@ -17,7 +17,7 @@ here, because the apps that call the proxy are not trusted to be well-behaved:
   `SEND_TIMEOUT_SECONDS` is dropped, since it holds one of the pooled connections to
   Publer; uvicorn itself only times out idle keep-alive;
 - `Upgrade` requests are refused: the proxy speaks HTTP/1.1 to Publer and nothing else;
-- whatever httptools refuses is answered in the envelope of SPEC S3.3 (`bad_request`).
+- whatever httptools refuses is answered in the proxy's refusal envelope (`bad_request`).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
 
     def send_400_response(self, msg: str) -> None:
-        """Answer what httptools refused in the envelope of SPEC S3.3, then close."""
+        """Answer what httptools refused in the proxy's refusal envelope, then close."""
         refusal = Refusal.of("bad_request", self._reason)
         request_id = uuid.uuid4().hex
         body = refusal.body(request_id)
@@ -254,7 +254,7 @@ def serve(settings: Settings, app: Any) -> int:
     """Serve until SIGINT/SIGTERM, finishing requests in flight; the exit status.
 
     uvicorn re-raises the signal it caught once it has shut down, which would make a
-    graceful SIGTERM exit with -15; the no-op handler it restores turns that into 0 (O1).
+    graceful SIGTERM exit with -15; the no-op handler it restores turns that into 0.
     """
     signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
     server = uvicorn.Server(uvicorn_config(settings, app))

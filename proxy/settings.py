@@ -1,4 +1,4 @@
-"""The configuration file of SPEC S3.2: a typed model, its loading and its error messages.
+"""The configuration file: a typed model, its loading and its error messages.
 
 Every value that names a secret is a reference (a file path, a Vault path), never the
 secret itself. Unknown keys are an error, so a typo never silently disables a check.
@@ -359,7 +359,7 @@ class Settings(_Model):
 
 
 _FIXES = {
-    "extra_forbidden": "unknown key; remove it or check its spelling against SPEC S3.2",
+    "extra_forbidden": "unknown key; remove it, or check its spelling in config/proxy.yaml",
     "missing": "required key is missing; add it",
 }
 
@@ -382,7 +382,7 @@ def _describe(error: Any) -> list[str]:
 def parse_settings(data: Any, *, source: str = "config") -> Settings:
     """Validate already-parsed YAML data, or raise ConfigError naming every bad key."""
     if not isinstance(data, dict):
-        raise ConfigError([f"{source}: the file must hold a YAML mapping of S3.2 keys"])
+        raise ConfigError([f"{source}: the file must hold a YAML mapping (see config/proxy.yaml)"])
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

@@ -275,7 +275,7 @@ class Upstream:
         """Send one request; the answer's body is not read. Raises UpstreamFailed.
 
         `target` is the path and query exactly as checked; the origin never comes from
-        the request, so no client input can send the key anywhere else (F4).
+        the request, so no client input can send the key anywhere else.
         """
         try:
             return await self._send(method, target, headers, body)

@@ -1,4 +1,4 @@
-"""Vault login, token upkeep and KV reads (SPEC C1, C2, C5, L2).
+"""Vault login, token upkeep and KV reads.
 
 Synchronous on purpose: hvac blocks, so the credential store calls these methods from a
 worker thread (anyio.to_thread.run_sync), never on the event loop. A session is safe to
@@ -13,7 +13,7 @@ is a sentence safe to log and to show:
       kind="auth_failed"  no token to be found, or Vault refused the token or the login
       kind="denied"       the token is valid but may not read that path
       kind="not_found"    no secret, no such field, or the latest version is deleted
-      kind="invalid"      the value does not look like an API key (C2)
+      kind="invalid"      the value does not look like an API key
 
 Secrets (tokens, secret ids, JWTs, keys) go into the SecretRegistry the moment they are
 read. No message built here contains one, and hvac's exceptions are never chained onto
@@ -51,7 +51,7 @@ log = structlog.get_logger(__name__)
 ErrorKind = Literal["unreachable", "sealed", "denied", "not_found", "invalid", "auth_failed"]
 
 DEFAULT_TOKEN_FILE = Path("~/.vault-token")
-# C1: renew at about 2/3 of the TTL; the jitter keeps replicas from renewing in step.
+# renew at about 2/3 of the TTL; the jitter keeps replicas from renewing in step.
 RENEW_AT_FRACTION = 2 / 3
 RENEW_JITTER = 0.1
 MIN_MAINTENANCE_SECONDS = 1.0
@@ -94,7 +94,7 @@ class SecretRead:
 
 
 def key_problem(value: str) -> str | None:
-    """Why a trimmed value does not look like an API key (C2), or None when it does."""
+    """Why a trimmed value does not look like an API key, or None when it does."""
     if not value:
         return "it is empty"
     if any(ch.isspace() for ch in value):
@@ -144,7 +144,7 @@ def _mapping(value: Any) -> dict[str, Any]:
 
 
 class VaultSession:
-    """One authenticated hvac client: login (C1), token renewal, KV reads (C2)."""
+    """One authenticated hvac client: login, token renewal, KV reads."""
 
     def __init__(self, settings: VaultSettings, secrets: SecretRegistry) -> None:
         self._settings = settings
@@ -198,7 +198,7 @@ class VaultSession:
     # -- login -------------------------------------------------------------------------
 
     def login(self) -> None:
-        """Obtain a token with the configured auth method (C1), or raise VaultError."""
+        """Obtain a token with the configured auth method, or raise VaultError."""
         with self._lock:
             self._login_locked()
 
@@ -370,7 +370,7 @@ class VaultSession:
     # -- reading keys ------------------------------------------------------------------
 
     def read_key(self, credential: CredentialSettings) -> SecretRead:
-        """Read and check the key of one credential (C2), or raise VaultError.
+        """Read and check the key of one credential, or raise VaultError.
 
         A 403 may mean the token expired: log in again once, then retry once.
         """

@@ -1,4 +1,4 @@
-"""A real OpenBao dev server for tests (NOTES.md, "A real Vault server").
+"""A real OpenBao dev server for tests.
 
 `start_bao` runs `bao server -dev` on a free loopback port with a random root token and
 its own HOME, so the `~/.vault-token` the dev server writes lands in the test's directory

@@ -1,4 +1,4 @@
-"""A fuzz target for the pure allow/deny decision, `proxy.policy.decide` (issue 6, item 5).
+"""A fuzz target for the pure allow/deny decision, `proxy.policy.decide`.
 
     python -m tests.fuzz_paths --seconds 60          (what `make fuzz` runs)
     python -m tests.fuzz_paths --engine hypothesis   (without atheris)
@@ -11,11 +11,11 @@ One input is a request as text, so that a finding is readable and can be kept as
 
 `check_one` is the oracle: `decide` must answer every input without raising, and whatever
 it allows must be safe to send with the key, judged by rules written here independently of
-the proxy (SPEC S4 P2-P6 and the endpoint table of S6). Atheris (coverage-guided, libFuzzer)
-is used when it is installed, else hypothesis. Every file in tests/fuzz_corpus/ seeds the
-run and is replayed by tests/test_fuzz_corpus.py; a new finding is kept by copying the
-crash file that atheris writes (see --artifacts) into that folder, under a name that says
-what it found.
+the proxy (path safety, routes, clients, scopes, workspaces, Publer's endpoint table).
+Atheris (coverage-guided, libFuzzer) is used when it is installed, else hypothesis. Every
+file in tests/fuzz_corpus/ seeds the run and is replayed by tests/test_fuzz_corpus.py; a
+new finding is kept by copying the crash file that atheris writes (see --artifacts) into
+that folder, under a name that says what it found.
 """
 
 from __future__ import annotations
@@ -91,8 +91,9 @@ ROUTES: tuple[Route, ...] = build_routes(
 )
 SCOPE_MAP = load_scope_map()
 
-# SPEC S6, written out again: an allowed request must be one of these, in this scope.
-SPEC_S6: tuple[tuple[str, str, str], ...] = (
+# Publer's documented endpoints, written out again: an allowed request must be one of
+# these, in this scope.
+PUBLER_ENDPOINTS: tuple[tuple[str, str, str], ...] = (
     ("GET", "/users/me", "users"),
     ("GET", "/workspaces", "workspaces"),
     ("GET", "/workspaces/{id}/media_options", "workspaces"),
@@ -119,14 +120,14 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def spec_scope(method: str, path: str) -> str | None:
-    """The scope SPEC S6 gives `method` on `path` (below /api/v1), else None.
+    """The scope Publer's endpoint table gives `method` on `path` (below /api/v1), else None.
 
     Of the templates the path fits, the one with the fewest {id} segments is the endpoint:
     `/posts/schedule` is the schedule endpoint, never the post with id `schedule`.
     """
     parts = path.split("/")[1:]
     fits = []
-    for methods, template, scope in SPEC_S6:
+    for methods, template, scope in PUBLER_ENDPOINTS:
         expected = template.split("/")[1:]
         if len(expected) == len(parts) and all(
             e == p or (e == "{id}" and _ID.fullmatch(p))
@@ -203,7 +204,7 @@ def check_allowed(request: Located, verdict: Verdict) -> None:
     scope = spec_scope(request.method, target_path.removeprefix("/api/v1"))
     _expect(
         verdict.scope == scope and scope in route.settings.scopes,
-        f"scope {verdict.scope!r} is not the SPEC S6 scope {scope!r} or not the route's",
+        f"scope {verdict.scope!r} is not Publer's documented scope {scope!r} or not the route's",
         request,
         verdict,
     )
@@ -250,7 +251,7 @@ def check_one(data: bytes) -> None:
     refusal = verdict.refusal
     _expect(
         refusal.code in STATUS and refusal.status == STATUS[refusal.code],
-        "a refusal with a code or status that SPEC S3.3 does not have",
+        "a refusal with a code or status that the refusal table does not have",
         request,
         verdict,
     )

@@ -185,7 +185,7 @@ def proxy_config(
     port: int | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """A config of SPEC S3.2 for a test: one credential, one open route unless given."""
+    """A proxy config for a test: one credential, one open route unless given."""
     config: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": port or free_port()},
         "upstream": {"url": upstream},

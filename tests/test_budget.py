@@ -1,4 +1,4 @@
-"""The rate budget (R1-R3) and the metrics that count it (L4), over real processes."""
+"""The rate budget and the metrics that count it, over real processes."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_publer_headers_resync_the_budget(
     api_key: str,
 ) -> None:
     """When Publer says fewer requests are left than the proxy counted (another client of
-    the same account), the proxy believes Publer (R2)."""
+    the same account), the proxy believes Publer."""
     from tests.servers import start_sandbox
 
     strict = start_sandbox(tmp_path_factory.mktemp("strict"), api_key, rate_limit=5)
@@ -163,7 +163,7 @@ def test_publer_headers_resync_the_budget(
 def test_two_replicas_share_one_budget_in_redis(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox, redis_url: str
 ) -> None:
-    """Two proxies with one redis_url never send more than the budget in total (R3)."""
+    """Two proxies with one redis_url never send more than the budget in total."""
     config_a = _budget_config(bao, sandbox, token_file, requests=25, redis_url=redis_url)
     config_b = _budget_config(bao, sandbox, token_file, requests=25, redis_url=redis_url)
     first = start_proxy(tmp_path / "a", config_a)

@@ -1,4 +1,4 @@
-"""The command line of SPEC S3.1, run as the user runs it: a real process."""
+"""The command line, run as the user runs it: a real process."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_check_prints_effective_routes() -> None:
 )
 def test_config_mistakes_name_the_key(tmp_path: Path, mutate: Any, expected: str) -> None:
     """Each config mistake exits 1 with a line naming its key path, never a traceback,
-    from both `check` and `serve` (O2)."""
+    from both `check` and `serve`."""
     config = proxy_config("http://127.0.0.1:8200", "http://127.0.0.1:9")
     mutate(config)
     path = write_config(tmp_path, config)
@@ -166,7 +166,7 @@ def test_check_online_exit_2_when_vault_is_down(tmp_path: Path, token_file: Path
 def test_sigterm_lets_a_slow_upload_finish(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
 ) -> None:
-    """SIGTERM during a slow upload: the upload completes with 200, then exit 0 (O1)."""
+    """SIGTERM during a slow upload: the upload completes with 200, then exit 0."""
     proxy = start_proxy(tmp_path, proxy_config(bao.url, sandbox.url, token_file=token_file))
     outcome: dict[str, Any] = {}
 

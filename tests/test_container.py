@@ -1,6 +1,6 @@
-"""The Docker image, built from the Dockerfile and run for real (SPEC O3, P5).
+"""The Docker image, built from the Dockerfile and run for real.
 
-No Docker engine runs here (NOTES.md, "Containers on these machines"). The base image comes
+No Docker engine runs here. The base image comes
 from scripts/container-base.sh (debootstrap, once, then cached in the local store);
 `buildah bud --isolation chroot` builds the exact Dockerfile, in the Docker format that keeps
 the HEALTHCHECK; `buildah run --isolation chroot` runs the image's entry point and command on
@@ -33,7 +33,7 @@ import httpx
 import pytest
 import yaml
 
-from proxy.sandbox import DEFAULT_SANDBOX_KEY
+from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
 from proxy.settings import parse_settings
 from tests.bao import Bao, free_port, start_bao
 from tests.servers import Sandbox, start_sandbox
@@ -124,7 +124,7 @@ def image() -> Image:
     assert base.returncode == 0, base.stdout + base.stderr
     args = ["bud", "--isolation", "chroot", "--pull=never", "--format", "docker", "--layers"]
     if HOST_CA.is_file():
-        # NOTES.md: package downloads in the build trust this machine's CA bundle.
+        # Package downloads in the build trust this machine's CA bundle.
         args += ["-v", f"{HOST_CA}:/run/host-ca.crt:ro", "--build-arg", "PIP_CERT=/run/host-ca.crt"]
     args += ["-t", IMAGE, "-f", str(ROOT / "Dockerfile"), str(ROOT)]
     started = time.monotonic()
@@ -547,7 +547,7 @@ def test_refuses_an_open_route_on_all_interfaces(
     new_container: Callable[[], Container], image: Image, tmp_path: Path
 ) -> None:
     """The image's default config, made to listen on 0.0.0.0: `serve` and `check` exit 1
-    naming the route's clients key, and nothing listens (P5)."""
+    naming the route's clients key, and nothing listens."""
     config = yaml.safe_load((ROOT / "deploy" / "proxy.image.yaml").read_text(encoding="utf-8"))
     port = free_port()
     config["listen"] = {"host": "0.0.0.0", "port": port}

@@ -1,6 +1,6 @@
 """The deployment files agree with each other, with the image and with the config schema.
 
-No Docker engine runs here (NOTES.md), so docker-compose.yml, the compose sidecar and the
+No Docker engine runs here, so docker-compose.yml, the compose sidecar and the
 Kubernetes manifest are read as data: every config they mount is validated as `serve` would
 validate it, and every port, path, health check, dependency and mount is followed to what it
 names. The compose seeding job is a plain script, so it runs for real against OpenBao, and
@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from proxy.cli import load_all
+from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
 from proxy.policy import hash_token
-from proxy.sandbox import DEFAULT_SANDBOX_KEY
 from proxy.server import GRACEFUL_SHUTDOWN_SECONDS
 from proxy.settings import KUBERNETES_TOKEN_FILE, Settings, is_loopback_host, parse_settings
 from tests.bao import Bao, bao_binary, free_port, start_bao
@@ -233,7 +233,7 @@ def test_dockerfile_installs_no_extras() -> None:
 
 
 def test_dockerfile_runtime_contract() -> None:
-    """Non-root numeric user, the exposed port, the entry point, no bytecode writes (O3)."""
+    """Non-root numeric user, the exposed port, the entry point, no bytecode writes."""
     assert the("USER") == "10001:10001"
     assert exec_form("ENTRYPOINT") == ["publer-proxy"]
     assert exec_form("CMD")[0] == "serve"
@@ -248,7 +248,7 @@ def test_dockerfile_runtime_contract() -> None:
 
 
 def test_image_default_config() -> None:
-    """The config baked into the image is valid, loopback only, on the exposed port (P5)."""
+    """The config baked into the image is valid, loopback only, on the exposed port."""
     [copy] = [i.args for i in final_stage() if i.keyword == "COPY" and "proxy.image.yaml" in i.args]
     source, target = copy.split()
     assert ROOT / source == IMAGE_CONFIG
@@ -384,7 +384,7 @@ def test_compose_proxy_config_is_the_seeded_template(stack: dict[str, Any]) -> N
 
 
 def test_compose_proxy_listens_beyond_loopback_only_with_clients(stack: dict[str, Any]) -> None:
-    """Other containers reach the proxy, so every route has clients (P5); `check` agrees."""
+    """Other containers reach the proxy, so every route has clients; `check` agrees."""
     template = ROOT / "deploy" / "proxy.compose.yaml"
     settings = settings_file(template)
     assert not settings.listens_on_loopback_only
@@ -489,7 +489,7 @@ def test_compose_containers_run_read_only() -> None:
 
 
 def test_proxy_gets_time_to_finish_requests_on_stop(kube: dict[str, dict[str, Any]]) -> None:
-    """Compose and Kubernetes wait longer than the proxy's graceful shutdown (O1) before
+    """Compose and Kubernetes wait longer than the proxy's graceful shutdown before
     they kill it."""
     for path in (COMPOSE, SIDECAR):
         grace = compose(path)["services"]["proxy"]["stop_grace_period"]
@@ -818,7 +818,7 @@ def pod_proxy(pod: dict[str, Any]) -> dict[str, Any]:
 
 def test_kubernetes_config_validates(kube: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     """The ConfigMap's proxy.yaml is valid, uses Kubernetes auth with the default token
-    path, and listens on loopback with open routes (P5)."""
+    path, and listens on loopback with open routes."""
     assert set(kube) == {"ServiceAccount", "ConfigMap", "Pod"}
     settings = settings_text(kube["ConfigMap"]["data"]["proxy.yaml"], tmp_path)
     assert settings.vault.auth.method == "kubernetes"

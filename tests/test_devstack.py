@@ -1,4 +1,4 @@
-"""`make run` and `publer-proxy dev` (SPEC S3.4): up, working, and gone without a trace."""
+"""`make run` and `publer-proxy dev`: up, working, and gone without a trace."""
 
 from __future__ import annotations
 

@@ -178,7 +178,7 @@ def test_refusals_never_reach_publer(
     status: int,
     code: str,
 ) -> None:
-    """Each refusal of SPEC S3.3 comes in Publer's envelope, and Publer saw nothing."""
+    """Each proxy refusal comes in Publer's envelope, and Publer saw nothing."""
     head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     if "Content-Length" not in headers and method in ("POST", "PATCH"):
@@ -246,14 +246,14 @@ def test_methods_and_bodies_are_forwarded(proxy: Proxy, upstream: Sandbox, metho
 
 
 def test_set_cookie_values_are_not_joined(proxy: Proxy, upstream: Sandbox) -> None:
-    """Repeated response headers keep each value (F3)."""
+    """Repeated response headers keep each value."""
     answer = httpx.get(f"{proxy.url}/api/v1/users/me")
     assert answer.status_code == 200
     assert len(answer.headers.get_list("set-cookie")) == 2
 
 
 def test_upstream_redirect_is_passed_not_followed(proxy: Proxy, upstream: Sandbox) -> None:
-    """A 3xx from Publer goes to the client as is (F4); tested with the sandbox's 404/405."""
+    """A 3xx from Publer goes to the client as is; tested with the sandbox's 404/405."""
     answer = httpx.get(f"{proxy.url}/api/v1/job_status/unknownjob")
     assert answer.status_code == 404
     assert "x-publer-proxy-error" not in answer.headers
@@ -271,7 +271,7 @@ def test_ops_endpoints(proxy: Proxy) -> None:
 
 
 def test_access_log_has_every_field(proxy: Proxy, upstream: Sandbox, api_key: str) -> None:
-    """One access event per request with the fields of L1, the key masked."""
+    """One access event per request with its documented fields, the key masked."""
     answer = httpx.get(
         f"{proxy.url}/api/v1/accounts?secret_query=1", headers={"X-Request-Id": "trace-abcdef-123"}
     )

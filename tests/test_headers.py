@@ -1,4 +1,4 @@
-"""Which headers pass each way (F3): a table of hostile header lists, and a property."""
+"""Which headers pass each way: a table of hostile header lists, and a property."""
 
 from __future__ import annotations
 

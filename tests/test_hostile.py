@@ -1,7 +1,7 @@
-"""Hostile clients against a real proxy process, sandbox and OpenBao (issue 6, items 1-3).
+"""Hostile clients against a real proxy process, sandbox and OpenBao.
 
 Every attack goes over a raw socket, so no HTTP client normalises it on the way. Each ends
-in one of two ways: a refusal of SPEC S3.3 and a sandbox that recorded nothing, or a request
+in one of two ways: a proxy refusal and a sandbox that recorded nothing, or a request
 handled safely: the sandbox recorded exactly one request, with the key and the route's
 workspace, never a second (smuggled) one.
 """
@@ -252,7 +252,7 @@ def send_until_refused(sock: socket.socket, piece: bytes, limit: int) -> int:
 
 
 def assert_refused(answer: Answer, codes: tuple[str, ...]) -> None:
-    """A refusal of SPEC S3.3: one of `codes`, its status, Publer's envelope."""
+    """A proxy refusal: one of `codes`, its status, Publer's envelope."""
     assert answer.code in codes, (answer.status, answer.code, answer.body[:300])
     assert answer.status == STATUS[answer.code]  # type: ignore[index]
     payload = json.loads(answer.body)
@@ -386,7 +386,7 @@ PATH_ATTACKS: list[tuple[bytes, tuple[str, ...]]] = [
 def test_path_attack_is_refused_and_never_forwarded(
     proxy: Proxy, upstream: Upstream, target: bytes, codes: tuple[str, ...]
 ) -> None:
-    """A hostile request target is refused with a code of SPEC S3.3; Publer saw nothing."""
+    """A hostile request target is refused with a proxy refusal code; Publer saw nothing."""
     target = target.replace(b"UPSTREAM", upstream.url.removeprefix("http://").encode())
     answer = one_answer(proxy.url, b"GET " + target + b" HTTP/1.1\r\n" + CLOSE + b"\r\n")
     assert_refused(answer, codes)
@@ -499,7 +499,7 @@ def test_smuggling_or_header_attack_is_refused(
     proxy: Proxy, upstream: Upstream, raw: bytes, codes: tuple[str, ...]
 ) -> None:
     """Ambiguous framing, malformed or oversized headers and bad workspace headers are
-    refused in the envelope of SPEC S3.3, and nothing at all reaches Publer."""
+    refused in the proxy's refusal envelope, and nothing at all reaches Publer."""
     answers = [a for a in exchange(proxy.url, raw) if a.status >= 200]
     assert answers, "no answer"
     assert_refused(answers[0], codes)

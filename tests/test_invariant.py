@@ -1,10 +1,10 @@
-"""The proxy's one promise as a property, over the real proxy and sandbox (issue 6, item 4).
+"""The proxy's one promise as a property, over the real proxy and sandbox.
 
 For any generated request: either the proxy refused it and Publer recorded nothing, or
-Publer recorded exactly one request, under /api/v1, allowed by the route's scopes (SPEC
-S6, written out in tests/fuzz_paths.py), with the path that was checked, the route's
+Publer recorded exactly one request, under /api/v1, allowed by the route's scopes (Publer's
+endpoint table, written out in tests/fuzz_paths.py), with the path that was checked, the route's
 workspace (or the client's allowed choice) and the key. Requests built only of valid parts
-must moreover be decided as the rules of SPEC S4 say, so the property is never met by a
+must moreover be decided as the policy rules say, so the property is never met by a
 proxy that refuses everything.
 """
 
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from proxy.policy import hash_token
 from tests.bao import Bao
 from tests.conftest import WORKSPACE
-from tests.fuzz_paths import SPEC_S6, spec_scope
+from tests.fuzz_paths import PUBLER_ENDPOINTS, spec_scope
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy
 from tests.test_hostile import Upstream, exchange, values
 
@@ -146,9 +146,10 @@ def mostly(draw: st.DrawFn, likely: list[Any], anything: list[Any]) -> Any:
 
 @st.composite
 def endpoint(draw: st.DrawFn, scopes: frozenset[str]) -> tuple[str, list[bytes]]:
-    """A method and the segments of a SPEC S6 endpoint: mostly one of `scopes`, with a
+    """A method and the segments of a documented Publer endpoint: mostly one of `scopes`, with a
     method it accepts."""
-    methods, template, _ = mostly(draw, [e for e in SPEC_S6 if e[2] in scopes], list(SPEC_S6))
+    in_scope = [e for e in PUBLER_ENDPOINTS if e[2] in scopes]
+    methods, template, _ = mostly(draw, in_scope, list(PUBLER_ENDPOINTS))
     accepted = methods.split() + (["HEAD"] if "GET" in methods else [])
     method: str = mostly(draw, accepted, METHODS)
     segments = [
@@ -179,7 +180,7 @@ def hostile(draw: st.DrawFn, segments: list[bytes]) -> list[bytes]:
 
 @st.composite
 def requests(draw: st.DrawFn) -> Generated:
-    """A request to a SPEC S6 endpoint from valid parts, or with hostile parts mixed in."""
+    """A request to a documented endpoint from valid parts, or with hostile parts mixed in."""
     clean = draw(st.booleans())
     prefix = draw(st.sampled_from([b"", b"/teamA", b"/teamB"]))
     route = ROUTES[prefix.decode()]
@@ -232,7 +233,7 @@ def expected_workspace(route: RouteModel, asked: tuple[str, ...]) -> str | None:
 
 
 def allowed_by_the_rules(request: Generated) -> bool:
-    """SPEC S4 on a request of valid parts: route, client, scope, method, workspace."""
+    """The policy on a request of valid parts: route, client, scope, method, workspace."""
     route = route_of(request.path.decode())
     if route is None:
         return False

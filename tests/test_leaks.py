@@ -1,4 +1,4 @@
-"""No secret ever reaches any output (L2): run everything at debug level and search."""
+"""No secret ever reaches any output: run everything at debug level and search."""
 
 from __future__ import annotations
 

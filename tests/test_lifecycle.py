@@ -188,7 +188,7 @@ def test_upstream_401_rereads_once_and_no_client_sees_it(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox, api_key: str
 ) -> None:
     """Rotate the key in Vault and make Publer accept only the new one while 20 clients
-    send traffic: no client sees a 401, and the re-read is shared (F7)."""
+    send traffic: no client sees a 401, and the re-read is shared."""
     path = f"f7/{secrets.token_hex(4)}"
     bao.write_key(path, api_key)
     config = proxy_config(
@@ -235,7 +235,7 @@ def test_idempotent_retries_only(
     sandbox: Sandbox,
     method: str,
 ) -> None:
-    """GET is retried on 503 and on a dropped connection; POST never is (F6)."""
+    """GET is retried on 503 and on a dropped connection; POST never is."""
     proxy = start_proxy(
         tmp_path_factory.mktemp("retry"),
         proxy_config(bao.url, sandbox.url, token_file=token_file),

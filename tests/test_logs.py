@@ -1,4 +1,4 @@
-"""Masking and redaction (L2): the last processor removes every secret the process knows."""
+"""Masking and redaction: the last processor removes every secret the process knows."""
 
 from __future__ import annotations
 

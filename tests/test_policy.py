@@ -157,7 +157,7 @@ def test_query_check(query: bytes, ok: bool) -> None:
 def test_scope_lookup_matches_spec_table(
     method: str, path: str, expected: tuple[str, bool]
 ) -> None:
-    """Method + path resolve to the scope and workspace need of SPEC S6."""
+    """Method + path resolve to the scope and workspace need of Publer's endpoint table."""
     found = SCOPES.lookup(method, path)
     assert isinstance(found, Match)
     assert (found.endpoint.scope, found.endpoint.needs_workspace) == expected
@@ -252,7 +252,7 @@ def test_workspace_choice() -> None:
     ],
 )
 def test_decide_refusals(method: str, target: bytes, auth: str | None, code: str) -> None:
-    """decide() answers the refusal code of SPEC S3.3 for each kind of mistake."""
+    """decide() answers the refusal code for each kind of mistake."""
     verdict = _decide(method, target, authorization=auth)
     assert verdict.refusal is not None and verdict.refusal.code == code
 

@@ -218,7 +218,7 @@ def test_more_than_one_answer_to_a_request_closes_the_connection() -> None:
 
 
 def test_an_answer_not_read_to_its_end_closes_the_connection() -> None:
-    """F5: a body left unread makes the connection unusable; it is closed, not pooled."""
+    """A body left unread makes the connection unusable; it is closed, not pooled."""
 
     async def scenario() -> None:
         big = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100000

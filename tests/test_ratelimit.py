@@ -1,4 +1,4 @@
-"""The in-memory sliding window (R1, R2): pure timing on the event loop."""
+"""The in-memory sliding window: pure timing on the event loop."""
 
 from __future__ import annotations
 

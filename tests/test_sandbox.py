@@ -1,4 +1,4 @@
-"""The Publer sandbox (SPEC S5) answers like Publer and records what it received."""
+"""The Publer sandbox answers like Publer and records what it received."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import httpx
 import pytest
 import uvicorn
 
-from proxy import sandbox
-from proxy.sandbox import (
+from proxy.dev import sandbox
+from proxy.dev.sandbox import (
     ALL_SCOPES,
     DEFAULT_WORKSPACE_ID,
     SandboxKey,
@@ -55,7 +55,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 
 def test_key_spec_without_scopes_grants_all() -> None:
-    """'KEY' alone grants every scope of S6."""
+    """'KEY' alone grants every scope Publer documents."""
     assert parse_key_spec("abc123") == SandboxKey("abc123", ALL_SCOPES)
 
 
@@ -358,7 +358,7 @@ async def test_users_me_sets_two_distinct_cookies(client: httpx.AsyncClient) -> 
 async def test_read_endpoints_answer_json_to_get_and_head(
     client: httpx.AsyncClient, path: str
 ) -> None:
-    """Every S6 read endpoint answers JSON to GET and also answers HEAD."""
+    """Every documented read endpoint answers JSON to GET and also answers HEAD."""
     got = await client.get("/api/v1" + path, headers=WORKSPACE)
     assert got.status_code == 200
     assert got.json() is not None

@@ -1,4 +1,4 @@
-"""Bodies stream both ways (F2, F5): 50 MiB through the proxy without its memory growing."""
+"""Bodies stream both ways: 50 MiB through the proxy without its memory growing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""proxy.vault against a real OpenBao dev server (SPEC C1, C2, C4, L2)."""
+"""proxy.vault against a real OpenBao dev server."""
 
 from __future__ import annotations
 
@@ -436,7 +436,7 @@ def test_missing_field(bao: Bao, root_session: VaultSession) -> None:
 
 
 def test_surrounding_whitespace_is_trimmed(bao: Bao, root_session: VaultSession) -> None:
-    """Whitespace around the key (a pasted newline) is trimmed (C2)."""
+    """Whitespace around the key (a pasted newline) is trimmed."""
     key = new_key()
     bao.write_key("padded", f"  {key}\n")
     assert root_session.read_key(credential(path="padded")).value == key
@@ -757,7 +757,7 @@ def test_error_and_read_reprs() -> None:
     assert "supersecret" not in repr(read)
 
 
-# -- L2 -----------------------------------------------------------------------------
+# -- no secret in any output ---------------------------------------------------------
 
 
 def test_no_secret_in_any_output(
@@ -771,7 +771,7 @@ def test_no_secret_in_any_output(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Logins, renewals, reads and every failure above leave no token, secret id, JWT or
-    key in logs, printed output, exception texts, tracebacks or reprs (L2)."""
+    key in logs, printed output, exception texts, tracebacks or reprs."""
     caplog.set_level(logging.DEBUG)
     key = new_key()
     bao.write_key(KEY_PATH, key)

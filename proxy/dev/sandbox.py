@@ -1,4 +1,4 @@
-"""The Publer sandbox: a stand-in for Publer's REST API (SPEC S5) for the endpoints of S6.
+"""The Publer sandbox: a stand-in for Publer's REST API for the endpoints Publer documents.
 
 It is a test double of Publer, not of the proxy, so it follows Publer's documented behaviour
 (https://publer.com/docs): `Authorization: Bearer-API <key>` or 401, the key's scopes and

@@ -1,4 +1,4 @@
-"""`publer-proxy dev` and `make run` (SPEC S3.4): OpenBao, the sandbox and the proxy.
+"""`publer-proxy dev` and `make run`: OpenBao, the sandbox and the proxy.
 
 Everything runs on free loopback ports under one temporary folder, and everything it
 starts stops with it: a newcomer gets a working proxy without installing Vault, and
@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import hvac
 
-from proxy.sandbox import DEFAULT_SANDBOX_KEY, DEFAULT_WORKSPACE_ID
+from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY, DEFAULT_WORKSPACE_ID
 
 ALL_SCOPES = [
     "users",
@@ -131,7 +131,7 @@ def sandbox_process(workdir: Path, key: str) -> Iterator[str]:
 def dev_config(
     vault_url: str, token_file: Path, upstream: str, workspace: str, port: int
 ) -> dict[str, object]:
-    """The proxy config of the local stack, as S3.2 data."""
+    """The proxy config of the local stack, as config data."""
     return {
         "listen": {"host": "127.0.0.1", "port": port},
         "upstream": {"url": upstream},
