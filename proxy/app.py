@@ -23,11 +23,12 @@ from proxy.credentials import CredentialStore
 from proxy.forward import Forwarder, Services
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.policy import build_routes
-from proxy.ratelimit import make_budget
+from proxy.ratelimit import make_budget, window_use
 from proxy.redact import SecretRegistry
 from proxy.requestid import RequestContext
 from proxy.scopes import ScopeMap
 from proxy.settings import Settings
+from proxy.shares import SharePlan
 from proxy.upstream import Upstream
 from proxy.vault import VaultSession
 
@@ -63,7 +64,18 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     services = _services(request)
     services.credentials.update_metrics()
+    await update_share_metrics(services)
     return Response(services.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def update_share_metrics(services: Services) -> None:
+    """Set each client's use of its credential's current window, as /metrics shows it."""
+    uses = await window_use(services.budget, services.shares, services.settings.rate_limit)
+    for window in uses:
+        for use in window.shares:
+            labels = (window.credential, use.route, use.client)
+            services.metrics.share_used.labels(*labels).set(use.used)
+            services.metrics.share_nominal.labels(*labels).set(use.share)
 
 
 def create_app(
@@ -92,6 +104,7 @@ def create_app(
             upstream=upstream or Upstream(settings.upstream),
             budget=make_budget(settings.rate_limit),
             metrics=registry,
+            shares=SharePlan.of(settings.routes),
         )
         for warning in settings.warnings():
             log.warning("insecure_setting", detail=warning)

@@ -58,11 +58,21 @@ class Refusal:
     message: str
     status: int
     retry_after: int | None = None
+    limit: str | None = None  # rate_limited: which limit refused (`limit` in the body)
+    extra_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     @classmethod
-    def of(cls, code: Code, message: str, *, retry_after: int | None = None) -> Refusal:
+    def of(
+        cls,
+        code: Code,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        limit: str | None = None,
+        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> Refusal:
         """A refusal with the status that the refusal table gives its code."""
-        return cls(code, message, STATUS[code], retry_after)
+        return cls(code, message, STATUS[code], retry_after, limit, extra_headers)
 
     def body(self, request_id: str) -> bytes:
         """The JSON envelope: Publer's `errors` list plus `code` and `request_id`."""
@@ -73,6 +83,8 @@ class Refusal:
         }
         if self.code == "rate_limited":
             payload["error"] = RATE_LIMIT_MESSAGE
+        if self.limit is not None:
+            payload["limit"] = self.limit
         return orjson.dumps(payload)
 
     def headers(self, body_length: int) -> list[tuple[bytes, bytes]]:
@@ -85,6 +97,7 @@ class Refusal:
         ]
         if self.retry_after is not None:
             headers.append((b"retry-after", str(self.retry_after).encode()))
+        headers.extend(self.extra_headers)
         return headers
 
 

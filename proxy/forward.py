@@ -23,10 +23,11 @@ from proxy.errors import STATUS, ProxyError, Refusal
 from proxy.headers import downstream_headers, header_values, upstream_headers
 from proxy.metrics import Metrics, method_label
 from proxy.policy import Located, Route, Verdict, decide
-from proxy.ratelimit import Budget, retry_after_header, spend
+from proxy.ratelimit import Budget, Queue, retry_after_header
 from proxy.requestid import REQUEST_ID_KEY
 from proxy.scopes import READ_METHODS, ScopeMap
-from proxy.settings import Settings
+from proxy.settings import ANONYMOUS_CLIENT, Settings
+from proxy.shares import SharePlan, limit_requests, refusal_text
 from proxy.upstream import Answer, Upstream
 
 log = structlog.get_logger("proxy.access")
@@ -71,6 +72,7 @@ class Services:
     upstream: Upstream
     budget: Budget
     metrics: Metrics
+    shares: SharePlan
 
 
 async def send_refusal(send: Send, refusal: Refusal, request_id: str, head_only: bool) -> None:
@@ -147,6 +149,8 @@ class Forwarder:
     def __init__(self, services: Services) -> None:
         self.s = services
         self._counters: dict[tuple[str, str, str, str], Counter] = {}  # labelled children
+        self._client_counters: dict[tuple[str, str, str], Counter] = {}
+        self._queue = Queue()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -195,7 +199,7 @@ class Forwarder:
         credential = verdict.route.settings.credential
         key = self.s.credentials.current(credential)
         outcome.key = key
-        await self._spend(credential)
+        await self._spend(verdict)
 
         body: bytes | AsyncIterator[bytes] | None
         if length is None or length == 0:
@@ -210,17 +214,28 @@ class Forwarder:
         response = await self._exchange(scope, verdict, key, body, length, outcome)
         await self._stream_back(scope, receive, send, verdict, response, outcome)
 
-    async def _spend(self, credential: str) -> None:
+    async def _spend(self, verdict: Verdict) -> None:
+        assert verdict.route is not None
         settings = self.s.settings.rate_limit
-        grant = await spend(self.s.budget, credential, settings.max_wait_seconds)
-        self.s.metrics.budget_left.labels(credential).set(grant.remaining)
+        share = self.s.shares.share(verdict.route.name, verdict.client)
+        grant = await self._queue.spend(self.s.budget, share, settings.max_wait_seconds)
+        self.s.metrics.budget_left.labels(share.credential).set(grant.remaining)
         if not grant.allowed:
+            limit = grant.limit or "credential"
+            retry_after = retry_after_header(grant)
+            ceiling = limit_requests(share, limit, settings.requests)
+            self.s.metrics.rate_limited.labels(share.route, share.client, limit).inc()
             raise ProxyError(
                 Refusal.of(
                     "rate_limited",
-                    f"the rate budget of credential '{credential}' ({settings.requests} requests"
-                    f" per {settings.per_seconds:g} s) is spent; retry later",
-                    retry_after=retry_after_header(grant),
+                    refusal_text(share, limit, settings.requests, settings.per_seconds),
+                    retry_after=retry_after,
+                    limit=limit,
+                    extra_headers=(
+                        (b"x-ratelimit-limit", b"%d" % ceiling),
+                        (b"x-ratelimit-remaining", b"0"),
+                        (b"x-ratelimit-reset", b"%d" % (time.time() + retry_after)),
+                    ),
                 )
             )
 
@@ -389,12 +404,13 @@ class Forwarder:
     def _record(self, scope: Scope, outcome: Outcome, duration: float) -> None:
         verdict = outcome.verdict
         route = verdict.route.name if verdict and verdict.route else None
+        client = (verdict.client if verdict else None) or ANONYMOUS_CLIENT
         method = method_label(scope["method"])
         raw_path: bytes = scope.get("raw_path") or b""
         log.info(
             "request",
             route=route,
-            client=verdict.client if verdict else None,
+            client=client,
             method=method,
             path=raw_path[:256].decode("latin-1"),
             scope=verdict.scope if verdict else None,
@@ -416,6 +432,11 @@ class Forwarder:
         counter = self._counters.get(labels)
         if counter is None:
             counter = self._counters[labels] = metrics.requests.labels(*labels)
+        counter.inc()
+        by_client = (labels[0], client, labels[3])
+        counter = self._client_counters.get(by_client)
+        if counter is None:
+            counter = self._client_counters[by_client] = metrics.client_requests.labels(*by_client)
         counter.inc()
         if outcome.decision in STATUS:
             metrics.refusals.labels(outcome.decision).inc()
