@@ -262,38 +262,40 @@ redis.call('PEXPIRE', meta_key, ttl)
 local asked = count(asked_key)
 local free = limit - total
 if ceiling then free = math.min(free, ceiling) end
-local verdict = 'credential'
-if free > 0 then
-  -- The same rule as proxy.shares.admit: guarantees among the active shareholders.
-  local standing, route_weights, client_weights = {}, {}, {}
-  for _, key in ipairs(redis.call('ZRANGE', active_key, 0, -1)) do
-    local meta = redis.call('HGET', meta_key, key)
-    if meta then
-      local r, rw, cw, c = string.match(meta, '^(.-)|(.-)|(.-)|(.-)$')
-      local s = {key = key, route = r, rw = tonumber(rw), cw = tonumber(cw), cap = tonumber(c)}
-      if key == me then
-        s.used, s.asked = used, asked
-      else
-        s.used, s.asked = count(base .. ':used:' .. key), count(base .. ':asked:' .. key)
-      end
-      standing[#standing + 1] = s
-      route_weights[r] = s.rw
-      client_weights[r] = (client_weights[r] or 0) + s.cw
-    end
-  end
-  local weight = 0
-  for _, w in pairs(route_weights) do weight = weight + w end
-  local mine, reserved = 0, 0
-  for _, s in ipairs(standing) do
-    local guarantee = limit * (s.rw / weight) * (s.cw / client_weights[s.route])
-    if s.key == me then
-      mine = guarantee
+-- The same rule as proxy.shares.admit: guarantees among the active shareholders.
+local standing, route_weights, client_weights = {}, {}, {}
+for _, key in ipairs(redis.call('ZRANGE', active_key, 0, -1)) do
+  local meta = redis.call('HGET', meta_key, key)
+  if meta then
+    local r, rw, cw, c = string.match(meta, '^(.-)|(.-)|(.-)|(.-)$')
+    local s = {key = key, route = r, rw = tonumber(rw), cw = tonumber(cw), cap = tonumber(c)}
+    if key == me then
+      s.used, s.asked = used, asked
     else
-      if s.cap > 0 then guarantee = math.min(guarantee, s.cap) end
-      reserved = reserved + math.max(0, math.min(guarantee - s.used, s.asked + 1))
+      s.used, s.asked = count(base .. ':used:' .. key), count(base .. ':asked:' .. key)
     end
+    standing[#standing + 1] = s
+    route_weights[r] = s.rw
+    client_weights[r] = (client_weights[r] or 0) + s.cw
   end
-  verdict = (used < mine or free > reserved) and '' or 'client_share'
+end
+local weight = 0
+for _, w in pairs(route_weights) do weight = weight + w end
+local mine, reserved = 0, 0
+for _, s in ipairs(standing) do
+  local guarantee = limit * (s.rw / weight) * (s.cw / client_weights[s.route])
+  if s.key == me then
+    mine = guarantee
+  else
+    if s.cap > 0 then guarantee = math.min(guarantee, s.cap) end
+    reserved = reserved + math.max(0, math.min(guarantee - s.used, s.asked + 1))
+  end
+end
+local verdict = ''
+if free <= 0 then
+  verdict = used > mine and 'client_share' or 'credential'
+elseif used >= mine and free <= reserved then
+  verdict = 'client_share'
 end
 if verdict == '' then
   for _, key in ipairs({base, used_key, route_key}) do

@@ -90,10 +90,12 @@ def admit(me: Standing, others: Sequence[Standing], free: int, limit: int) -> Li
 
     `others` are the other shareholders active in the window; caps are checked before.
     """
-    if free <= 0:
-        return "credential"
     guarantee = guarantees([me.share, *(o.share for o in others)], limit)
-    if me.used < guarantee[me.share.key]:
+    mine = guarantee[me.share.key]
+    if free <= 0:
+        # Spent: the client's doing when it holds more than its share, else everyone's.
+        return "client_share" if me.used > mine else "credential"
+    if me.used < mine:
         return None
     reserved = sum(claimable(o, guarantee[o.share.key]) for o in others)
     return None if free > reserved else "client_share"

@@ -240,3 +240,35 @@ def start_proxy(
     else:
         _wait(f"{proxy.url}/healthz", process, log_path, 200)
     return proxy
+
+
+def start_redis(workdir: Path) -> Process:
+    """A real redis-server on a free loopback port, without persistence; `url` is its
+    redis:// URL."""
+    import shutil
+
+    import redis
+
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"redis-{port}.log"
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    args += ["--appendonly", "no", "--dir", str(workdir)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    server = Process(process, log_path, f"redis://127.0.0.1:{port}/0")
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    try:
+        while True:
+            try:
+                client.ping()
+                return server
+            except redis.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    server.stop()
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()
