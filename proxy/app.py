@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxy.audit import AuditLog
 from proxy.credentials import CredentialStore
 from proxy.forward import Forwarder, Services
 from proxy.metrics import CONTENT_TYPE, Metrics
@@ -91,6 +92,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
         registry = Metrics()
+        audit = AuditLog(settings.audit, secrets, registry, settings.rate_limit.redis_url)
         store = CredentialStore(
             settings.credentials_in_use(),
             vault or VaultSession(settings.vault, secrets),
@@ -105,10 +107,12 @@ def create_app(
             budget=make_budget(settings.rate_limit),
             metrics=registry,
             shares=SharePlan.of(settings.routes),
+            audit=audit,
         )
         for warning in settings.warnings():
             log.warning("insecure_setting", detail=warning)
         await store.start()
+        await audit.start()
         log.info(
             "proxy_started",
             routes=[r.name for r in settings.routes],
@@ -126,6 +130,7 @@ def create_app(
             await store.stop()
             await services.upstream.aclose()
             await services.budget.close()
+            await audit.close()
             log.info("proxy_stopped")
 
     ops = Starlette(

@@ -18,6 +18,7 @@ import structlog
 from prometheus_client import Counter
 from starlette.types import Message, Receive, Scope, Send
 
+from proxy.audit import AuditLog
 from proxy.credentials import CredentialStore, HeldKey
 from proxy.errors import STATUS, ProxyError, Refusal
 from proxy.headers import downstream_headers, header_values, upstream_headers
@@ -59,6 +60,7 @@ class Outcome:
     upstream_status: int | None = None
     key: HeldKey | None = None
     attempts: int = 0
+    answer: bytes | None = None  # Publer's answer, when small enough to be read whole
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Services:
     budget: Budget
     metrics: Metrics
     shares: SharePlan
+    audit: AuditLog
 
 
 async def send_refusal(send: Send, refusal: Refusal, request_id: str, head_only: bool) -> None:
@@ -356,6 +359,7 @@ class Forwarder:
                             f"Publer's answer broke off ({type(exc).__name__})",
                         )
                     ) from None
+                outcome.answer = body
                 await send(start)
                 await send({"type": "http.response.body", "body": body})
                 return
@@ -421,6 +425,17 @@ class Forwarder:
             key=outcome.key.masked if outcome.key else None,
             key_version=outcome.key.version if outcome.key else None,
             attempts=outcome.attempts,
+        )
+        self.s.audit.record(
+            request_id=scope[REQUEST_ID_KEY],
+            route=route,
+            client=client,
+            method=scope["method"],
+            path=raw_path[:2048].decode("latin-1"),
+            status=outcome.status,
+            upstream_status=outcome.upstream_status,
+            decision=outcome.decision,
+            answer=outcome.answer,
         )
         metrics = self.s.metrics
         labels = (

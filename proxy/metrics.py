@@ -92,6 +92,12 @@ class Metrics:
             registry=r,
         )
 
+        self.audit_lines = Gauge(
+            "publer_proxy_audit_lines",
+            "Lines in the audit log's hash chain: the head's count, for `audit verify`.",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
