@@ -41,6 +41,13 @@ def _print_problems(error: ConfigError) -> int:
     return EXIT_INVALID
 
 
+def _share_terms(weight: float, cap: int | None) -> str:
+    terms = ([f"weight {weight:g}"] if weight != 1 else []) + (
+        [f"at most {cap} per window"] if cap is not None else []
+    )
+    return f" ({', '.join(terms)})" if terms else ""
+
+
 def describe_routes(settings: Settings, scope_map: ScopeMap) -> list[str]:
     """The effective routes, one block each, as `check` prints them."""
     lines: list[str] = []
@@ -50,7 +57,9 @@ def describe_routes(settings: Settings, scope_map: ScopeMap) -> list[str]:
             methods &= READ_METHODS
         workspaces = ", ".join(route.allowed_workspaces) or "(none)"
         clients = (
-            ", ".join(c.name for c in route.clients) if route.clients else "(open: no client auth)"
+            ", ".join(c.name + _share_terms(c.weight, c.max_requests) for c in route.clients)
+            if route.clients
+            else "(open: no client auth)"
         )
         lines += [
             f"route {route.name}",
@@ -60,6 +69,7 @@ def describe_routes(settings: Settings, scope_map: ScopeMap) -> list[str]:
             f"  scopes:     {', '.join(route.scopes)}",
             f"  methods:    {', '.join(sorted(methods))}",
             f"  clients:    {clients}",
+            f"  budget:     {route.credential}{_share_terms(route.weight, route.max_requests)}",
         ]
     return lines
 

@@ -22,8 +22,8 @@ POLICY = 'path "secret/data/publer/api" { capabilities = ["read"] }'
 def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
     """Traffic, refusals, an upstream 401 with a re-read, Vault sealed and killed, token
     renewal and AppRole login, all at debug level: no API key, Vault token, client token
-    or secret id appears in stdout, stderr, a log line, an error body or check's output;
-    the masked key does appear."""
+    or secret id appears in stdout, stderr, a log line, the audit log (a file and
+    stdout), an error body or check's output; the masked key does appear."""
     api_key = "pk_leak_" + secrets.token_hex(20)
     rotated_key = "pk_leak_rotated_" + secrets.token_hex(20)
     client_token = "client-" + secrets.token_hex(16)
@@ -85,12 +85,18 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
         routes=routes,
         credential={"refresh_seconds": 1},
     )
+    approle["audit"] = {"sink": str(tmp_path / "audit-approle.jsonl")}
+    by_token["audit"] = {"sink": "stdout"}
     outputs: dict[str, str] = {}
     bodies: list[str] = []
-    proxies = [
-        start_proxy(tmp_path / "approle", approle),
-        start_proxy(tmp_path / "token-auth", by_token),
-    ]
+    # The token proxy first: its child token lives 3 s, and on a busy machine the
+    # AppRole proxy alone can take longer than that to come up.
+    token_proxy = start_proxy(tmp_path / "token-auth", by_token)
+    try:
+        proxies = [start_proxy(tmp_path / "approle", approle), token_proxy]
+    except BaseException:
+        token_proxy.stop()
+        raise
     try:
         for proxy in proxies:
             for path, headers in [
@@ -111,6 +117,15 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
         vault.write_key("publer/api", rotated_key)
         for proxy in proxies:
             answer = httpx.post(f"{proxy.url}/api/v1/posts", json={"text": api_key})
+            bodies.append(answer.text + str(answer.headers))
+            # Mutating calls are audited: a key in the path must not reach the audit sink.
+            answer = httpx.delete(f"{proxy.url}/api/v1/posts/{api_key}")
+            bodies.append(answer.text + str(answer.headers))
+            answer = httpx.put(
+                f"{proxy.url}/team/api/v1/posts/p1?token={client_token}",
+                headers={"Authorization": f"Bearer-API {client_token}"},
+                json={"text": client_token},
+            )
             bodies.append(answer.text + str(answer.headers))
         time.sleep(4)  # token renewals and AppRole re-logins happen
         vault.seal()
@@ -144,6 +159,7 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
         sandbox.stop()
         vault.stop()
     outputs["answers"] = "\n".join(bodies)
+    outputs["audit file"] = (tmp_path / "audit-approle.jsonl").read_text()
     for where, text in outputs.items():
         for what, value in known.items():
             assert value not in text, f"the {what} appears in {where}"
@@ -152,3 +168,6 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
     assert "***" + rotated_key[-4:] in everything
     assert '"level":"debug"' in outputs["proxy 0"]
     assert "credential_unavailable" in outputs["answers"]
+    for audited in (outputs["audit file"], outputs["proxy 1"]):
+        assert audited.count('"event":"audit"') >= 3
+        assert '"/api/v1/posts/***' + api_key[-4:] in audited
