@@ -87,12 +87,17 @@ def create_app(
     vault: VaultSession | None = None,
     upstream: Upstream | None = None,
 ) -> ASGIApp:
-    """Build the proxy app; the lifespan logs in to Vault and opens the upstream pool."""
+    """Build the proxy app; the lifespan logs in to Vault and opens the upstream pool.
+
+    The audit sink is opened here, before serving: AuditSinkError if it cannot be used.
+    """
+    metrics_registry = Metrics()
+    audit = AuditLog(settings.audit, secrets, metrics_registry, settings.rate_limit.redis_url)
+    audit.open()
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        registry = Metrics()
-        audit = AuditLog(settings.audit, secrets, registry, settings.rate_limit.redis_url)
+        registry = metrics_registry
         store = CredentialStore(
             settings.credentials_in_use(),
             vault or VaultSession(settings.vault, secrets),

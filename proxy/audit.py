@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import socket
@@ -99,6 +100,10 @@ def _last_line(path: Path) -> bytes | None:
     return None
 
 
+class AuditSinkError(Exception):
+    """The audit sink cannot be used; the proxy does not start without it."""
+
+
 def _open_chain(path: Path) -> tuple[Head, BinaryIO]:
     """The head of an existing file's chain, and the file opened to append to it."""
     head = Head(0, GENESIS)
@@ -107,8 +112,24 @@ def _open_chain(path: Path) -> tuple[Head, BinaryIO]:
         seq = orjson.loads(last).get("seq")
         if isinstance(seq, int):
             head = Head(seq, line_hash(last))
-    # Appending, unbuffered: each line is one write(2), whole, in order.
-    return head, path.open("ab", buffering=0)
+    try:
+        # Appending, unbuffered: each line is one write(2), whole, in order.
+        file = path.open("ab", buffering=0)
+    except OSError as exc:
+        raise AuditSinkError(
+            f"audit.sink {path} cannot be opened for appending ({exc.strerror});"
+            " check the directory exists and the proxy's user may write there"
+        ) from None
+    try:
+        # Two writers would interleave two chains into one broken one.
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise AuditSinkError(
+            f"audit.sink {path} is being written by another proxy process;"
+            " give each process its own audit file"
+        ) from None
+    return head, file
 
 
 class AuditLog:
@@ -138,8 +159,9 @@ class AuditLog:
         """The chain's head: lines written to this sink, and the last one's hash."""
         return self._head
 
-    async def start(self) -> None:
-        """Open the sink, continue the chain of an existing file, start publishing."""
+    def open(self) -> None:
+        """Open the sink and continue the chain of an existing file, before serving;
+        raises AuditSinkError (a sentence) when the sink cannot be used."""
         settings = self._settings
         if settings is None:
             return
@@ -152,13 +174,19 @@ class AuditLog:
                 stream.flush()
 
             self._write = write
-        else:
-            self._head, file = await asyncio.to_thread(_open_chain, Path(settings.sink))
+            return
+        self._head, file = _open_chain(Path(settings.sink))
 
-            def append(line: bytes) -> None:
-                file.write(line)
+        def append(line: bytes) -> None:
+            file.write(line)
 
-            self._write, self._close = append, file.close
+        self._write, self._close = append, file.close
+
+    async def start(self) -> None:
+        """Compare the file with the head published before, and start publishing."""
+        settings = self._settings
+        if settings is None:
+            return
         self._metrics.audit_lines.set(self._head.lines)
         if self._redis_url:
             from redis.asyncio import Redis

@@ -85,9 +85,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings, scope_map = load_all(args.config)
     except ConfigError as exc:
         return _print_problems(exc)
+    from proxy.audit import AuditSinkError
+
     secrets = SecretRegistry()
     configure_logging(settings.logging, secrets)
-    return serve(settings, create_app(settings, scope_map, secrets))
+    try:
+        app = create_app(settings, scope_map, secrets)
+    except AuditSinkError as exc:
+        print(f"publer-proxy: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    return serve(settings, app)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

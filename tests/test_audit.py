@@ -17,7 +17,7 @@ import redis
 from proxy.audit import answer_ids
 from proxy.auditchain import GENESIS, Head, line_hash, seal, verify
 from proxy.policy import hash_token
-from tests.bao import Bao
+from tests.bao import Bao, free_port
 from tests.servers import Process, Sandbox, proxy_config, start_proxy, start_redis
 from tests.test_budget import metric
 from tests.waiting import eventually
@@ -290,3 +290,23 @@ def test_audit_to_stdout_beside_the_log(
     result = _verify(str(proxy.log_path), "--head", heads[-1])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "intact: 5 audit lines" in result.stdout
+
+
+def test_one_audit_file_has_one_writer(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """A second proxy given the same audit file refuses to start, saying why, and the
+    first one's chain stays whole."""
+    sink = tmp_path / "shared.jsonl"
+    config = _audited_config(bao, sandbox, token_file, {"sink": str(sink)})
+    first = start_proxy(tmp_path / "first", config)
+    try:
+        second_config = {**config, "listen": {"host": "127.0.0.1", "port": free_port()}}
+        with pytest.raises(RuntimeError) as caught:
+            start_proxy(tmp_path / "second", second_config)
+        assert "is being written by another proxy process" in str(caught.value)
+        assert "Traceback" not in str(caught.value)
+        _traffic(first.url)
+    finally:
+        assert first.stop() == 0
+    assert _verify(str(sink)).returncode == 0
