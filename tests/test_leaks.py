@@ -38,7 +38,8 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
     )
     role_id = root.auth.approle.read_role_id("proxy")["data"]["role_id"]
     secret_id = root.auth.approle.generate_secret_id("proxy")["data"]["secret_id"]
-    child = root.auth.token.create(policies=["proxy"], ttl="3s", renewable=True)
+    # 8 s: long enough for a proxy to start on a busy machine, short enough to be renewed.
+    child = root.auth.token.create(policies=["proxy"], ttl="8s", renewable=True)
     child_token = child["auth"]["client_token"]
     (tmp_path / "secret-id").write_text(secret_id)
     (tmp_path / "token").write_text(child_token)
@@ -89,8 +90,8 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
     by_token["audit"] = {"sink": "stdout"}
     outputs: dict[str, str] = {}
     bodies: list[str] = []
-    # The token proxy first: its child token lives 3 s, and on a busy machine the
-    # AppRole proxy alone can take longer than that to come up.
+    # The token proxy first: its child token is short-lived, and on a busy machine the
+    # AppRole proxy alone can take seconds to come up.
     token_proxy = start_proxy(tmp_path / "token-auth", by_token)
     try:
         proxies = [start_proxy(tmp_path / "approle", approle), token_proxy]
