@@ -30,7 +30,16 @@ from typing import TYPE_CHECKING, Protocol, cast
 import structlog
 
 from proxy.settings import RateLimitSettings
-from proxy.shares import Limit, Share, SharePlan, ShareUse, Standing, WindowUse, admit
+from proxy.shares import (
+    Limit,
+    Share,
+    SharePlan,
+    ShareUse,
+    Standing,
+    WindowUse,
+    admit_with,
+    guarantees,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -104,6 +113,13 @@ def _pruned(log: deque[float], horizon: float) -> deque[float]:
     return log
 
 
+def _log(logs: dict[str, deque[float]], key: str, horizon: float) -> deque[float]:
+    log = logs.get(key)
+    if log is None:
+        log = logs[key] = deque()
+    return _pruned(log, horizon)
+
+
 @dataclass
 class _Window:
     """One credential's sliding window, and who spent it."""
@@ -113,6 +129,14 @@ class _Window:
     asked: dict[str, deque[float]] = field(default_factory=dict)  # refused, not yet served
     routes: dict[str, deque[float]] = field(default_factory=dict)
     active: dict[str, tuple[float, Share]] = field(default_factory=dict)  # last asked
+    _guarantees: dict[str, float] | None = None  # of the active, until they change
+
+    def touch(self, share: Share, now: float) -> None:
+        """Note that `share` asked now."""
+        previous = self.active.get(share.key)
+        if previous is None or previous[1] is not share:
+            self._guarantees = None
+        self.active[share.key] = (now, share)
 
     def forget_idle(self, horizon: float) -> None:
         """Drop shareholders that asked nothing in the window (their logs are empty)."""
@@ -120,6 +144,13 @@ class _Window:
             del self.active[key]
             self.used.pop(key, None)
             self.asked.pop(key, None)
+            self._guarantees = None
+
+    def guarantees(self, limit: int) -> dict[str, float]:
+        """The active shareholders' guarantees, computed again only when they change."""
+        if self._guarantees is None:
+            self._guarantees = guarantees((s for _, s in self.active.values()), limit)
+        return self._guarantees
 
 
 class MemoryBudget:
@@ -146,33 +177,39 @@ class MemoryBudget:
     async def take(self, share: Share, *, first: bool = True) -> Grant:
         now = time.monotonic()
         horizon = now - self._period
-        window = self._windows.setdefault(share.credential, _Window())
+        window = self._windows.get(share.credential) or self._windows.setdefault(
+            share.credential, _Window()
+        )
         total = _pruned(window.total, horizon)
         ceiling = self._ceiling(share.credential, now)
         if ceiling is not None and ceiling.left <= 0:
             return Grant(False, 0, ceiling.until - now, "credential")
-        used = _pruned(window.used.setdefault(share.key, deque()), horizon)
+        used = _log(window.used, share.key, horizon)
         if share.max_requests is not None and len(used) >= share.max_requests:
             return Grant(False, 0, used[0] + self._period - now, "client_cap", len(used))
-        route = _pruned(window.routes.setdefault(share.route, deque()), horizon)
+        route = _log(window.routes, share.route, horizon)
         if share.route_max_requests is not None and len(route) >= share.route_max_requests:
             return Grant(False, 0, route[0] + self._period - now, "route_cap", len(used))
         window.forget_idle(horizon)
-        window.active[share.key] = (now, share)
-        asked = _pruned(window.asked.setdefault(share.key, deque()), horizon)
+        window.touch(share, now)
+        asked = _log(window.asked, share.key, horizon)
         free = self._limit - len(total)
         if ceiling is not None:
             free = min(free, ceiling.left)
-        others = [
-            Standing(
-                other,
-                len(_pruned(window.used.setdefault(key, deque()), horizon)),
-                len(_pruned(window.asked.setdefault(key, deque()), horizon)),
-            )
-            for key, (_, other) in window.active.items()
-            if key != share.key
-        ]
-        refused = admit(Standing(share, len(used), len(asked)), others, free, self._limit)
+
+        def others() -> list[Standing]:
+            return [
+                Standing(
+                    other,
+                    len(_log(window.used, key, horizon)),
+                    len(_log(window.asked, key, horizon)),
+                )
+                for key, (_, other) in window.active.items()
+                if key != share.key
+            ]
+
+        guarantee = window.guarantees(self._limit)
+        refused = admit_with(Standing(share, len(used), len(asked)), others, free, guarantee)
         if refused is None:
             for log in (total, used, route):
                 log.append(now)

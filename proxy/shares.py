@@ -22,8 +22,9 @@ replicas sharing one budget, in a Redis script (`proxy.ratelimit`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from proxy.settings import ANONYMOUS_CLIENT, RouteSettings
@@ -44,7 +45,7 @@ class Share:
     max_requests: int | None = None  # the client's cap per window
     route_max_requests: int | None = None  # the route's cap per window
 
-    @property
+    @cached_property
     def key(self) -> str:
         """`route/client`: unique per credential, as route and client names hold no `/`."""
         return f"{self.route}/{self.client}"
@@ -91,13 +92,24 @@ def admit(me: Standing, others: Sequence[Standing], free: int, limit: int) -> Li
     `others` are the other shareholders active in the window; caps are checked before.
     """
     guarantee = guarantees([me.share, *(o.share for o in others)], limit)
+    return admit_with(me, lambda: others, free, guarantee)
+
+
+def admit_with(
+    me: Standing,
+    others: Callable[[], Iterable[Standing]],
+    free: int,
+    guarantee: dict[str, float],
+) -> Limit | None:
+    """`admit` with the guarantees already known, asking for the others' standing only
+    when `me` is at or above its guarantee (the common case needs none of it)."""
     mine = guarantee[me.share.key]
     if free <= 0:
         # Spent: the client's doing when it holds more than its share, else everyone's.
         return "client_share" if me.used > mine else "credential"
     if me.used < mine:
         return None
-    reserved = sum(claimable(o, guarantee[o.share.key]) for o in others)
+    reserved = sum(claimable(o, guarantee[o.share.key]) for o in others())
     return None if free > reserved else "client_share"
 
 
