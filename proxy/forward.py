@@ -24,8 +24,10 @@ from proxy.headers import downstream_headers, header_values, upstream_headers
 from proxy.metrics import Metrics, method_label
 from proxy.policy import Located, Route, Verdict, decide
 from proxy.ratelimit import Budget, retry_after_header, spend
+from proxy.redact import SecretRegistry
 from proxy.requestid import REQUEST_ID_KEY
 from proxy.scopes import READ_METHODS, ScopeMap
+from proxy.screening import screen_answer
 from proxy.settings import Settings
 from proxy.upstream import Answer, Upstream
 
@@ -71,6 +73,7 @@ class Services:
     upstream: Upstream
     budget: Budget
     metrics: Metrics
+    secrets: SecretRegistry  # what answers are screened for before they reach a client
 
 
 async def send_refusal(send: Send, refusal: Refusal, request_id: str, head_only: bool) -> None:
@@ -308,6 +311,22 @@ class Forwarder:
         try:
             headers = downstream_headers(response.raw_headers)
             await self._resync_budget(verdict.route.settings.credential, headers)
+            head_only = scope["method"] == "HEAD"
+            length = None if head_only else _declared_length(headers)
+            body = None
+            if length is not None and length <= SMALL_ANSWER_BYTES:
+                # Read whole before the status line goes out: no relay and watch tasks,
+                # and an answer that breaks off is still a clean 502.
+                try:
+                    body = b"".join([chunk async for chunk in response.aiter_raw()])
+                except httpx.HTTPError as exc:
+                    raise ProxyError(
+                        Refusal.of(
+                            "upstream_unreachable",
+                            f"Publer's answer broke off ({type(exc).__name__})",
+                        )
+                    ) from None
+            headers, body = screen_answer(headers, body, self.s.secrets.redact_bytes)
             hint = auth_hint(response.status_code, verdict, verdict.route.settings.credential)
             if hint is not None:
                 headers.append((b"x-publer-proxy-hint", hint.encode("latin-1", "replace")))
@@ -324,25 +343,9 @@ class Forwarder:
                 "status": response.status_code,
                 "headers": headers,
             }
-            if scope["method"] == "HEAD":
+            if head_only or body is not None:
                 await send(start)
-                await send({"type": "http.response.body", "body": b""})
-                return
-            length = _declared_length(headers)
-            if length is not None and length <= SMALL_ANSWER_BYTES:
-                # Read whole before the status line goes out: no relay and watch tasks,
-                # and an answer that breaks off is still a clean 502.
-                try:
-                    body = b"".join([chunk async for chunk in response.aiter_raw()])
-                except httpx.HTTPError as exc:
-                    raise ProxyError(
-                        Refusal.of(
-                            "upstream_unreachable",
-                            f"Publer's answer broke off ({type(exc).__name__})",
-                        )
-                    ) from None
-                await send(start)
-                await send({"type": "http.response.body", "body": body})
+                await send({"type": "http.response.body", "body": body or b""})
                 return
             await send(start)
             relay = asyncio.create_task(self._relay(send, response))

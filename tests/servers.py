@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import yaml
 
+from proxy.dev.sandbox import SANDBOX_KEYS_ENV
 from tests.bao import free_port
 
 START_TIMEOUT_SECONDS = 20.0
@@ -134,12 +135,12 @@ def start_sandbox(
     log_path = workdir / f"sandbox-{port}.log"
     args = [sys.executable, "-m", "proxy", "sandbox", "--port", str(port)]
     args += ["--rate-limit", str(rate_limit)]
-    for key in keys:
-        args += ["--key", key]
     if tls is not None:
         args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+    # The keys go in the environment: a command line is readable by every user.
+    env = {**os.environ, SANDBOX_KEYS_ENV: " ".join(keys)}
     with log_path.open("wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     scheme = "https" if tls else "http"
     sandbox = Sandbox(process, log_path, f"{scheme}://127.0.0.1:{port}", tls.ca if tls else None)
     _wait(f"{sandbox.url}/__sandbox/health", process, log_path, 200, verify=sandbox.ca)
