@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -241,3 +242,33 @@ def start_proxy(
     else:
         _wait(f"{proxy.url}/healthz", process, log_path, 200)
     return proxy
+
+
+def start_redis(workdir: Path) -> Process:
+    """A real redis-server on a free loopback port, without persistence; `url` is its
+    redis:// URL."""
+    import redis
+
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "redis.log"
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "no", "--dir", str(workdir)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = Process(process, log_path, f"redis://127.0.0.1:{port}/0")
+    deadline = time.monotonic() + 10
+    client = redis.Redis(port=port)
+    try:
+        while True:
+            try:
+                client.ping()
+                return server
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    server.stop()
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()
