@@ -16,7 +16,7 @@ import pytest
 from proxy.policy import hash_token
 from tests.bao import free_port, start_bao
 from tests.peers import ECHO_MODES, echo_origin, recording_listener
-from tests.servers import proxy_config, start_proxy, start_sandbox
+from tests.servers import Proxy, proxy_config, start_proxy, start_sandbox
 from tests.test_devstack import descendants
 from tests.waiting import eventually
 
@@ -51,16 +51,12 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
     )
     role_id = root.auth.approle.read_role_id("proxy")["data"]["role_id"]
     secret_id = root.auth.approle.generate_secret_id("proxy")["data"]["secret_id"]
-    child = root.auth.token.create(policies=["proxy"], ttl="3s", renewable=True)
-    child_token = child["auth"]["client_token"]
     (tmp_path / "secret-id").write_text(secret_id)
-    (tmp_path / "token").write_text(child_token)
     known = {
         "api key": api_key,
         "rotated key": rotated_key,
         "client token": client_token,
         "secret id": secret_id,
-        "child token": child_token,
         "root token": vault.root_token,
     }
 
@@ -100,11 +96,14 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
     )
     outputs: dict[str, str] = {}
     bodies: list[str] = []
-    proxies = [
-        start_proxy(tmp_path / "approle", approle, env=env),
-        start_proxy(tmp_path / "token-auth", by_token, env=env),
-    ]
+    proxies: list[Proxy] = []
     try:
+        proxies.append(start_proxy(tmp_path / "approle", approle, env=env))
+        # Made just before its proxy starts, which takes seconds on a loaded machine.
+        child = root.auth.token.create(policies=["proxy"], ttl="5s", renewable=True)
+        known["child token"] = child["auth"]["client_token"]
+        (tmp_path / "token").write_text(known["child token"])
+        proxies.append(start_proxy(tmp_path / "token-auth", by_token, env=env))
         for proxy in proxies:
             for path, headers in [
                 ("/api/v1/posts", {"Authorization": f"Bearer-API {client_token}"}),
