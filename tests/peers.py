@@ -10,7 +10,7 @@ import json
 import socket
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -172,3 +172,106 @@ def recording_listener() -> Iterator[RecordingListener]:
         yield listener
     finally:
         listener.close()
+
+
+_HOP_BY_HOP = ("proxy-authorization", "proxy-connection", "connection")
+
+
+class ForwardingProxy:
+    """An HTTP proxy an operator would name: absolute-form requests are forwarded to their
+    origin, CONNECT opens a tunnel. It records each request line, the Proxy-Authorization
+    it got, and every byte that passed through it in either direction."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self.requests: list[tuple[str, str]] = []  # (request line, Proxy-Authorization)
+        self._passed: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def passed(self) -> bytes:
+        """Every byte relayed so far, both ways."""
+        with self._lock:
+            return b"".join(self._passed)
+
+    def close(self) -> None:
+        """Stop accepting."""
+        self._server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            head, _, rest = head.partition(b"\r\n\r\n")
+            line, *fields = head.decode("latin-1").split("\r\n")
+            headers = [field.split(":", 1) for field in fields]
+            authorization = next(
+                (v.strip() for k, v in headers if k.strip().lower() == "proxy-authorization"), ""
+            )
+            with self._lock:
+                self.requests.append((line, authorization))
+            method, target, _version = line.split(" ")
+            if method == "CONNECT":
+                host, _, port = target.rpartition(":")
+                upstream = socket.create_connection((host, int(port)))
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                if rest:
+                    upstream.sendall(rest)
+                self._tunnel(client, upstream)
+                return
+            parts = urlsplit(target)
+            kept = [
+                f"{k}:{v}"
+                for k, v in headers
+                if k.strip().lower()
+                not in ("proxy-authorization", "proxy-connection", "connection")
+            ]
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+            forwarded = "\r\n".join([f"{method} {path} HTTP/1.1", *kept, "Connection: close"])
+            upstream = socket.create_connection((parts.hostname or "", parts.port or 80))
+            upstream.sendall(forwarded.encode("latin-1") + b"\r\n\r\n" + rest)
+            # One request per connection: what remains of it, and the answer, pass through.
+            self._tunnel(client, upstream)
+
+    def _tunnel(self, client: socket.socket, upstream: socket.socket) -> None:
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while chunk := source.recv(65536):
+                    with self._lock:
+                        self._passed.append(chunk)
+                    sink.sendall(chunk)
+            except OSError:
+                pass
+            finally:
+                for end in (source, sink):
+                    with suppress(OSError):
+                        end.shutdown(socket.SHUT_RDWR)
+
+        with upstream:
+            up = threading.Thread(target=pump, args=(client, upstream), daemon=True)
+            up.start()
+            pump(upstream, client)
+            up.join(5)
+
+
+@contextmanager
+def forwarding_proxy() -> Iterator[ForwardingProxy]:
+    """A ForwardingProxy, closed afterwards."""
+    proxy = ForwardingProxy()
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -1,0 +1,101 @@
+"""A proxy named on purpose (vault.proxy, upstream.proxy) is used, its password never
+shown; the environment's proxy variables never are."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from proxy.redact import SecretRegistry
+from proxy.settings import VaultAuthSettings, VaultSettings
+from proxy.vault import VaultError, VaultSession
+from tests.bao import Bao, free_port
+from tests.peers import forwarding_proxy, recording_listener
+from tests.servers import Sandbox, proxy_config, start_proxy
+
+
+def check(config_path: Path, env: dict[str, str], *online: str) -> subprocess.CompletedProcess[str]:
+    """`publer-proxy check` on a config, with extra environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "check", *online, "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **env},
+    )
+
+
+def test_vault_proxy_carries_every_vault_call(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """With vault.proxy (user and password in its URL) and proxy variables naming another
+    listener: every Vault call of `serve` and `check --online` goes through the named
+    proxy with its Proxy-Authorization, the listener gets nothing, and the password shows
+    nowhere (the URL is shown as user:***@)."""
+    password = "proxy-pw-" + secrets.token_hex(8)
+    with forwarding_proxy() as named, recording_listener() as listener:
+        named_url = named.url.replace("http://", f"http://svc:{password}@")
+        config = proxy_config(bao.url, sandbox.url, token_file=token_file)
+        config["vault"]["proxy"] = named_url
+        proxy = start_proxy(tmp_path / "serve", config, env=listener.environment())
+        try:
+            answer = httpx.get(f"{proxy.url}/api/v1/users/me", trust_env=False)
+            assert answer.status_code == 200, answer.text
+            offline = check(proxy.config_path, listener.environment())
+            online = check(proxy.config_path, listener.environment(), "--online")
+        finally:
+            assert proxy.stop() == 0
+        assert online.returncode == 0, online.stdout + online.stderr
+        lines = [line for line, _ in named.requests]
+        assert f"GET {bao.url}/v1/auth/token/lookup-self HTTP/1.1" in lines
+        assert f"GET {bao.url}/v1/secret/data/publer/api HTTP/1.1" in lines
+        expected = "Basic " + base64.b64encode(f"svc:{password}".encode()).decode()
+        assert {auth for _, auth in named.requests} == {expected}
+        assert listener.received() == b""
+    outputs = proxy.output() + offline.stdout + offline.stderr + online.stdout + online.stderr
+    assert password not in outputs
+    assert "svc:***@127.0.0.1" in offline.stderr  # the plain-HTTP Vault warning names it
+    assert "svc:***@127.0.0.1" in proxy.output()  # and the start log
+
+
+def test_upstream_proxy_carries_the_online_check(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """`check --online` asks Publer through upstream.proxy, and Vault directly."""
+    with forwarding_proxy() as named:
+        config = proxy_config(bao.url, sandbox.url, token_file=token_file)
+        config["upstream"]["proxy"] = named.url
+        path = tmp_path / "proxy.yaml"
+        path.write_text(yaml.safe_dump(config))
+        online = check(path, {}, "--online")
+        assert online.returncode == 0, online.stdout + online.stderr
+        assert "Publer accepts the key" in online.stdout
+        assert [line for line, _ in named.requests] == [
+            f"GET {sandbox.url}/api/v1/workspaces HTTP/1.1"
+        ]
+
+
+def test_unreachable_vault_proxy_is_named_without_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vault.proxy that refuses connections is the reason given, shown masked."""
+    monkeypatch.delenv("VAULT_TOKEN", raising=False)
+    (tmp_path / "token").write_text("s.whatever")
+    settings = VaultSettings(
+        url="http://127.0.0.1:1",
+        proxy=f"http://svc:hidden-pw-1@127.0.0.1:{free_port()}",
+        auth=VaultAuthSettings(method="token", token_file=tmp_path / "token"),
+    )
+    with pytest.raises(VaultError) as caught:
+        VaultSession(settings, SecretRegistry()).login()
+    assert caught.value.kind == "unreachable"
+    assert "the proxy http://svc:***@127.0.0.1" in caught.value.reason
+    assert "hidden-pw-1" not in caught.value.reason
