@@ -99,3 +99,24 @@ def test_unreachable_vault_proxy_is_named_without_its_password(
     assert caught.value.kind == "unreachable"
     assert "the proxy http://svc:***@127.0.0.1" in caught.value.reason
     assert "hidden-pw-1" not in caught.value.reason
+
+
+def test_serve_refuses_an_upstream_proxy_it_cannot_use(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """`serve` does not start, naming the key, rather than reach Publer directly when the
+    operator named upstream.proxy, which this version's forwarding hop cannot use."""
+    config = proxy_config(bao.url, sandbox.url, token_file=token_file)
+    config["upstream"]["proxy"] = "http://svc:pw-not-shown@127.0.0.1:3128"
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    served = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert served.returncode == 1
+    assert "upstream.proxy: the forwarding hop cannot go through a proxy" in served.stderr
+    assert "pw-not-shown" not in served.stdout + served.stderr
