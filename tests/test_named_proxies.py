@@ -14,11 +14,12 @@ import httpx
 import pytest
 import yaml
 
+from proxy.outbound import publer_http_client, vault_http_session
 from proxy.redact import SecretRegistry
-from proxy.settings import VaultAuthSettings, VaultSettings
+from proxy.settings import UpstreamSettings, VaultAuthSettings, VaultSettings
 from proxy.vault import VaultError, VaultSession
 from tests.bao import Bao, free_port
-from tests.peers import forwarding_proxy, recording_listener
+from tests.peers import echo_origin, forwarding_proxy, recording_listener
 from tests.servers import Sandbox, proxy_config, start_proxy
 
 
@@ -120,3 +121,29 @@ def test_serve_refuses_an_upstream_proxy_it_cannot_use(
     assert served.returncode == 1
     assert "upstream.proxy: the forwarding hop cannot go through a proxy" in served.stderr
     assert "pw-not-shown" not in served.stdout + served.stderr
+
+
+def test_clients_ignore_the_environment_and_use_the_named_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Vault session and check --online's client, with every proxy variable (and
+    REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE) set: they reach the origin directly and the
+    listener named by the variables gets nothing; given a named proxy, they use it."""
+    with recording_listener() as listener, echo_origin() as origin, forwarding_proxy() as named:
+        for name, value in listener.environment().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent/ca.pem")
+        monkeypatch.setenv("CURL_CA_BUNDLE", "/nonexistent/ca.pem")
+        url = f"{origin.url}/api/v1/workspaces"
+        with vault_http_session(None) as session:
+            assert session.get(url, headers={"Authorization": "Bearer-API a"}).status_code == 200
+        with publer_http_client(UpstreamSettings(url=origin.url)) as client:
+            assert client.get(url, headers={"Authorization": "Bearer-API b"}).status_code == 200
+        assert origin.seen == ["Bearer-API a", "Bearer-API b"]
+        assert listener.received() == b""
+        with vault_http_session(named.url) as session:
+            assert session.get(url).status_code == 200
+        with publer_http_client(UpstreamSettings(url=origin.url, proxy=named.url)) as client:
+            assert client.get(url).status_code == 200
+        assert [line for line, _ in named.requests] == [f"GET {url} HTTP/1.1"] * 2
+        assert listener.received() == b""
