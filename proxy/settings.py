@@ -398,9 +398,10 @@ class Settings(_Model):
         return found
 
     def secret_values(self) -> list[str]:
-        """Secrets written in the config itself (a password in a proxy URL), to register
-        for redaction before anything is logged."""
-        return url_secrets(self.vault.proxy) + url_secrets(self.upstream.proxy)
+        """Secrets written in the config itself (a password in a proxy or Redis URL), to
+        register for redaction before anything is logged."""
+        urls = (self.vault.proxy, self.upstream.proxy, self.rate_limit.redis_url)
+        return [secret for url in urls for secret in url_secrets(url)]
 
     def credentials_in_use(self) -> dict[str, CredentialSettings]:
         """The credentials that at least one route refers to."""

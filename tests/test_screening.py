@@ -185,12 +185,17 @@ def test_bad_proxy_url_names_the_key_and_never_the_password(value: str, problem:
     assert "topsecret1" not in text
 
 
-def test_proxy_passwords_are_secrets_and_never_in_reprs() -> None:
-    """Settings list the proxy passwords for redaction; no repr shows a proxy URL."""
+def test_config_passwords_are_secrets_and_proxies_never_in_reprs() -> None:
+    """Settings list the proxy and Redis passwords for redaction; no repr shows a proxy
+    URL."""
     data = config(proxy="http://svc:vaultpass1@proxy:3128")
     data["upstream"] = {"url": "https://app.publer.com", "proxy": "http://svc:uppass22@proxy:3128"}
+    data["rate_limit"] = {"redis_url": "redis://:redis%2Fpw@127.0.0.1:6379/0"}
     settings = parse_settings(data)
-    assert settings.secret_values() == ["vaultpass1", "vaultpass1", "uppass22", "uppass22"]
+    assert settings.secret_values() == [
+        *("vaultpass1", "vaultpass1", "uppass22", "uppass22"),
+        *("redis%2Fpw", "redis/pw"),
+    ]
     assert "pass" not in repr(settings)
     assert settings.warnings() == [
         "vault.proxy: Vault is plain HTTP (http://127.0.0.1:8200), so the proxy"
