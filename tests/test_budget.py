@@ -18,9 +18,9 @@ from tests.servers import Proxy, Sandbox, proxy_config, start_proxy, start_redis
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on a free loopback port, without persistence."""
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server.url
-    server.stop()
+    redis = start_redis(tmp_path_factory.mktemp("redis"))
+    yield redis.url
+    redis.stop()
 
 
 def _budget_config(
