@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -115,7 +116,12 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         print("sandbox: --tls-cert and --tls-key go together", file=sys.stderr)
         return EXIT_INVALID
     keys = [parse_key_spec(k) for k in (args.key or [DEFAULT_SANDBOX_KEY])]
-    app = create_app(keys, rate_limit=args.rate_limit, rate_period_seconds=args.rate_period)
+    app = create_app(
+        keys,
+        rate_limit=args.rate_limit,
+        rate_period_seconds=args.rate_period,
+        auth_errors=args.auth_errors,
+    )
     scheme = "https" if args.tls_cert else "http"
     print(f"Publer sandbox on {scheme}://{args.host}:{args.port}/api/v1", flush=True)
     uvicorn.run(
@@ -186,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (with --tls-key)"
     )
     sandbox.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    sandbox.add_argument(
+        "--auth-errors",
+        choices=("docs", "live"),
+        default=os.environ.get("PUBLER_SANDBOX_AUTH_ERRORS", "docs"),
+        help="401/403 as Publer's docs say (default), or as the live API answers;"
+        " default $PUBLER_SANDBOX_AUTH_ERRORS",
+    )
     sandbox.set_defaults(func=cmd_sandbox)
     hash_cmd = sub.add_parser(
         "hash-token", help="print the sha256 digest of a client token read on stdin"
