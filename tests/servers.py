@@ -126,14 +126,19 @@ def make_tls(workdir: Path) -> Tls:
 
 
 def start_sandbox(
-    workdir: Path, *keys: str, rate_limit: int = 100000, tls: Tls | None = None
+    workdir: Path,
+    *keys: str,
+    rate_limit: int = 100000,
+    tls: Tls | None = None,
+    auth_errors: str = "docs",
 ) -> Sandbox:
-    """`publer-proxy sandbox` on a free port, accepting `keys` (over HTTPS with `tls`)."""
+    """`publer-proxy sandbox` on a free port, accepting `keys` (over HTTPS with `tls`),
+    answering 401/403 as Publer's docs say or as the live API does (`auth_errors`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / f"sandbox-{port}.log"
     args = [sys.executable, "-m", "proxy", "sandbox", "--port", str(port)]
-    args += ["--rate-limit", str(rate_limit)]
+    args += ["--rate-limit", str(rate_limit), "--auth-errors", auth_errors]
     for key in keys:
         args += ["--key", key]
     if tls is not None:
