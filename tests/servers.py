@@ -99,6 +99,10 @@ class Sandbox(Process):
         """Replace the keys the sandbox accepts."""
         self._control("PUT", "keys", json={"keys": list(keys)})
 
+    def set_auth_errors(self, mode: str) -> None:
+        """Answer 401/403 as Publer's docs say ("docs") or as the live API does ("live")."""
+        self._control("PUT", "auth-errors", json={"mode": mode})
+
     def fault(self, **fault: Any) -> None:
         """Make the next requests fail the way `fault` says."""
         self._control("PUT", "faults", json=fault)
