@@ -142,7 +142,9 @@ def start_sandbox(
     port = free_port()
     log_path = workdir / f"sandbox-{port}.log"
     args = [sys.executable, "-m", "proxy", "sandbox", "--port", str(port)]
-    args += ["--rate-limit", str(rate_limit), "--auth-errors", auth_errors]
+    args += ["--rate-limit", str(rate_limit)]
+    if auth_errors != "docs":
+        args += ["--auth-errors", auth_errors]
     for key in keys:
         args += ["--key", key]
     if tls is not None:
