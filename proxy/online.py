@@ -108,6 +108,11 @@ def _verdict(status: int, body: bytes, probe: Probe) -> tuple[bool, str]:
             f"Publer rejects the key ({status} to {asked}): it was revoked, has expired, was"
             " mistyped or is not active; create a new key in Publer and write it to Vault"
         )
+    if found is Rejection.WORKSPACE and probe.workspace is None:
+        return False, (
+            f"Publer wants a workspace for {asked} ({status}) and the route sets none:"
+            " set the route's workspace_id"
+        )
     if found is Rejection.WORKSPACE:
         return False, (
             f"Publer accepts the key but not workspace '{probe.workspace}' ({status} to"

@@ -114,3 +114,21 @@ def test_tls_failure_names_the_certificate_problem(
     assert result.returncode == 2, result.stdout
     assert "certificate verification failed" in result.stdout
     assert "upstream.ca_file" in result.stdout
+
+
+def test_probe_is_chosen_within_the_routes_scopes() -> None:
+    """The cheapest endpoint a route allows is asked, with the route's workspace only
+    where Publer takes one."""
+    from proxy.online import choose_probe
+    from proxy.settings import RouteSettings
+
+    def route(scopes: list[str], workspace: str | None = WS) -> RouteSettings:
+        return RouteSettings(name="r", credential="c", workspace_id=workspace, scopes=scopes)
+
+    assert choose_probe([route(["posts", "users"])]).path == "/api/v1/users/me"
+    assert choose_probe([route(["posts", "users"])]).workspace is None
+    assert choose_probe([route(["media", "posts"])]).path == "/api/v1/posts?page=0"
+    assert choose_probe([route(["media", "posts"])]).workspace == WS
+    assert choose_probe([route(["job_status"])]).path.startswith("/api/v1/job_status/")
+    assert choose_probe([route(["analytics"], None)]).workspace is None
+    assert choose_probe([route(["media"]), route(["workspaces"])]).path == "/api/v1/workspaces"
