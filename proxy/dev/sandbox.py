@@ -77,6 +77,7 @@ _PART_HEADERS_LIMIT = 64 * 1024
 _FILLER = b"a" * DOWNLOAD_CHUNK_BYTES
 _DOWNLOAD_HEAD = b'{"media":[],"total":0,"padding":"'
 _DOWNLOAD_TAIL = b'"}'
+_SANDBOX_USER = {"id": "5f8d7a62c9e77e001f36e000", "name": "Sandbox User", "picture": None}
 _ACCOUNTS = (
     ("6120c1f3a1b2c3d4e5f60001", "Sandbox Page", "facebook"),
     ("6120c1f3a1b2c3d4e5f60002", "sandbox.gram", "instagram"),
@@ -549,7 +550,8 @@ async def _workspaces(state: _State, call: _Call) -> Response:
     ids = [DEFAULT_WORKSPACE_ID, *sorted(call.key.workspaces - {DEFAULT_WORKSPACE_ID})]
     return JSONResponse(
         [{"id": ws, "name": f"Sandbox Workspace {n}", "plan": "business", "role": "owner",
-          "picture": None} for n, ws in enumerate(ids, 1)]
+          "picture": None, "owner": _SANDBOX_USER, "members": [_SANDBOX_USER]}
+         for n, ws in enumerate(ids, 1)]
     )  # fmt: skip
 
 
@@ -562,7 +564,8 @@ async def _accounts(state: _State, call: _Call) -> Response:
 
 
 def _account(account_id: str, name: str, provider: str) -> dict[str, Any]:
-    return {"id": account_id, "name": name, "provider": provider, "type": "page", "picture": None}
+    return {"id": account_id, "name": name, "provider": provider, "type": "page", "picture": None,
+            "social_id": "1" + account_id[-14:]}  # fmt: skip
 
 
 async def _posts_list(state: _State, call: _Call) -> Response:
@@ -922,9 +925,10 @@ def _store_post(
     scheduled_at: str | None,
 ) -> dict[str, Any]:
     text, kind = _draft_text(draft)
-    post = {"id": post_id, "state": post_state, "text": text, "type": kind,
-            "workspace_id": call.workspace, "account_id": account_id,
-            "scheduled_at": scheduled_at, "network": _network_of(account_id)}  # fmt: skip
+    post = {"id": post_id, "state": post_state, "text": text, "type": kind, "url": None,
+            "account_id": account_id, "user": _SANDBOX_USER, "scheduled_at": scheduled_at,
+            "post_link": None, "has_media": False, "network": _network_of(account_id),
+            "workspace_id": call.workspace}  # fmt: skip
     state.posts[post_id] = post
     return post
 
