@@ -117,5 +117,9 @@ def test_revoked_key_is_named_as_the_key(
         assert answer.status_code == KEY_STATUS[mode]
         assert answer.headers["x-publer-proxy-hint"].startswith("key rejected")
         assert answer.json()["errors"]
+        # A HEAD has no message to read: the status decides, and nothing waits for a body.
+        head = httpx.head(f"{proxy.url}/api/v1/posts", timeout=10)
+        assert head.status_code == KEY_STATUS[mode]
+        assert head.headers["x-publer-proxy-hint"]
     finally:
         proxy.stop()
