@@ -19,6 +19,7 @@ from typing import TextIO
 import httpx
 
 from proxy.logs import configure_logging
+from proxy.outbound import publer_http_client
 from proxy.publer import Rejection, rejection
 from proxy.redact import SecretRegistry, mask
 from proxy.settings import LoggingSettings, RouteSettings, Settings, UpstreamSettings
@@ -65,17 +66,11 @@ def choose_probe(routes: Sequence[RouteSettings]) -> Probe:
 def probe_key(upstream: UpstreamSettings, key: str, probe: Probe) -> tuple[bool, str]:
     """Ask Publer whether `key` works: (True, sentence) when the key is alive, else
     (False, why not, or why Publer could not be asked)."""
-    context = ssl.create_default_context(cafile=str(upstream.ca_file) if upstream.ca_file else None)
     headers = {"Authorization": f"Bearer-API {key}"}
     if probe.workspace is not None:
         headers["Publer-Workspace-Id"] = probe.workspace
     try:
-        with httpx.Client(
-            verify=context,
-            trust_env=False,
-            follow_redirects=False,
-            timeout=upstream.connect_timeout_seconds,
-        ) as client:
+        with publer_http_client(upstream) as client:
             response = client.get(upstream.url + probe.path, headers=headers)
     except httpx.HTTPError as exc:
         return False, _unreachable(upstream.url, exc)
@@ -136,6 +131,8 @@ def check_online(settings: Settings, out: TextIO | None = None) -> bool:
     """Print, per credential, the masked key, its version and age, and Publer's verdict."""
     stream = out or sys.stdout
     secrets = SecretRegistry()
+    for value in settings.secret_values():
+        secrets.add(value)
     configure_logging(LoggingSettings(format="console", level="warning"), secrets, sys.stderr)
 
     def say(line: str) -> None:
