@@ -129,6 +129,13 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("sandbox: --tls-cert and --tls-key go together", file=sys.stderr)
         return EXIT_INVALID
+    if args.auth_errors not in ("docs", "live"):
+        print(
+            f"sandbox: --auth-errors (or $PUBLER_SANDBOX_AUTH_ERRORS) is {args.auth_errors!r};"
+            " use docs or live",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
     specs = [*(args.key or []), *os.environ.get(SANDBOX_KEYS_ENV, "").split()]
     keys = [parse_key_spec(k) for k in (specs or [DEFAULT_SANDBOX_KEY])]
     app = create_app(

@@ -350,3 +350,36 @@ def test_sandbox_cli_selects_live_auth_errors(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_dev_stack_sandbox_follows_the_environment_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run`'s sandbox answers the live way when PUBLER_SANDBOX_AUTH_ERRORS=live."""
+    from proxy.dev.stack import sandbox_process
+
+    monkeypatch.setenv("PUBLER_SANDBOX_AUTH_ERRORS", "live")
+    with sandbox_process(tmp_path, "dev-stack-key-0001") as url:
+        answer = httpx.get(
+            f"{url}/api/v1/users/me", headers={"Authorization": "Bearer-API wrong"}, trust_env=False
+        )
+    assert answer.status_code == 403
+    assert answer.json() == {"errors": [LIVE_KEY_REJECTED]}
+
+
+def test_unknown_auth_errors_mode_is_a_clear_error() -> None:
+    """A mistyped mode in the environment is refused with a sentence, not a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "sandbox", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "PUBLER_SANDBOX_AUTH_ERRORS": "livee"},
+    )
+    assert result.returncode == 1
+    assert "use docs or live" in result.stderr and "Traceback" not in result.stderr
