@@ -170,7 +170,8 @@ class CredentialStore:
                 task.cancel()
                 del self._refreshers[name]
         for name in staged.removed:
-            for gauge in (self._metrics.key_age, self._metrics.key_read_age):
+            metrics = self._metrics
+            for gauge in (metrics.key_age, metrics.key_read_age, metrics.budget_left):
                 with contextlib.suppress(KeyError):
                     gauge.remove(name)
         if self._tasks:  # started: new slots are refreshed from now on
