@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +39,8 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
     )
     role_id = root.auth.approle.read_role_id("proxy")["data"]["role_id"]
     secret_id = root.auth.approle.generate_secret_id("proxy")["data"]["secret_id"]
-    child = root.auth.token.create(policies=["proxy"], ttl="3s", renewable=True)
+    # Long enough for both proxies to start on a busy machine; renewed at about 4 s.
+    child = root.auth.token.create(policies=["proxy"], ttl="6s", renewable=True)
     child_token = child["auth"]["client_token"]
     (tmp_path / "secret-id").write_text(secret_id)
     (tmp_path / "token").write_text(child_token)
@@ -103,6 +105,8 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
                 ("/elsewhere", {}),
                 ("/readyz", {}),
                 ("/metrics", {}),
+                ("/status", {}),
+                ("/status.json", {}),
             ]:
                 answer = httpx.get(f"{proxy.url}{path}", headers=headers)
                 bodies.append(answer.text + str(answer.headers))
@@ -112,6 +116,9 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
         for proxy in proxies:
             answer = httpx.post(f"{proxy.url}/api/v1/posts", json={"text": api_key})
             bodies.append(answer.text + str(answer.headers))
+        for proxy in proxies:  # a reload reads the config and stages the credentials again
+            proxy.process.send_signal(signal.SIGHUP)
+        eventually(lambda: all("config_reloaded" in proxy.output() for proxy in proxies))
         time.sleep(4)  # token renewals and AppRole re-logins happen
         vault.seal()
         time.sleep(1.5)
