@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import signal
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -79,11 +80,13 @@ class ReloadOutcome:
     result: Result
     sha256: str | None
     problems: tuple[str, ...] = ()
+    number: int = 0  # reload attempts since start, this one included
 
     def summary(self) -> dict[str, Any]:
         """The outcome without its problems (for /readyz, which anyone may read)."""
         return {
-            "at": self.at.isoformat(timespec="seconds"),
+            "number": self.number,
+            "at": self.at.isoformat(timespec="milliseconds"),
             "trigger": self.trigger,
             "result": self.result,
             "sha256": self.sha256,
@@ -188,6 +191,7 @@ class Reloader:
     _watcher: asyncio.Task[None] | None = None
     _watch_stop: asyncio.Event = field(default_factory=asyncio.Event)
     _hangup: bool = False
+    _attempts: int = 0
 
     async def start(self) -> None:
         """Take SIGHUP, watch the file if configured, and catch up with a file that changed
@@ -226,8 +230,6 @@ class Reloader:
         task.add_done_callback(self._tasks.discard)
 
     def _file_digest(self) -> str | None:
-        import hashlib
-
         try:
             return hashlib.sha256(self.path.read_bytes()).hexdigest()
         except OSError:
@@ -238,7 +240,10 @@ class Reloader:
         async with self._lock:
             outcome = await self._reload(trigger, only_if_changed)
         if outcome.result != "unchanged":
+            self._attempts += 1
+            outcome = replace(outcome, number=self._attempts)
             self.live.last_reload = outcome
+            self.live.current.services.metrics.config_reloads.labels(outcome.result).inc()
         return outcome
 
     async def _reload(self, trigger: str, only_if_changed: bool) -> ReloadOutcome:

@@ -246,6 +246,9 @@ def test_edits_and_breakage_under_load_fail_no_request(
     assert load.total() > 200
     applied = [e for e in proxy.events() if e.get("event") == "config_reloaded"]
     assert len(applied) == 3
+    metrics = httpx.get(f"{proxy.url}/metrics").text
+    for result, count in (("applied", 3), ("invalid", 2), ("refused", 1)):
+        assert f'publer_proxy_config_reloads_total{{result="{result}"}} {count}.0' in metrics
     assert applied[0]["credentials_added"] == ["second"]
     assert applied[-1]["credentials_removed"] == ["second"]
     assert proxy.stop() == 0
