@@ -134,6 +134,14 @@ def _serving(proxy: Proxy) -> dict[str, Any]:
     return config
 
 
+def _vault_reads(proxy: Proxy) -> float:
+    """Successful Vault reads so far, from /metrics."""
+    for line in httpx.get(f"{proxy.url}/metrics").text.splitlines():
+        if line.startswith('publer_proxy_vault_operations_total{operation="read",outcome="ok"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -170,7 +178,7 @@ def test_edits_and_breakage_under_load_fail_no_request(
 
         # 1. A new route on a new credential, with a new client: read before the swap.
         grown = json.loads(json.dumps(base))
-        grown["credentials"]["second"] = {"path": second}
+        grown["credentials"]["second"] = {"path": second, "refresh_seconds": 0.5}
         grown["routes"].append(_route("newcomer", "/new", "second", {"app-b": TOKEN_B}))
         grown["routes"][1]["clients"].append({"name": "app-c", "token_sha256": hash_token(TOKEN_C)})
         text = yaml.safe_dump(grown)
@@ -189,6 +197,8 @@ def test_edits_and_breakage_under_load_fail_no_request(
         assert answer.status_code == 200, answer.text
         ready = httpx.get(f"{proxy.url}/readyz").json()
         assert ready["credentials"]["second"]["state"] == "fresh"
+        reads = _vault_reads(proxy)
+        eventually(lambda: _vault_reads(proxy) >= reads + 2)  # "second" is refreshed
 
         # 2. A scope taken away applies to the next request.
         narrowed = json.loads(json.dumps(grown))
@@ -241,6 +251,9 @@ def test_edits_and_breakage_under_load_fail_no_request(
         assert answer.json()["code"] == "client_unauthenticated"
         assert "second" not in httpx.get(f"{proxy.url}/readyz").json()["credentials"]
         assert 'credential="second"' not in httpx.get(f"{proxy.url}/metrics").text
+        reads = _vault_reads(proxy)
+        time.sleep(2.0)
+        assert _vault_reads(proxy) == reads, "the removed credential is still refreshed"
         eventually(lambda: load.total() > 200, timeout=30)
     assert load.failures == [], load.outcomes
     assert load.total() > 200
