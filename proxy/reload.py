@@ -238,7 +238,12 @@ class Reloader:
     async def reload(self, trigger: str, *, only_if_changed: bool = False) -> ReloadOutcome:
         """Load the file and, when it passes every check, serve it; one reload at a time."""
         async with self._lock:
-            outcome = await self._reload(trigger, only_if_changed)
+            try:
+                outcome = await self._reload(trigger, only_if_changed)
+            except Exception as exc:  # a bug must not end the process that serves
+                log.exception("config_reload_crashed", trigger=trigger)
+                problem = f"the reload failed unexpectedly ({type(exc).__name__}); report it"
+                outcome = _rejected(trigger, "refused", None, [problem])
         if outcome.result != "unchanged":
             self._attempts += 1
             outcome = replace(outcome, number=self._attempts)
