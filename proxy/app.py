@@ -1,4 +1,4 @@
-"""The proxy as one ASGI app: its lifespan, its own three endpoints, and the forwarder.
+"""The proxy as one ASGI app: its lifespan, its own endpoints, and the forwarder.
 
 Dispatch is on the raw path: `/healthz`, `/readyz`, `/metrics` and the status page
 exactly, everything else goes to the forwarder of the config generation in service
