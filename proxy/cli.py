@@ -70,10 +70,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config, print the effective routes, and with --online try the keys."""
     try:
-        settings, scope_map = load_all(args.config)
+        loaded = load_config(config_path(args.config))
     except ConfigError as exc:
         return _print_problems(exc)
-    print(f"configuration {config_path(args.config)} is valid")
+    settings, scope_map = loaded.settings, loaded.scope_map
+    # The digest /readyz shows once this file is loaded: compare before and after a reload.
+    print(f"configuration {config_path(args.config)} is valid (sha256 {loaded.sha256})")
     for warning in settings.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     for line in describe_routes(settings, scope_map):

@@ -7,6 +7,8 @@ import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -325,10 +327,18 @@ def test_unreadable_new_credential_refuses_the_reload(
     reloading_proxy: Proxy, bao: Bao, token_file: Path, sandbox: Sandbox
 ) -> None:
     """A reload adding a credential whose key Vault does not have is refused, naming the
-    credential, and the running config keeps serving."""
+    credential, and the running config keeps serving (`check` prints the digest that
+    /readyz shows for the file it serves)."""
     proxy = reloading_proxy
     config = _serving(proxy)
     before = _config_state(proxy)["sha256"]
+    check = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "--config", str(proxy.config_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"is valid (sha256 {before})" in check.stdout
     config["credentials"]["ghost"] = {"path": "does/not/exist"}
     config["routes"].append(_route("ghost", "/ghost", "ghost", None))
     state = _write_and_reload(proxy, yaml.safe_dump(config))
