@@ -27,7 +27,7 @@ from proxy.forward import Forwarder, Services
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.policy import build_routes
 from proxy.ratelimit import make_budget
-from proxy.redact import SecretRegistry
+from proxy.redact import SecretRegistry, masked_url
 from proxy.reload import Generation, Live, Reloader
 from proxy.requestid import RequestContext
 from proxy.scopes import ScopeMap
@@ -89,6 +89,9 @@ def create_app(
     configured, when it changes.
     """
 
+    for value in settings.secret_values():
+        secrets.add(value)
+
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
         registry = Metrics()
@@ -105,6 +108,7 @@ def create_app(
             upstream=upstream or Upstream(settings.upstream),
             budget=make_budget(settings.rate_limit),
             metrics=registry,
+            secrets=secrets,
             activity=Activity(settings.rate_limit.per_seconds),
         )
         config = loaded or in_code(settings, scope_map)
@@ -117,6 +121,8 @@ def create_app(
             "proxy_started",
             routes=[r.name for r in settings.routes],
             upstream=settings.upstream.url,
+            upstream_proxy=masked_url(settings.upstream.proxy),
+            vault_proxy=masked_url(settings.vault.proxy),
             credentials=store.status(),
         )
         # Everything made so far (modules, config, the app) lives as long as the process.

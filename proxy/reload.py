@@ -257,6 +257,8 @@ class Reloader:
             config = await to_thread.run_sync(load_config, self.path)
         except ConfigError as exc:
             return _rejected(trigger, "invalid", None, exc.problems)
+        for value in config.settings.secret_values():  # before anything is logged
+            current.services.secrets.add(value)
         if only_if_changed and config.sha256 == current.config.sha256:
             return ReloadOutcome(config.loaded_at, trigger, "unchanged", config.sha256)
         problems = restart_only_changes(current.config.settings, config.settings)
