@@ -376,6 +376,44 @@ def test_watched_file_reloads_without_a_signal(
         proxy.stop()
 
 
+def _configmap_version(volume: Path, text: str) -> None:
+    """Publish `text` as Kubernetes publishes a ConfigMap volume: a new timestamped folder,
+    then the `..data` link swapped to it with one rename; `proxy.yaml` is a link through
+    `..data` that itself never changes."""
+    version = volume / f"..{time.time_ns()}"
+    version.mkdir()
+    (version / "proxy.yaml").write_text(text)
+    staging = volume / "..data_tmp"
+    staging.symlink_to(version.name)
+    os.replace(staging, volume / "..data")
+    link = volume / "proxy.yaml"
+    if not link.is_symlink():
+        link.symlink_to("..data/proxy.yaml")
+
+
+def test_watched_configmap_volume_reloads_on_the_link_swap(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """A config mounted the Kubernetes way (proxy.yaml -> ..data/proxy.yaml, ..data
+    re-pointed to a new folder on update) is reloaded when the link is swapped, though the
+    file the proxy was given is never written."""
+    config = _base_config(bao, token_file, sandbox)
+    config["reload"] = {"watch": True}
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    _configmap_version(volume, yaml.safe_dump(config))
+    proxy = start_proxy(tmp_path, config, config_path=volume / "proxy.yaml")
+    try:
+        eventually(lambda: "config_watch_started" in proxy.output())
+        grown = {**config, "routes": [*config["routes"], _route("k", "/k", "publer", None)]}
+        text = yaml.safe_dump(grown)
+        _configmap_version(volume, text)
+        eventually(lambda: _config_state(proxy)["sha256"] == _digest(text))
+        assert httpx.get(f"{proxy.url}/k/api/v1/users/me").status_code == 200
+    finally:
+        proxy.stop()
+
+
 def _settings(**changes: Any) -> Any:
     data: dict[str, Any] = {
         "credentials": {"publer": {"path": "publer/api"}},
