@@ -376,6 +376,19 @@ def test_watched_file_reloads_without_a_signal(
         proxy.stop()
 
 
+def test_budget_limit_reloads_and_keeps_what_was_spent(reloading_proxy: Proxy) -> None:
+    """A lower rate limit applies to the next request and counts what the window already
+    spent: after 3 requests, a limit of 5 lets 2 more through, then answers 429."""
+    proxy = reloading_proxy
+    for _ in range(3):
+        assert httpx.get(f"{proxy.url}/api/v1/users/me").status_code == 200
+    config = _serving(proxy)
+    config["rate_limit"] = {"requests": 5, "per_seconds": 120}
+    assert _write_and_reload(proxy, yaml.safe_dump(config))["last_reload"]["result"] == "applied"
+    statuses = [httpx.get(f"{proxy.url}/api/v1/users/me").status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+
+
 def _configmap_version(volume: Path, text: str) -> None:
     """Publish `text` as Kubernetes publishes a ConfigMap volume: a new timestamped folder,
     then the `..data` link swapped to it with one rename; `proxy.yaml` is a link through
