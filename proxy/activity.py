@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -96,8 +96,9 @@ class Activity:
     """Per-client use of the budget and recent refusals; one per process, shared by every
     config generation so that a reload keeps the counts."""
 
-    def __init__(self, window_seconds: float) -> None:
+    def __init__(self, window_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_seconds = window_seconds
+        self._clock = clock
         self._spent = _Counts(window_seconds)
         self._refusals = _Counts(REFUSAL_WINDOW_SECONDS)
         self._recent: deque[Refused] = deque(maxlen=RECENT_REFUSALS)
@@ -110,22 +111,22 @@ class Activity:
 
     def spent(self, route: str, client: str | None) -> None:
         """A request of `client` on `route` spent one unit of its credential's budget."""
-        self._spent.add((route, client), time.monotonic())
+        self._spent.add((route, client), self._clock())
 
     def refused(
         self, code: str, status: int, route: str | None, client: str | None, request_id: str
     ) -> None:
         """The proxy answered a request with one of its own refusals."""
-        self._refusals.add(code, time.monotonic())
+        self._refusals.add(code, self._clock())
         self._recent.append(Refused(time.time(), code, status, route, client, request_id))
 
     def used(self, route: str, client: str | None) -> int:
         """What `client` on `route` spent in the current window."""
-        return self._spent.total((route, client), time.monotonic())
+        return self._spent.total((route, client), self._clock())
 
     def refusals_by_code(self) -> dict[str, int]:
         """Refusals in the last `REFUSAL_WINDOW_SECONDS`, by code, largest first."""
-        now = time.monotonic()
+        now = self._clock()
         counts = {str(code): self._refusals.total(code, now) for code in self._refusals.names()}
         return dict(sorted(((c, n) for c, n in counts.items() if n), key=lambda i: -i[1]))
 
