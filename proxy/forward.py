@@ -20,12 +20,13 @@ import structlog
 from prometheus_client import Counter
 from starlette.types import Message, Receive, Scope, Send
 
+from proxy.activity import Activity
 from proxy.audit import AuditLog
 from proxy.credentials import CredentialStore, HeldKey
 from proxy.errors import STATUS, ProxyError, RateLimitHeaders, Refusal
 from proxy.headers import downstream_headers, header_values, upstream_headers
 from proxy.metrics import Metrics, method_label
-from proxy.policy import Located, Route, Verdict, decide
+from proxy.policy import Located, RouteTable, Verdict, decide
 from proxy.publer import (
     MAX_MESSAGE_BYTES,
     REJECTION_STATUSES,
@@ -81,13 +82,14 @@ class Services:
     """Everything the forwarder needs, made once in the lifespan."""
 
     settings: Settings
-    routes: tuple[Route, ...]
+    routes: RouteTable
     scope_map: ScopeMap
     credentials: CredentialStore
     upstream: Upstream
     budget: Budget
     metrics: Metrics
     secrets: SecretRegistry  # what answers are screened for before they reach a client
+    activity: Activity
     shares: SharePlan
     audit: AuditLog
 
@@ -458,8 +460,14 @@ class Forwarder:
         if counter is None:
             counter = self._client_counters[by_client] = metrics.client_requests.labels(*by_client)
         counter.inc()
+        named = verdict.client if verdict else None
         if outcome.decision in STATUS:
             metrics.refusals.labels(outcome.decision).inc()
+            self.s.activity.refused(
+                outcome.decision, outcome.status, route, named, scope[REQUEST_ID_KEY]
+            )
+        if outcome.attempts and route is not None:
+            self.s.activity.spent(route, named)
 
 
 class _ReadAnswer:

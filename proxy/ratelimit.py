@@ -146,6 +146,10 @@ class _Window:
             self.asked.pop(key, None)
             self._guarantees = None
 
+    def forget_guarantees(self) -> None:
+        """Compute the guarantees again on the next request (the limit changed)."""
+        self._guarantees = None
+
     def guarantees(self, limit: int) -> dict[str, float]:
         """The active shareholders' guarantees, computed again only when they change."""
         if self._guarantees is None:
@@ -249,6 +253,14 @@ class MemoryBudget:
 
     async def close(self) -> None:
         return None
+
+    def adopt(self, previous: MemoryBudget) -> None:
+        """Carry on the windows of the budget this one replaces (a config reload), so a
+        changed limit does not forget what was already spent."""
+        self._windows = previous._windows
+        self._ceilings = previous._ceilings
+        for window in self._windows.values():
+            window.forget_guarantees()  # they were parts of the old limit
 
 
 _TAKE = """
