@@ -80,6 +80,9 @@ async def metrics(request: Request) -> Response:
 async def update_share_metrics(services: Services) -> None:
     """Set each client's use of its credential's current window, as /metrics shows it."""
     uses = await window_use(services.budget, services.shares, services.settings.rate_limit)
+    # Only the clients of the config now serving: a reload may have removed some.
+    services.metrics.share_used.clear()
+    services.metrics.share_nominal.clear()
     for window in uses:
         for use in window.shares:
             labels = (window.credential, use.route, use.client)
