@@ -188,15 +188,17 @@ def test_the_quiet_client_gets_its_weighted_share_under_a_flood(
         else:
             budget = MemoryBudget(settings)
         try:
-            return await _flood_and_trickle(budget, flood, quiet, 4.0)
+            return await _flood_and_trickle(budget, flood, quiet, 5.0)
         finally:
             await budget.close()
 
     flooded, quieted = asyncio.run(scenario())
-    windows = 2.0  # the counted half of the run, in windows
+    windows = 2.5  # the counted half of the run, in windows
     share = settings.requests * quiet_weight / (flood_weight + quiet_weight)
-    assert quieted >= share * windows * 0.9, (flooded, quieted)
-    assert flooded + quieted >= settings.requests * windows * 0.9, (flooded, quieted)
+    # Slack for the window's edges and a busy machine; without the share rule the quiet
+    # client got one or two requests in the same run.
+    assert quieted >= share * windows * 0.8, (flooded, quieted)
+    assert flooded + quieted >= settings.requests * windows * 0.8, (flooded, quieted)
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
