@@ -70,7 +70,9 @@ def _run(flood_targets: list[Proxy], quiet_target: Proxy) -> dict[str, Any]:
             while time.monotonic() - start < RUN_SECONDS:
                 answer = http.get(f"{proxy.url}/team/api/v1/posts")
                 with lock:
-                    if answer.status_code == 200 and time.monotonic() >= half:
+                    if time.monotonic() < half:
+                        pass  # the flood alone had the budget at first: not counted
+                    elif answer.status_code == 200:
                         got[name] += 1
                     elif answer.status_code == 429 and len(refusals) < 200:
                         refusals.append(answer)
