@@ -7,6 +7,8 @@ PORT ?= 8080
 TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman
 BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
 
+NODE_CLIENTS := tests/clients/node_modules/.installed
+
 .PHONY: run test lint typecheck container-test bench fuzz clean
 
 $(STAMP): pyproject.toml
@@ -14,6 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# Node packages the forward-proxy tests run real clients with (undici's environment proxy).
+$(NODE_CLIENTS): tests/clients/package.json tests/clients/package-lock.json
+	npm ci --prefix tests/clients --no-audit --no-fund --silent
+	touch $(NODE_CLIENTS)
 
 run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/publer-proxy dev --port $(PORT)
@@ -25,12 +32,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_CLIENTS)
 	scripts/system-deps.sh $(TEST_TOOLS)
 	$(MAKE) lint typecheck
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
-container-test: $(STAMP)
+container-test: $(STAMP) $(NODE_CLIENTS)
 	scripts/system-deps.sh $(TEST_TOOLS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -m container
 
@@ -42,4 +49,4 @@ fuzz: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.fuzz_paths --seconds 60
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/clients/node_modules

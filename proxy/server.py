@@ -257,6 +257,11 @@ def serve(settings: Settings, app: Any) -> int:
     graceful SIGTERM exit with -15; the no-op handler it restores turns that into 0.
     """
     signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
-    server = uvicorn.Server(uvicorn_config(settings, app))
+    config = uvicorn_config(settings, app)
+    server = uvicorn.Server(config)
+    if settings.forward_proxy is not None:
+        from proxy.tunnel import TunnellingServer
+
+        server = TunnellingServer(config, settings)
     server.run()
     return 0 if server.started else 1

@@ -1,0 +1,197 @@
+"""Real clients that hard-code https://app.publer.com, unchanged, through the forward proxy.
+
+Each client runs as its own process with only environment variables set (HTTPS_PROXY and
+the CA bundle variable of its ecosystem). For each: the stand-in of Publer received the
+key, the client never saw it, and the route was the one its token selects.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bao import Bao
+from tests.tunnel_stack import (
+    AGENT_WORKSPACE,
+    CLIENTS_DIR,
+    OPEN_WORKSPACE,
+    PUBLER_HOST,
+    TunnelStack,
+    start_tunnel_stack,
+)
+
+ME = f"https://{PUBLER_HOST}/api/v1/users/me"
+NODE_MODULES = CLIENTS_DIR / "node_modules"
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, bao: Bao, token_file: Path, api_key: str
+) -> Iterator[TunnelStack]:
+    """The proxy with its forward-proxy listener, in front of app.publer.com's stand-in."""
+    built = start_tunnel_stack(tmp_path_factory.mktemp("tunnel"), bao, token_file, api_key)
+    yield built
+    built.proxy.stop()
+    built.sandbox.stop()
+
+
+def run_client(args: list[str], env: dict[str, str]) -> str:
+    """Run a client to its end; everything it printed (stdout and stderr)."""
+    done = subprocess.run(args, env=env, capture_output=True, timeout=60, check=False)
+    output = (done.stdout + done.stderr).decode("utf-8", "replace")
+    assert done.returncode == 0, output
+    return output
+
+
+def last_request(stack: TunnelStack) -> dict[str, Any]:
+    """The last request the stand-in of Publer received."""
+    received = stack.sandbox.requests()
+    assert received, "the stand-in received nothing"
+    return received[-1]
+
+
+def header(request: dict[str, Any], name: str) -> list[str]:
+    """Every value of one header of a recorded request."""
+    return [value for key, value in request["headers"] if key.lower() == name]
+
+
+def assert_keyed_call(stack: TunnelStack, api_key: str, output: str, workspace: str) -> None:
+    """The stand-in got the key and the route's workspace; the client saw no key."""
+    request = last_request(stack)
+    assert request["path"] == "/api/v1/users/me"
+    assert header(request, "authorization") == [f"Bearer-API {api_key}"]
+    assert header(request, "publer-workspace-id") == [workspace]
+    assert header(request, "host") == [PUBLER_HOST]
+    assert api_key not in output
+    assert '"Sandbox User"' in output or "Sandbox User" in output
+
+
+def test_curl_with_proxy_authorization(stack: TunnelStack, api_key: str) -> None:
+    """curl with HTTPS_PROXY carrying the client token and CURL_CA_BUNDLE reaches Publer keyed."""
+    stack.sandbox.clear()
+    env = stack.env(HTTPS_PROXY=stack.forward_url_with_token(), CURL_CA_BUNDLE=str(stack.ca_file))
+    output = run_client(["curl", "-sS", "--fail-with-body", ME], env)
+    assert_keyed_call(stack, api_key, output, AGENT_WORKSPACE)
+
+
+def test_python_requests_with_token_as_api_key(stack: TunnelStack, api_key: str) -> None:
+    """requests, keyed with the client token as its "API key", honours the environment."""
+    stack.sandbox.clear()
+    code = (
+        "import os, requests\n"
+        "headers = {'Authorization': 'Bearer-API ' + os.environ['KEY']}\n"
+        f"r = requests.get({ME!r}, headers=headers)\n"
+        "print(r.status_code, r.text)\n"
+        "assert r.status_code == 200\n"
+    )
+    env = stack.env(
+        HTTPS_PROXY=stack.forward_url,
+        REQUESTS_CA_BUNDLE=str(stack.ca_file),
+        KEY=stack.client_token,
+    )
+    output = run_client([sys.executable, "-c", code], env)
+    assert_keyed_call(stack, api_key, output, AGENT_WORKSPACE)
+
+
+def test_httpx_with_ssl_cert_file(stack: TunnelStack, api_key: str) -> None:
+    """httpx honours HTTPS_PROXY (with the token) and SSL_CERT_FILE."""
+    stack.sandbox.clear()
+    code = (
+        "import httpx\n"
+        f"r = httpx.get({ME!r}, headers={{'Authorization': 'Bearer-API not-the-key'}})\n"
+        "print(r.status_code, r.text)\n"
+        "assert r.status_code == 200\n"
+    )
+    env = stack.env(HTTPS_PROXY=stack.forward_url_with_token(), SSL_CERT_FILE=str(stack.ca_file))
+    output = run_client([sys.executable, "-c", code], env)
+    assert_keyed_call(stack, api_key, output, AGENT_WORKSPACE)
+    # The client's own Authorization went nowhere: the tunnel's token stood for it.
+    assert "not-the-key" not in json.dumps(stack.sandbox.requests())
+
+
+def test_python_sdk_with_hard_coded_origin(stack: TunnelStack, api_key: str) -> None:
+    """A stdlib SDK with the origin hard-coded, given the client token as its key."""
+    stack.sandbox.clear()
+    env = stack.env(
+        HTTPS_PROXY=stack.forward_url,
+        SSL_CERT_FILE=str(stack.ca_file),
+        PUBLER_API_KEY=stack.client_token,
+    )
+    output = run_client([sys.executable, str(CLIENTS_DIR / "publer_sdk.py")], env)
+    assert json.loads(output)["status"] == 200
+    assert_keyed_call(stack, api_key, output, AGENT_WORKSPACE)
+
+
+def test_open_route_without_any_token(stack: TunnelStack, api_key: str) -> None:
+    """A client with no token at all is served by the open route (loopback only)."""
+    stack.sandbox.clear()
+    env = stack.env(HTTPS_PROXY=stack.forward_url, CURL_CA_BUNDLE=str(stack.ca_file))
+    output = run_client(["curl", "-sS", "--fail-with-body", ME], env)
+    assert_keyed_call(stack, api_key, output, OPEN_WORKSPACE)
+
+
+def node_env(stack: TunnelStack, **extra: str) -> dict[str, str]:
+    """Node with fetch honouring HTTPS_PROXY (undici's EnvHttpProxyAgent) and the CA."""
+    if not (NODE_MODULES / "undici").is_dir():
+        pytest.fail("undici is not installed in tests/clients: run `make test` (it installs it)")
+    preload = (CLIENTS_DIR / "env-proxy.mjs").as_uri()
+    return stack.env(
+        HTTPS_PROXY=stack.forward_url,
+        NODE_EXTRA_CA_CERTS=str(stack.ca_file),
+        NODE_OPTIONS=f"--import={preload}",
+        **extra,
+    )
+
+
+def node() -> str:
+    """The node binary."""
+    found = shutil.which("node")
+    if found is None:
+        pytest.fail("node is not installed; the forward-proxy tests run Node clients")
+    return found
+
+
+def test_node_fetch(stack: TunnelStack, api_key: str) -> None:
+    """Node's fetch honouring the environment reaches Publer keyed, with the token inside."""
+    stack.sandbox.clear()
+    headers = json.dumps({"Authorization": f"Bearer-API {stack.client_token}"})
+    output = run_client([node(), str(CLIENTS_DIR / "node_fetch.mjs"), ME, headers], node_env(stack))
+    assert json.loads(output)["status"] == 200
+    assert_keyed_call(stack, api_key, output, AGENT_WORKSPACE)
+
+
+def test_node_sdk_with_hard_coded_origin(stack: TunnelStack, api_key: str) -> None:
+    """A Node SDK with the origin hard-coded, given the client token as its key."""
+    stack.sandbox.clear()
+    env = node_env(stack, PUBLER_API_KEY=stack.client_token)
+    output = run_client([node(), str(CLIENTS_DIR / "publer_sdk.mjs")], env)
+    assert json.loads(output)["status"] == 200
+    assert_keyed_call(stack, api_key, output, AGENT_WORKSPACE)
+
+
+def test_tunnel_requests_are_logged_and_counted(stack: TunnelStack) -> None:
+    """A tunnelled request gets the reverse proxy's access event and metrics, marked as such."""
+    stack.sandbox.clear()
+    env = stack.env(HTTPS_PROXY=stack.forward_url_with_token(), CURL_CA_BUNDLE=str(stack.ca_file))
+    output = run_client(["curl", "-sS", "-D", "-", "-o", "/dev/null", ME], env)
+    request_id = next(
+        line.split(":", 1)[1].strip()
+        for line in output.splitlines()
+        if line.lower().startswith("x-request-id:")
+    )
+    event = stack.proxy.access_event(request_id)
+    assert event["via"] == "tunnel"
+    assert event["route"] == "agents"
+    assert event["client"] == "agent"
+    assert event["decision"] == "allowed"
+    assert event["path"] == "/agents/api/v1/users/me"
+    metrics = run_client(["curl", "-sS", f"{stack.proxy.url}/metrics"], stack.env())
+    assert 'publer_proxy_tunnels_total{outcome="opened"}' in metrics
+    assert 'route="agents",scope="users",status="200"' in metrics
