@@ -25,7 +25,7 @@ import socket
 import ssl
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -38,6 +38,7 @@ from proxy.ca import CAError, InterceptionCA, Leaf, normalize_host
 from proxy.connect import (
     MAX_CONNECT_HEAD_BYTES,
     Connect,
+    client_route,
     decide_connect,
     host_matches,
     tunnel_route,
@@ -46,7 +47,7 @@ from proxy.errors import Refusal
 from proxy.forward import Services, send_refusal
 from proxy.headers import header_values
 from proxy.metrics import method_label
-from proxy.policy import presented_token
+from proxy.policy import Route, presented_token
 from proxy.requestid import REQUEST_ID_KEY, RequestContext
 from proxy.settings import ForwardProxySettings, Settings
 
@@ -187,6 +188,7 @@ class TunnelListener:
         self._accepting: asyncio.Task[None] | None = None
         self._leaf: Leaf | None = None
         self._tunnels: Counter | None = None
+        self._routes: Sequence[Route] = ()
 
     @classmethod
     def bind(cls, settings: ForwardProxySettings) -> socket.socket:
@@ -201,8 +203,9 @@ class TunnelListener:
         host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
 
-    def start(self, tunnels: Counter) -> None:
-        """Start accepting; `tunnels` counts tunnels by outcome."""
+    def start(self, routes: Sequence[Route], tunnels: Counter) -> None:
+        """Start accepting for `routes`; `tunnels` counts tunnels by outcome."""
+        self._routes = routes
         self._tunnels = tunnels
         self._accepting = asyncio.create_task(self._accept())
 
@@ -244,6 +247,15 @@ class TunnelListener:
                 self._count("bad_head")
                 return
             decided = decide_connect(head, self._host, self._port)
+            if (
+                isinstance(decided, Connect)
+                and decided.token is not None
+                and client_route(self._routes, decided.token) is None
+            ):
+                decided = Refusal.of(
+                    "proxy_unauthenticated",
+                    "the Proxy-Authorization token is not a client of any route",
+                )
             if isinstance(decided, Refusal):
                 await self._refuse(loop, sock, decided, peer)
                 return
@@ -367,7 +379,7 @@ class TunnellingServer(uvicorn.Server):
             ["outcome"],
             registry=services.metrics.registry,
         )
-        self._listener.start(tunnels)
+        self._listener.start(services.routes, tunnels)
         host, port = self._listener.address
         log.info(
             "forward_proxy_listening",
