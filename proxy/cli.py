@@ -91,6 +91,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     for line in describe_routes(settings, scope_map):
         print(line)
+    if settings.forward_proxy is not None:
+        from proxy.tunnel import describe_forward_proxy
+
+        print("\n".join(describe_forward_proxy(settings)))
     if not args.online:
         return EXIT_OK
     from proxy.online import check_online

@@ -30,11 +30,19 @@ from typing import Any
 
 import structlog
 import uvicorn
+from cryptography import x509
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.app import FORWARDER_KEY, SERVICES_KEY
-from proxy.ca import CAError, InterceptionCA, Leaf, normalize_host
+from proxy.ca import (
+    CAError,
+    InterceptionCA,
+    Leaf,
+    constraint_problem,
+    fingerprint,
+    normalize_host,
+)
 from proxy.connect import (
     MAX_CONNECT_HEAD_BYTES,
     Connect,
@@ -56,6 +64,9 @@ access_log = structlog.get_logger("proxy.access")
 
 CONNECT_HEAD_TIMEOUT_SECONDS = 10.0
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
+# Closing waits this long for the client's TLS close_notify (asyncio's default is 30 s, which
+# held a graceful shutdown for as long whenever an idle client did not answer).
+TLS_SHUTDOWN_TIMEOUT_SECONDS = 2.0
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 _REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required"}
 
@@ -266,6 +277,7 @@ class TunnelListener:
                     sock,
                     ssl=self._context(),
                     ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS,
+                    ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_SECONDS,
                 )
             except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
                 log.warning("tunnel_handshake_failed", client=peer, error=type(exc).__name__)
@@ -322,6 +334,35 @@ def upstream_target(settings: Settings) -> tuple[str, int]:
 
     parts = urlsplit(settings.upstream.url)
     return normalize_host(parts.hostname or ""), parts.port or 443
+
+
+def describe_forward_proxy(settings: Settings) -> list[str]:
+    """The forward proxy as `check` prints it, with the CA certificate the running proxy wrote."""
+    forward = settings.forward_proxy
+    if forward is None:
+        return ["forward proxy: off (no forward_proxy section)"]
+    host, port = upstream_target(settings)
+    path = forward.ca_certificate_file
+    lines = [
+        "forward proxy",
+        f"  listen:     {forward.host}:{forward.port}  (CONNECT {host}:{port} only)",
+        "  CA key:     generated at start, held in memory only, never written",
+        f"  CA file:    {path}",
+        f"  leaves:     {forward.leaf_lifetime_hours:g} h, renewed at half-life",
+    ]
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        return [*lines, "  CA:         no certificate yet (serve writes it at start)"]
+    except (OSError, ValueError) as exc:
+        return [*lines, f"  CA:         {path} cannot be read as a PEM certificate ({exc})"]
+    problem = constraint_problem(cert, host)
+    return [
+        *lines,
+        f"  CA sha256:  {fingerprint(cert)}",
+        f"  CA expires: {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
+        f"  CA limits:  {problem or f'{host} only (critical name constraint, no IP addresses)'}",
+    ]
 
 
 def make_ca(settings: Settings) -> InterceptionCA:

@@ -195,3 +195,45 @@ def test_tunnel_requests_are_logged_and_counted(stack: TunnelStack) -> None:
     metrics = run_client(["curl", "-sS", f"{stack.proxy.url}/metrics"], stack.env())
     assert 'publer_proxy_tunnels_total{outcome="opened"}' in metrics
     assert 'route="agents",scope="users",status="200"' in metrics
+
+
+def test_check_reports_the_running_ca(stack: TunnelStack) -> None:
+    """`check` prints the fingerprint and expiry of the CA the running proxy made."""
+    started = next(e for e in stack.proxy.events() if e.get("event") == "forward_proxy_listening")
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "--config", str(stack.proxy.config_path)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        env=stack.env(),
+    )
+    output = done.stdout.decode()
+    assert done.returncode == 0, output + done.stderr.decode()
+    assert f"CA sha256:  {started['ca_fingerprint_sha256']}" in output
+    assert f"CA expires: {started['ca_not_after'][:10]}" in output
+    assert "app.publer.com only (critical name constraint" in output
+
+
+def test_sigterm_with_a_tunnel_open(
+    tmp_path: Path, bao: Bao, token_file: Path, api_key: str
+) -> None:
+    """SIGTERM with an idle tunnel open: the proxy exits 0 and the forward port is closed."""
+    import socket
+    import ssl
+
+    own = start_tunnel_stack(tmp_path, bao, token_file, api_key)
+    try:
+        sock = socket.create_connection(("127.0.0.1", own.forward_port), timeout=10)
+        sock.sendall(f"CONNECT {PUBLER_HOST}:443 HTTP/1.1\r\n\r\n".encode())
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+        context = ssl.create_default_context(cafile=str(own.ca_file))
+        tls = context.wrap_socket(sock, server_hostname=PUBLER_HOST)
+        tls.sendall(f"GET /api/v1/users/me HTTP/1.1\r\nHost: {PUBLER_HOST}\r\n\r\n".encode())
+        assert tls.recv(100).startswith(b"HTTP/1.1 200 ")
+        assert own.proxy.stop() == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", own.forward_port), timeout=2).close()
+        tls.close()
+    finally:
+        own.proxy.stop()
+        own.sandbox.stop()
