@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_LIFETIME = dt.timedelta(days=365)
@@ -33,6 +33,7 @@ LEAF_LIFETIME = dt.timedelta(hours=24)
 # Clients whose clock runs a little behind still accept a certificate made just now.
 CLOCK_SKEW = dt.timedelta(minutes=5)
 _CURVE = ec.SECP256R1()  # P-256: every TLS client has it; a key takes microseconds
+CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 class CAError(Exception):
@@ -154,7 +155,7 @@ class InterceptionCA:
     def __init__(
         self,
         cert: x509.Certificate,
-        key: ec.EllipticCurvePrivateKey,
+        key: CAKey,
         host: str,
         *,
         leaf_lifetime: dt.timedelta = LEAF_LIFETIME,
@@ -186,14 +187,14 @@ class InterceptionCA:
         *,
         leaf_lifetime: dt.timedelta = LEAF_LIFETIME,
     ) -> InterceptionCA:
-        """A CA kept elsewhere (Vault); raises CAError when it is not limited to `host`."""
+        """A CA kept elsewhere (Vault), unencrypted PEM; CAError unless it is limited to `host`."""
         try:
             cert = x509.load_pem_x509_certificate(cert_pem)
             key = serialization.load_pem_private_key(key_pem, password=None)
         except ValueError:
             raise CAError("the CA certificate or key is not valid PEM") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise CAError("the CA key must be an EC (P-256) key")
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise CAError("the CA key must be an EC or RSA private key")
         if cert.public_key() != key.public_key():
             raise CAError("the CA key does not belong to the CA certificate")
         return cls(cert, key, host, leaf_lifetime=leaf_lifetime)

@@ -77,7 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _print_problems(exc)
     secrets = SecretRegistry()
     configure_logging(settings.logging, secrets)
-    return serve(settings, create_app(settings, scope_map, secrets))
+    return serve(settings, create_app(settings, scope_map, secrets), secrets)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -280,6 +280,16 @@ class RouteSettings(_Model):
         return (self.workspace_id,) if self.workspace_id else ()
 
 
+class VaultCASettings(_Model):
+    """A CA kept in Vault (KV): its certificate and private key, both PEM."""
+
+    mount: str = "secret"
+    path: str
+    kv_version: Literal[1, 2] = 2
+    certificate_field: str = "certificate"
+    private_key_field: str = "private_key"
+
+
 class ForwardProxySettings(_Model):
     """The CONNECT listener for clients that hard-code Publer's origin (off when absent)."""
 
@@ -288,6 +298,8 @@ class ForwardProxySettings(_Model):
     # Written at start, for clients to trust (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, ...).
     ca_certificate_file: Path
     leaf_lifetime_hours: PositiveFloat = 24.0
+    # Absent: a new CA is made in memory at every start.
+    ca_vault: VaultCASettings | None = None
 
 
 class RateLimitSettings(_Model):

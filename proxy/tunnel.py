@@ -56,8 +56,10 @@ from proxy.forward import Services, send_refusal
 from proxy.headers import header_values
 from proxy.metrics import method_label
 from proxy.policy import Route, presented_token
+from proxy.redact import SecretRegistry
 from proxy.requestid import REQUEST_ID_KEY, RequestContext
 from proxy.settings import ForwardProxySettings, Settings
+from proxy.vault import VaultError, VaultSession
 
 log = structlog.get_logger("proxy.tunnel")
 access_log = structlog.get_logger("proxy.access")
@@ -346,7 +348,13 @@ def describe_forward_proxy(settings: Settings) -> list[str]:
     lines = [
         "forward proxy",
         f"  listen:     {forward.host}:{forward.port}  (CONNECT {host}:{port} only)",
-        "  CA key:     generated at start, held in memory only, never written",
+        "  CA key:     "
+        + (
+            f"read from Vault {forward.ca_vault.mount}/{forward.ca_vault.path} at start,"
+            " held in memory only"
+            if forward.ca_vault
+            else "generated at start, held in memory only, never written"
+        ),
         f"  CA file:    {path}",
         f"  leaves:     {forward.leaf_lifetime_hours:g} h, renewed at half-life",
     ]
@@ -377,27 +385,65 @@ def make_ca(settings: Settings) -> InterceptionCA:
     return ca
 
 
+def ca_from_vault(settings: Settings, session: VaultSession) -> InterceptionCA:
+    """The CA kept in Vault (`forward_proxy.ca_vault`), its certificate written for clients.
+
+    Raises VaultError or CAError (a CA not limited to the upstream's host is refused).
+    """
+    forward = settings.forward_proxy
+    assert forward is not None and forward.ca_vault is not None
+    source = forward.ca_vault
+    fields = session.read_fields(
+        source.mount,
+        source.path,
+        source.kv_version,
+        [source.certificate_field, source.private_key_field],
+    )
+    ca = InterceptionCA.from_pem(
+        fields[source.certificate_field].encode(),
+        fields[source.private_key_field].encode(),
+        upstream_target(settings)[0],
+        leaf_lifetime=dt.timedelta(hours=forward.leaf_lifetime_hours),
+    )
+    ca.write_certificate(forward.ca_certificate_file)
+    return ca
+
+
 class TunnellingServer(uvicorn.Server):
     """uvicorn's server, plus the forward-proxy listener sharing its app and its shutdown."""
 
-    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+    def __init__(self, config: uvicorn.Config, settings: Settings, secrets: SecretRegistry) -> None:
         super().__init__(config)
         self._settings = settings
+        self._secrets = secrets
         self._listener: TunnelListener | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        """Bind and make the CA first (a mistake stops the start), then start both."""
+        """Bind and make (or read) the CA first: a mistake stops the start before anything
+        listens, and the CA file exists before /readyz says ready."""
         forward = self._settings.forward_proxy
         assert forward is not None
         try:
-            ca = make_ca(self._settings)
             sock = TunnelListener.bind(forward)
-        except (OSError, CAError) as exc:
-            log.error(
-                "forward_proxy_failed",
-                reason=f"{forward.host}:{forward.port} or {forward.ca_certificate_file}: {exc}",
-            )
+        except OSError as exc:
+            log.error("forward_proxy_failed", reason=f"{forward.host}:{forward.port}: {exc}")
             sys.exit(3)  # uvicorn's own start-up failure status
+        try:
+            if forward.ca_vault is None:
+                ca = make_ca(self._settings)
+            else:
+                session = VaultSession(self._settings.vault, self._secrets)
+                try:
+                    ca = await asyncio.to_thread(ca_from_vault, self._settings, session)
+                finally:
+                    session.close()
+        except (OSError, CAError, VaultError) as exc:
+            where = (
+                "forward_proxy.ca_vault" if forward.ca_vault else str(forward.ca_certificate_file)
+            )
+            log.error("forward_proxy_failed", reason=f"{where}: {exc}")
+            sock.close()
+            sys.exit(3)
         config = self.config
 
         def make_protocol(app: ASGIApp) -> asyncio.Protocol:
@@ -407,13 +453,14 @@ class TunnellingServer(uvicorn.Server):
             protocol.app = app  # type: ignore[attr-defined]
             return protocol
 
+        await super().startup(sockets)
+        if self.should_exit:
+            sock.close()
+            return
+        services: Services = self.lifespan.state[SERVICES_KEY]
         self._listener = TunnelListener(
             forward, upstream_target(self._settings), ca, make_protocol, sock
         )
-        await super().startup(sockets)
-        if self.should_exit:
-            return
-        services: Services = self.lifespan.state[SERVICES_KEY]
         tunnels = Counter(
             "publer_proxy_tunnels",
             "CONNECT tunnels, by outcome: opened, or the refusal or failure.",

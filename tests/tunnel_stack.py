@@ -92,7 +92,13 @@ class TunnelStack:
         return env
 
 
-def start_tunnel_stack(workdir: Path, bao: Bao, token_file: Path, api_key: str) -> TunnelStack:
+def start_tunnel_stack(
+    workdir: Path,
+    bao: Bao,
+    token_file: Path,
+    api_key: str,
+    forward: dict[str, Any] | None = None,
+) -> TunnelStack:
     """The sandbox as app.publer.com, and a proxy with two routes and a forward proxy."""
     tls = named_tls(workdir / "publer-tls")
     sandbox = start_sandbox(workdir / "sandbox", api_key, tls=tls)
@@ -125,6 +131,7 @@ def start_tunnel_stack(workdir: Path, bao: Bao, token_file: Path, api_key: str) 
             "host": "127.0.0.1",
             "port": forward_port,
             "ca_certificate_file": str(ca_file),
+            **(forward or {}),
         },
     )
     port = sandbox.url.rsplit(":", 1)[1]

@@ -213,7 +213,7 @@ def run_dev(port: int = 8080, upstream: str | None = None) -> int:
                     args=(port, not real_key and not upstream, forward),
                     daemon=True,
                 ).start()
-                return serve(settings, create_app(settings, scope_map, secrets))
+                return serve(settings, create_app(settings, scope_map, secrets), secrets)
 
 
 @contextmanager
