@@ -104,6 +104,10 @@ async def read_connect_head(loop: asyncio.AbstractEventLoop, sock: socket.socket
             continue
         if not peeked:
             raise HeadError("closed before the end of the request head")
+        if not head and peeked.startswith(b"\x16"):  # a TLS record: ClientHello
+            raise HeadError(
+                "TLS arrived where a CONNECT was expected; the proxy URL is http://, not https://"
+            )
         tail = head[-3:]
         end = (tail + peeked).find(b"\r\n\r\n")
         take = end + 4 - len(tail) if end >= 0 else len(peeked)
@@ -201,6 +205,7 @@ class TunnelListener:
         self._accepting: asyncio.Task[None] | None = None
         self._leaf: Leaf | None = None
         self._tunnels: Counter | None = None
+        self._refusals: Counter | None = None
         self._routes: Sequence[Route] = ()
 
     @classmethod
@@ -216,10 +221,11 @@ class TunnelListener:
         host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
 
-    def start(self, routes: Sequence[Route], tunnels: Counter) -> None:
-        """Start accepting for `routes`; `tunnels` counts tunnels by outcome."""
+    def start(self, routes: Sequence[Route], tunnels: Counter, refusals: Counter) -> None:
+        """Start accepting for `routes`; count tunnels by outcome, refusals by code."""
         self._routes = routes
         self._tunnels = tunnels
+        self._refusals = refusals
         self._accepting = asyncio.create_task(self._accept())
 
     async def close(self) -> None:
@@ -305,6 +311,8 @@ class TunnelListener:
             reason=refusal.message,
         )
         self._count(refusal.code)
+        if self._refusals is not None:
+            self._refusals.labels(refusal.code).inc()
         with contextlib.suppress(OSError):
             await loop.sock_sendall(sock, refusal_answer(refusal, request_id))
 
@@ -467,7 +475,7 @@ class TunnellingServer(uvicorn.Server):
             ["outcome"],
             registry=services.metrics.registry,
         )
-        self._listener.start(services.routes, tunnels)
+        self._listener.start(services.routes, tunnels, services.metrics.refusals)
         host, port = self._listener.address
         log.info(
             "forward_proxy_listening",

@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,6 +118,11 @@ def test_connect_elsewhere_is_refused(stack: TunnelStack, bao: Bao) -> None:
         assert b"x-publer-proxy-error: tunnel_refused" in head.lower(), target
         assert json.loads(body)["code"] == "tunnel_refused"
     assert stack.sandbox.requests() == []
+    metrics = subprocess.run(
+        ["curl", "-sS", f"{stack.proxy.url}/metrics"], capture_output=True, timeout=30, check=True
+    ).stdout.decode()
+    assert 'publer_proxy_refusals_total{code="tunnel_refused"}' in metrics
+    assert 'publer_proxy_tunnels_total{outcome="tunnel_refused"}' in metrics
 
 
 def test_other_methods_and_absolute_form_are_refused(stack: TunnelStack) -> None:
@@ -130,9 +136,23 @@ def test_other_methods_and_absolute_form_are_refused(stack: TunnelStack) -> None
     ):
         answer = connect_raw(stack, request.encode())
         assert answer.startswith(b"HTTP/1.1 403 "), answer
-    for malformed in (b"CONNECT app.publer.com:443\r\n\r\n", b"\x16\x03\x01\x00\x05hello\r\n\r\n"):
+    for malformed in (b"CONNECT app.publer.com:443\r\n\r\n", b"\x00\x03\x01\x00\x05hi\r\n\r\n"):
         assert connect_raw(stack, malformed).startswith(b"HTTP/1.1 400 ")
     assert stack.sandbox.requests() == []
+
+
+def test_tls_instead_of_connect_is_closed_at_once(stack: TunnelStack) -> None:
+    """A client told https:// for the proxy URL sends TLS first: it is closed, not left waiting."""
+    context = ssl.create_default_context(cafile=str(stack.ca_file))
+    with (
+        socket.create_connection(("127.0.0.1", stack.forward_port), timeout=3) as sock,
+        pytest.raises((ssl.SSLError, ConnectionResetError)),
+    ):
+        context.wrap_socket(sock, server_hostname=PUBLER_HOST)
+    deadline = time.monotonic() + 5
+    while "TLS arrived where a CONNECT was expected" not in stack.proxy.output():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_spellings_of_the_right_host_open_a_tunnel(stack: TunnelStack) -> None:
@@ -220,10 +240,11 @@ def test_client_hello_in_the_same_write_as_connect(stack: TunnelStack, api_key: 
         answer = b""
         while b"Sandbox User" not in answer:
             incoming.write(sock.recv(65536))
-            try:
-                answer += tls.read(65536)
-            except ssl.SSLWantReadError:
-                continue
+            while True:  # one read may bring several records (a session ticket, the answer)
+                try:
+                    answer += tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert header(stack.sandbox.requests()[-1], "authorization") == [f"Bearer-API {api_key}"]
 
