@@ -138,14 +138,20 @@ def test_open_route_without_any_token(stack: TunnelStack, api_key: str) -> None:
 
 
 def node_env(stack: TunnelStack, **extra: str) -> dict[str, str]:
-    """Node with fetch honouring HTTPS_PROXY (undici's EnvHttpProxyAgent) and the CA."""
-    if not (NODE_MODULES / "undici").is_dir():
-        pytest.fail("undici is not installed in tests/clients: run `make test` (it installs it)")
-    preload = (CLIENTS_DIR / "env-proxy.mjs").as_uri()
+    """Node with fetch honouring HTTPS_PROXY, and the CA: Node's own switch from Node 24,
+    else undici's EnvHttpProxyAgent loaded before the app."""
+    version = subprocess.run([node(), "--version"], capture_output=True, check=True, timeout=30)
+    major = int(version.stdout.decode().lstrip("v").split(".")[0])
+    if major >= 24:
+        switch = {"NODE_USE_ENV_PROXY": "1"}
+    else:
+        if not (NODE_MODULES / "undici").is_dir():
+            pytest.fail("undici is not in tests/clients: run `make test` (it installs it)")
+        switch = {"NODE_OPTIONS": f"--import={(CLIENTS_DIR / 'env-proxy.mjs').as_uri()}"}
     return stack.env(
         HTTPS_PROXY=stack.forward_url,
         NODE_EXTRA_CA_CERTS=str(stack.ca_file),
-        NODE_OPTIONS=f"--import={preload}",
+        **switch,
         **extra,
     )
 
