@@ -111,13 +111,16 @@ def proxy_token(fields: Sequence[tuple[bytes, bytes]]) -> str | Refusal | None:
         except (binascii.Error, UnicodeDecodeError):
             return Refusal.of("proxy_unauthenticated", "Proxy-Authorization: Basic is malformed")
         user, _, password = decoded.partition(":")
-        return password or user or None
-    token = presented_token(values[0].decode("latin-1"))
-    if token is None:
-        return Refusal.of(
-            "proxy_unauthenticated",
-            "Proxy-Authorization must be Basic (client:TOKEN) or Bearer TOKEN",
-        )
+        token: str | None = password or user or None
+    else:
+        token = presented_token(values[0].decode("latin-1"))
+        if token is None:
+            return Refusal.of(
+                "proxy_unauthenticated",
+                "Proxy-Authorization must be Basic (client:TOKEN) or Bearer TOKEN",
+            )
+    if token is not None and not (token.isascii() and token.isprintable()):
+        return Refusal.of("proxy_unauthenticated", "a client token is printable ASCII")
     return token
 
 

@@ -135,6 +135,13 @@ def test_connect_carries_the_token_of_proxy_authorization() -> None:
             "proxy_unauthenticated",
         ),
         (head("CONNECT app.publer.com:443 HTTP/1.1", "Proxy-Authorization: Basic %%"), None),
+        (
+            head(
+                "CONNECT app.publer.com:443 HTTP/1.1",
+                "Proxy-Authorization: Basic " + base64.b64encode("a:tök".encode()).decode(),
+            ),
+            "proxy_unauthenticated",
+        ),
     ],
 )
 def test_malformed_or_other_requests_are_refused(request_head: bytes, code: str | None) -> None:
