@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
-TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman
+TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman curl:curl nodejs:node
 BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
 
 NODE_CLIENTS := tests/clients/node_modules/.installed
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 # Node packages the forward-proxy tests run real clients with (undici's environment proxy).
 $(NODE_CLIENTS): tests/clients/package.json tests/clients/package-lock.json
+	scripts/system-deps.sh nodejs:node npm:npm
 	npm ci --prefix tests/clients --no-audit --no-fund --silent
 	touch $(NODE_CLIENTS)
 
@@ -37,7 +38,7 @@ test: $(STAMP) $(NODE_CLIENTS)
 	$(MAKE) lint typecheck
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
-container-test: $(STAMP) $(NODE_CLIENTS)
+container-test: $(STAMP)
 	scripts/system-deps.sh $(TEST_TOOLS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -m container
 
