@@ -27,7 +27,8 @@ from tests.tunnel_stack import (
     start_tunnel_stack,
 )
 
-ME = f"https://{PUBLER_HOST}/api/v1/users/me"
+# An endpoint that takes a workspace: the workspace Publer gets tells which route served it.
+ACCOUNTS = f"https://{PUBLER_HOST}/api/v1/accounts"
 NODE_MODULES = CLIENTS_DIR / "node_modules"
 
 
@@ -65,19 +66,19 @@ def header(request: dict[str, Any], name: str) -> list[str]:
 def assert_keyed_call(stack: TunnelStack, api_key: str, output: str, workspace: str) -> None:
     """The stand-in got the key and the route's workspace; the client saw no key."""
     request = last_request(stack)
-    assert request["path"] == "/api/v1/users/me"
+    assert request["path"] == "/api/v1/accounts"
     assert header(request, "authorization") == [f"Bearer-API {api_key}"]
     assert header(request, "publer-workspace-id") == [workspace]
     assert header(request, "host") == [PUBLER_HOST]
     assert api_key not in output
-    assert '"Sandbox User"' in output or "Sandbox User" in output
+    assert "Sandbox Page" in output
 
 
 def test_curl_with_proxy_authorization(stack: TunnelStack, api_key: str) -> None:
     """curl with HTTPS_PROXY carrying the client token and CURL_CA_BUNDLE reaches Publer keyed."""
     stack.sandbox.clear()
     env = stack.env(HTTPS_PROXY=stack.forward_url_with_token(), CURL_CA_BUNDLE=str(stack.ca_file))
-    output = run_client(["curl", "-sS", "--fail-with-body", ME], env)
+    output = run_client(["curl", "-sS", "--fail-with-body", ACCOUNTS], env)
     assert_keyed_call(stack, api_key, output, AGENT_WORKSPACE)
 
 
@@ -87,7 +88,7 @@ def test_python_requests_with_token_as_api_key(stack: TunnelStack, api_key: str)
     code = (
         "import os, requests\n"
         "headers = {'Authorization': 'Bearer-API ' + os.environ['KEY']}\n"
-        f"r = requests.get({ME!r}, headers=headers)\n"
+        f"r = requests.get({ACCOUNTS!r}, headers=headers)\n"
         "print(r.status_code, r.text)\n"
         "assert r.status_code == 200\n"
     )
@@ -105,7 +106,7 @@ def test_httpx_with_ssl_cert_file(stack: TunnelStack, api_key: str) -> None:
     stack.sandbox.clear()
     code = (
         "import httpx\n"
-        f"r = httpx.get({ME!r}, headers={{'Authorization': 'Bearer-API not-the-key'}})\n"
+        f"r = httpx.get({ACCOUNTS!r}, headers={{'Authorization': 'Bearer-API not-the-key'}})\n"
         "print(r.status_code, r.text)\n"
         "assert r.status_code == 200\n"
     )
@@ -133,7 +134,7 @@ def test_open_route_without_any_token(stack: TunnelStack, api_key: str) -> None:
     """A client with no token at all is served by the open route (loopback only)."""
     stack.sandbox.clear()
     env = stack.env(HTTPS_PROXY=stack.forward_url, CURL_CA_BUNDLE=str(stack.ca_file))
-    output = run_client(["curl", "-sS", "--fail-with-body", ME], env)
+    output = run_client(["curl", "-sS", "--fail-with-body", ACCOUNTS], env)
     assert_keyed_call(stack, api_key, output, OPEN_WORKSPACE)
 
 
@@ -168,7 +169,8 @@ def test_node_fetch(stack: TunnelStack, api_key: str) -> None:
     """Node's fetch honouring the environment reaches Publer keyed, with the token inside."""
     stack.sandbox.clear()
     headers = json.dumps({"Authorization": f"Bearer-API {stack.client_token}"})
-    output = run_client([node(), str(CLIENTS_DIR / "node_fetch.mjs"), ME, headers], node_env(stack))
+    script = str(CLIENTS_DIR / "node_fetch.mjs")
+    output = run_client([node(), script, ACCOUNTS, headers], node_env(stack))
     assert json.loads(output)["status"] == 200
     assert_keyed_call(stack, api_key, output, AGENT_WORKSPACE)
 
@@ -186,7 +188,7 @@ def test_tunnel_requests_are_logged_and_counted(stack: TunnelStack) -> None:
     """A tunnelled request gets the reverse proxy's access event and metrics, marked as such."""
     stack.sandbox.clear()
     env = stack.env(HTTPS_PROXY=stack.forward_url_with_token(), CURL_CA_BUNDLE=str(stack.ca_file))
-    output = run_client(["curl", "-sS", "-D", "-", "-o", "/dev/null", ME], env)
+    output = run_client(["curl", "-sS", "-D", "-", "-o", "/dev/null", ACCOUNTS], env)
     request_id = next(
         line.split(":", 1)[1].strip()
         for line in output.splitlines()
@@ -197,10 +199,10 @@ def test_tunnel_requests_are_logged_and_counted(stack: TunnelStack) -> None:
     assert event["route"] == "agents"
     assert event["client"] == "agent"
     assert event["decision"] == "allowed"
-    assert event["path"] == "/agents/api/v1/users/me"
+    assert event["path"] == "/agents/api/v1/accounts"
     metrics = run_client(["curl", "-sS", f"{stack.proxy.url}/metrics"], stack.env())
     assert 'publer_proxy_tunnels_total{outcome="opened"}' in metrics
-    assert 'route="agents",scope="users",status="200"' in metrics
+    assert 'route="agents",scope="accounts",status="200"' in metrics
 
 
 def test_check_reports_the_running_ca(stack: TunnelStack) -> None:
@@ -234,7 +236,7 @@ def test_sigterm_with_a_tunnel_open(
         assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
         context = ssl.create_default_context(cafile=str(own.ca_file))
         tls = context.wrap_socket(sock, server_hostname=PUBLER_HOST)
-        tls.sendall(f"GET /api/v1/users/me HTTP/1.1\r\nHost: {PUBLER_HOST}\r\n\r\n".encode())
+        tls.sendall(f"GET /api/v1/accounts HTTP/1.1\r\nHost: {PUBLER_HOST}\r\n\r\n".encode())
         assert tls.recv(100).startswith(b"HTTP/1.1 200 ")
         assert own.proxy.stop() == 0
         with pytest.raises(ConnectionRefusedError):

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from proxy.ca import fingerprint, generate_ca
 from tests.bao import Bao
 from tests.servers import proxy_config
-from tests.test_tunnel_clients import ME, assert_keyed_call, run_client
+from tests.test_tunnel_clients import ACCOUNTS, assert_keyed_call, run_client
 from tests.tunnel_stack import AGENT_WORKSPACE, PUBLER_HOST, start_tunnel_stack
 
 
@@ -49,7 +49,7 @@ def test_ca_from_vault_serves_tunnels(
             HTTPS_PROXY=stack.forward_url_with_token(), CURL_CA_BUNDLE=str(stack.ca_file)
         )
         stack.sandbox.clear()
-        output = run_client(["curl", "-sS", "--fail-with-body", ME], env)
+        output = run_client(["curl", "-sS", "--fail-with-body", ACCOUNTS], env)
         assert_keyed_call(stack, api_key, output, AGENT_WORKSPACE)
         [started] = [e for e in stack.proxy.events() if e["event"] == "forward_proxy_listening"]
         assert started["ca_fingerprint_sha256"] == fingerprint(cert)

@@ -118,7 +118,7 @@ def start_tunnel_stack(
             "name": "open",
             "credential": "publer",
             "workspace_id": OPEN_WORKSPACE,
-            "scopes": ["users"],
+            "scopes": ["users", "accounts"],
             "read_only": True,
         },
     ]

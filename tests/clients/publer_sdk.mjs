@@ -18,7 +18,11 @@ class Publer {
   me() {
     return this.request("GET", "/users/me");
   }
+
+  accounts() {
+    return this.request("GET", "/accounts");
+  }
 }
 
-const answer = await new Publer(process.env.PUBLER_API_KEY).me();
+const answer = await new Publer(process.env.PUBLER_API_KEY).accounts();
 console.log(JSON.stringify(answer));

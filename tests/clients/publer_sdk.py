@@ -37,7 +37,11 @@ class Publer:
         """GET /users/me."""
         return self.request("GET", "/users/me")
 
+    def accounts(self) -> tuple[int, Any]:
+        """GET /accounts: the social accounts of the workspace."""
+        return self.request("GET", "/accounts")
+
 
 if __name__ == "__main__":
-    status, body = Publer(os.environ["PUBLER_API_KEY"]).me()
+    status, body = Publer(os.environ["PUBLER_API_KEY"]).accounts()
     print(json.dumps({"status": status, "body": body}))
