@@ -413,6 +413,15 @@ class Settings(_Model):
                 " name (such as https://app.publer.com): clients open tunnels to that name;"
                 " to reach a stand-in on another address, set upstream.connect_to"
             )
+        if (
+            forward.port != 0
+            and forward.port == self.listen.port
+            and self.listen.unix_socket is None
+        ):
+            problems.append(
+                f"forward_proxy.port: {forward.port} is also listen.port; the forward proxy"
+                " needs a port of its own (3128 by convention)"
+            )
         if not is_loopback_host(forward.host):
             problems += [
                 f"forward_proxy.host: route {route.name!r} has no clients (open), but the"

@@ -328,6 +328,15 @@ def test_open_route_with_forward_proxy_beyond_loopback_is_a_config_error() -> No
     assert parse_settings(settings_with()).forward_proxy is not None
 
 
+def test_forward_proxy_port_must_differ_from_the_listen_port() -> None:
+    """The two listeners on one port is a config error naming forward_proxy.port."""
+    data = settings_with(port=8080)
+    data["listen"] = {"port": 8080}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(data)
+    assert any(line.startswith("forward_proxy.port:") for line in caught.value.problems)
+
+
 def test_forward_proxy_needs_an_https_upstream_named_by_dns() -> None:
     """Tunnels are opened to a name: an IP-literal or plain-HTTP upstream is a config error."""
     for url in ("https://203.0.113.7", "http://127.0.0.1:8090", "https://[::1]:8443"):
