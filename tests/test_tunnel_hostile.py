@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -287,7 +288,7 @@ def serve_once(context: ssl.SSLContext) -> tuple[int, threading.Thread]:
 
 
 def test_ca_signed_certificate_for_another_name_is_rejected(tmp_path: Path) -> None:
-    """A leaf the CA signs for another name fails the name constraint in OpenSSL and curl."""
+    """A leaf the CA signs for another name fails the name constraint in Python, curl, Node."""
     cert, key = generate_ca(PUBLER_HOST)
     ca = InterceptionCA(cert, key, PUBLER_HOST)
     ca_file = tmp_path / "ca.pem"
@@ -323,3 +324,20 @@ def test_ca_signed_certificate_for_another_name_is_rejected(tmp_path: Path) -> N
     thread.join(TIMEOUT)
     assert done.returncode == 60, done.stderr  # CURLE_PEER_FAILED_VERIFICATION
     assert b"subtree" in done.stderr or b"certificate" in done.stderr
+
+    port, thread = serve_once(server)
+    program = (
+        "const tls = require('node:tls');"
+        f"const s = tls.connect({{host: '127.0.0.1', port: {port}, servername: 'evil.example'}});"
+        "s.on('secureConnect', () => { console.log('ACCEPTED'); s.destroy(); });"
+        "s.on('error', (e) => { console.log('REJECTED ' + e.message); });"
+    )
+    done = subprocess.run(
+        ["node", "-e", program],
+        env={"PATH": os.environ["PATH"], "NODE_EXTRA_CA_CERTS": str(ca_file)},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    thread.join(TIMEOUT)
+    assert done.stdout.startswith(b"REJECTED permitted subtree violation"), done.stdout
