@@ -102,7 +102,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for line in describe_routes(settings, scope_map):
         print(line)
     if settings.forward_proxy is not None:
-        from proxy.tunnel import describe_forward_proxy
+        from proxy.forward_proxy import describe_forward_proxy
 
         print("\n".join(describe_forward_proxy(settings)))
     if not args.online:

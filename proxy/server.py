@@ -261,7 +261,7 @@ def serve(settings: Settings, app: Any, secrets: SecretRegistry | None = None) -
     config = uvicorn_config(settings, app)
     server = uvicorn.Server(config)
     if settings.forward_proxy is not None:
-        from proxy.tunnel import TunnellingServer
+        from proxy.forward_proxy import TunnellingServer
 
         server = TunnellingServer(config, settings, secrets or SecretRegistry())
     server.run()
