@@ -152,7 +152,7 @@ def client_route(routes: Sequence[Route], token: str | None) -> tuple[Route, str
     authorization = "Bearer-API " + token
     found: tuple[Route, str] | None = None
     for route in routes:
-        if route.client_digests is None:
+        if route.clients is None:
             continue
         name = authenticate(route, authorization)
         if isinstance(name, str) and found is None:
@@ -169,7 +169,7 @@ def tunnel_route(routes: Sequence[Route], token: str | None) -> Route:
     found = client_route(routes, token)
     if found is not None:
         return found[0]
-    open_routes = [route for route in routes if route.client_digests is None]
+    open_routes = [route for route in routes if route.clients is None]
     return min(open_routes or routes, key=lambda route: len(route.api_root))
 
 

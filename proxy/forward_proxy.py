@@ -21,10 +21,10 @@ from cryptography import x509
 from prometheus_client import Counter
 from starlette.types import ASGIApp
 
-from proxy.app import SERVICES_KEY
+from proxy.app import LIVE_KEY
 from proxy.ca import CAError, InterceptionCA, constraint_problem, fingerprint, normalize_host
-from proxy.forward import Services
 from proxy.redact import SecretRegistry
+from proxy.reload import Live
 from proxy.settings import Settings
 from proxy.tunnel import TunnelListener
 from proxy.vault import VaultError, VaultSession
@@ -157,7 +157,8 @@ class TunnellingServer(uvicorn.Server):
         if self.should_exit:
             sock.close()
             return
-        services: Services = self.lifespan.state[SERVICES_KEY]
+        live: Live = self.lifespan.state[LIVE_KEY]
+        services = live.current.services  # metrics are shared by every config generation
         self._listener = TunnelListener(
             forward, upstream_target(self._settings), ca, make_protocol, sock
         )
@@ -167,7 +168,9 @@ class TunnellingServer(uvicorn.Server):
             ["outcome"],
             registry=services.metrics.registry,
         )
-        self._listener.start(services.routes, tunnels, services.metrics.refusals)
+        self._listener.start(
+            lambda: live.current.services.routes, tunnels, services.metrics.refusals
+        )
         host, port = self._listener.address
         log.info(
             "forward_proxy_listening",

@@ -258,6 +258,10 @@ def serve(settings: Settings, app: Any, secrets: SecretRegistry | None = None) -
     graceful SIGTERM exit with -15; the no-op handler it restores turns that into 0.
     """
     signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
+    # SIGHUP reloads the config once the app has started (proxy/reload.py); until then it
+    # must not end the process, its default action. The reloader catches up on a file
+    # changed meanwhile.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = uvicorn_config(settings, app)
     server = uvicorn.Server(config)
     if settings.forward_proxy is not None:

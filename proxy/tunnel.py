@@ -30,7 +30,7 @@ import structlog
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.app import FORWARDER_KEY, SERVICES_KEY
+from proxy.app import LIVE_KEY
 from proxy.ca import InterceptionCA, Leaf, normalize_host
 from proxy.connect import (
     MAX_CONNECT_HEAD_BYTES,
@@ -45,6 +45,7 @@ from proxy.forward import Services, send_refusal
 from proxy.headers import header_values
 from proxy.metrics import method_label
 from proxy.policy import Route, presented_token
+from proxy.reload import Live
 from proxy.requestid import REQUEST_ID_KEY, RequestContext
 from proxy.settings import ForwardProxySettings
 
@@ -127,7 +128,8 @@ class TunnelApp:
         if scope["type"] != "http":
             return
         structlog.contextvars.bind_contextvars(via="tunnel")
-        services: Services = scope["state"][SERVICES_KEY]
+        live: Live = scope["state"][LIVE_KEY]
+        services = live.current.services  # the config in service (a reload may replace it)
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         hosts = [value for name, value in headers if name == b"host"]
         if not host_matches(hosts, self.connect.host, self.connect.port):
@@ -147,7 +149,7 @@ class TunnelApp:
             "headers": headers,
             "raw_path": route.settings.prefix.encode("ascii") + raw_path,
         }
-        await scope["state"][FORWARDER_KEY](scope, receive, send)
+        await live(scope, receive, send)
 
 
 async def _misdirected(scope: Scope, send: Send, services: Services, hosts: list[bytes]) -> None:
@@ -193,7 +195,7 @@ class TunnelListener:
         self._leaf: Leaf | None = None
         self._tunnels: Counter | None = None
         self._refusals: Counter | None = None
-        self._routes: Sequence[Route] = ()
+        self._routes: Callable[[], Sequence[Route]] = tuple
 
     @classmethod
     def bind(cls, settings: ForwardProxySettings) -> socket.socket:
@@ -208,8 +210,11 @@ class TunnelListener:
         host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
 
-    def start(self, routes: Sequence[Route], tunnels: Counter, refusals: Counter) -> None:
-        """Start accepting for `routes`; count tunnels by outcome, refusals by code."""
+    def start(
+        self, routes: Callable[[], Sequence[Route]], tunnels: Counter, refusals: Counter
+    ) -> None:
+        """Start accepting; `routes` gives the routes in service (a reload may change them);
+        count tunnels by outcome, refusals by code."""
         self._routes = routes
         self._tunnels = tunnels
         self._refusals = refusals
@@ -256,7 +261,7 @@ class TunnelListener:
             if (
                 isinstance(decided, Connect)
                 and decided.token is not None
-                and client_route(self._routes, decided.token) is None
+                and client_route(self._routes(), decided.token) is None
             ):
                 decided = Refusal.of(
                     "proxy_unauthenticated",

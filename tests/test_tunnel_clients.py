@@ -245,3 +245,47 @@ def test_sigterm_with_a_tunnel_open(
     finally:
         own.proxy.stop()
         own.sandbox.stop()
+
+
+def test_a_client_added_by_reload_opens_tunnels(
+    tmp_path: Path, bao: Bao, token_file: Path, api_key: str
+) -> None:
+    """A client token added to a route by a live reload (SIGHUP) is accepted on CONNECT at
+    once, and its requests go to that route."""
+    import secrets
+    import signal
+
+    import yaml
+
+    from proxy.policy import hash_token
+    from tests.waiting import eventually
+
+    own = start_tunnel_stack(tmp_path, bao, token_file, api_key)
+    try:
+        new_token = "ct_" + secrets.token_hex(16)
+        with_new = f"http://late:{new_token}@127.0.0.1:{own.forward_port}"
+        env = own.env(HTTPS_PROXY=with_new, CURL_CA_BUNDLE=str(own.ca_file))
+        before = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", ACCOUNTS],
+            env=env,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert before.returncode != 0  # curl: the proxy refused the CONNECT (407)
+        config = yaml.safe_load(own.proxy.config_path.read_text())
+        config["routes"][0]["clients"].append(
+            {"name": "late", "token_sha256": hash_token(new_token)}
+        )
+        own.proxy.config_path.write_text(yaml.safe_dump(config))
+        own.proxy.process.send_signal(signal.SIGHUP)
+        eventually(
+            lambda: any(e.get("event") == "config_reloaded" for e in own.proxy.events()),
+            timeout=15,
+        )
+        own.sandbox.clear()
+        output = run_client(["curl", "-sS", "--fail-with-body", ACCOUNTS], env)
+        assert_keyed_call(own, api_key, output, AGENT_WORKSPACE)
+    finally:
+        own.proxy.stop()
+        own.sandbox.stop()

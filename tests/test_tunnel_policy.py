@@ -345,3 +345,19 @@ def test_forward_proxy_needs_an_https_upstream_named_by_dns() -> None:
         with pytest.raises(ConfigError) as caught:
             parse_settings(data)
         assert any("upstream.connect_to" in line for line in caught.value.problems), url
+
+
+def test_forward_proxy_changes_need_a_restart() -> None:
+    """A reload that turns the forward proxy on or off, or changes it, is refused by key."""
+    from proxy.reload import restart_only_changes
+
+    without = parse_settings({k: v for k, v in settings_with().items() if k != "forward_proxy"})
+    with_it = parse_settings(settings_with())
+    moved = parse_settings(settings_with(port=3129))
+    assert [line.split(":")[0] for line in restart_only_changes(without, with_it)] == [
+        "forward_proxy"
+    ]
+    assert [line.split(":")[0] for line in restart_only_changes(with_it, moved)] == [
+        "forward_proxy.port"
+    ]
+    assert restart_only_changes(with_it, parse_settings(settings_with())) == []
