@@ -89,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except AuditSinkError as exc:
         print(f"publer-proxy: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    return serve(loaded.settings, app)
+    return serve(loaded.settings, app, secrets)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -105,6 +105,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     for line in describe_routes(settings, scope_map):
         print(line)
+    if settings.forward_proxy is not None:
+        from proxy.forward_proxy import describe_forward_proxy
+
+        print("\n".join(describe_forward_proxy(settings)))
     if not args.online:
         return EXIT_OK
     from proxy.online import check_online

@@ -52,6 +52,7 @@ RESTART_ONLY = {
     "vault": "the Vault session (address, TLS, login) is made once, at start",
     "upstream": "the connection pool to Publer is made once, at start",
     "audit": "the audit sink is opened and its chain continued once, at start",
+    "forward_proxy": "the forward-proxy listener and its CA are made once, at start",
 }
 # Kubernetes updates a mounted ConfigMap by re-pointing this link in the file's directory.
 KUBERNETES_DATA_LINK = "..data"
@@ -129,17 +130,16 @@ def restart_only_changes(old: Settings, new: Settings) -> list[str]:
     """One line per changed key that only takes effect at start, naming the key."""
     problems = []
     for section, why in RESTART_ONLY.items():
-        before, after = (_dumped(getattr(settings, section)) for settings in (old, new))
+        before, after = (
+            None if part is None else part.model_dump(mode="json")
+            for part in (getattr(old, section), getattr(new, section))
+        )
         for key in _changed_keys(before, after, section):
             problems.append(
                 f"{key}: cannot change while the proxy runs ({why}); restart the proxy to"
                 " apply it, or put the old value back and reload"
             )
     return problems
-
-
-def _dumped(section: Any) -> Any:
-    return section.model_dump(mode="json") if section is not None else None  # audit: optional
 
 
 def _changed_keys(before: Any, after: Any, where: str) -> list[str]:
