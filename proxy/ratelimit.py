@@ -342,7 +342,7 @@ for _, s in ipairs(standing) do
 end
 local verdict = ''
 if free <= 0 then
-  verdict = used > mine and 'client_share' or 'credential'
+  verdict = (#standing > 1 and used >= mine) and 'client_share' or 'credential'
 elseif used >= mine and free <= reserved then
   verdict = 'client_share'
 end

@@ -105,8 +105,9 @@ def admit_with(
     when `me` is at or above its guarantee (the common case needs none of it)."""
     mine = guarantee[me.share.key]
     if free <= 0:
-        # Spent: the client's doing when it holds more than its share, else everyone's.
-        return "client_share" if me.used > mine else "credential"
+        # Spent, with others asking too: the client's share when it holds it already.
+        shared = len(guarantee) > 1
+        return "client_share" if shared and me.used >= mine else "credential"
     if me.used < mine:
         return None
     reserved = sum(claimable(o, guarantee[o.share.key]) for o in others())

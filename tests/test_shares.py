@@ -53,6 +53,8 @@ def test_admit_lends_what_others_leave_and_keeps_what_they_claim() -> None:
     capped = Standing(Share("publer", "team", "quiet", max_requests=2), 1, 5)
     assert admit(Standing(FLOOD, 7, 0), [capped], 2, 10) is None  # claims 1, not 4
     assert admit(Standing(FLOOD, 10, 0), [Standing(QUIET, 0, 3)], 0, 10) == "client_share"
+    assert admit(Standing(FLOOD, 5, 0), [Standing(QUIET, 5, 3)], 0, 10) == "client_share"
+    assert admit(Standing(QUIET, 4, 1), [Standing(FLOOD, 6, 0)], 0, 10) == "credential"
     assert admit(Standing(FLOOD, 10, 0), [], 0, 10) == "credential"
 
 
