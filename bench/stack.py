@@ -309,7 +309,7 @@ def publer_config(vault: Vault, upstream: str, port: int) -> dict[str, Any]:
 def spawn_publer(
     workdir: Path, vault: Vault, upstream: str, cpus: str | None, variant: str = "shipped"
 ) -> Server:
-    """`publer-proxy serve` (through bench/launch.py for another transport), not waited for."""
+    """`publer-proxy serve` (through bench/launch.py for another checkout), not waited for."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config_path = workdir / f"proxy-{port}.yaml"

@@ -93,6 +93,7 @@ def create_app(
             budget=make_budget(settings.rate_limit),
             metrics=registry,
         )
+        registry.watch_pool(services.upstream.stats)
         for warning in settings.warnings():
             log.warning("insecure_setting", detail=warning)
         await store.start()
