@@ -34,6 +34,8 @@ log = structlog.get_logger("proxy.access")
 # Bodies up to this size are kept in memory so the request can be replayed after a 401.
 REPLAYABLE_BODY_BYTES = 256 * 1024
 RETRY_STATUSES = frozenset({502, 503, 504})
+NO_BODY_STATUSES = frozenset({204, 304})
+FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 ABSOLUTE_FORM_KEY = "publer_proxy.absolute_form"
 EPOCH_2001 = 1_000_000_000  # a reset above this is a timestamp, not a number of seconds
 # Responses up to this size (by Content-Length) are read whole and sent in one piece.
@@ -300,6 +302,9 @@ class Forwarder:
         assert verdict.route is not None
         outcome.status = outcome.upstream_status = response.status_code
         headers = downstream_headers(response.raw_headers)
+        if response.status_code in NO_BODY_STATUSES:
+            # A 204 or 304 has no body whatever its framing says (RFC 9110 15.3.5, 15.4.5).
+            headers = [(n, v) for n, v in headers if n not in FRAMING_HEADERS]
         await self._resync_budget(verdict.route.settings.credential, headers)
         hint = auth_hint(response.status_code, verdict, verdict.route.settings.credential)
         if hint is not None:
