@@ -35,6 +35,7 @@ from weakref import WeakKeyDictionary
 import aiohttp
 import yarl
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from proxy.errors import Refusal, UpstreamFailed
@@ -96,14 +97,14 @@ class _Connector(aiohttp.TCPConnector):
     """aiohttp's connector, picking only clean idle connections (the module docstring).
 
     It overrides `_get`, aiohttp's "next reusable idle connection": pyproject pins aiohttp
-    to the versions tested, and tests/test_upstream_faults.py fails if this stops running.
+    to the versions tested, and the late-body and stray-byte tests of
+    tests/test_upstream_faults.py fail if this stops running.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         # The idle limit an origin announced for a connection (Keep-Alive: timeout=N).
         self.idle_limits: WeakKeyDictionary[ResponseHandler, float] = WeakKeyDictionary()
-        self.picks = 0  # idle connections inspected: the test above checks this moves
 
     def _clean(self, protocol: ResponseHandler, idle: float) -> bool:
         return (
@@ -113,19 +114,18 @@ class _Connector(aiohttp.TCPConnector):
         )
 
     async def _get(self, key: Any, traces: list[Any]) -> Any:
+        # aiohttp takes the oldest idle connection first: close it while it is not clean,
+        # so only the one about to be used is inspected.
         idle_connections = self._conns.get(key)
         if idle_connections:
-            self.picks += 1
             now = time.monotonic()
-            clean: deque[tuple[ResponseHandler, float]] = deque()
-            for protocol, since in idle_connections:
+            while idle_connections:
+                protocol, since = idle_connections[0]
                 if self._clean(protocol, now - since):
-                    clean.append((protocol, since))
-                else:
-                    protocol.close()
-            if clean:
-                self._conns[key] = clean
-            else:
+                    break
+                idle_connections.popleft()
+                protocol.close()
+            if not idle_connections:
                 del self._conns[key]
         return await super()._get(key, traces)
 
@@ -289,7 +289,7 @@ class Response:
         try:
             while chunk := await content.readany():
                 yield chunk
-        except (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+        except (aiohttp.ClientError, HttpProcessingError) as exc:
             raise UpstreamFailed(
                 _unreachable(f"Publer's response broke off ({type(exc).__name__})")
             ) from None
@@ -309,9 +309,16 @@ class Response:
         self._gate.leave()
 
 
-def _ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
-    # Python's default client context: certificates and host names verified, TLS >= 1.2.
-    context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+def _ssl_setting(settings: UpstreamSettings) -> ssl.SSLContext | bool:
+    """What aiohttp's `ssl=` gets: never False, which would mean "do not verify".
+
+    Without `upstream.ca_file`, True: aiohttp's own verified context (Python's default:
+    certificates and host names checked, TLS >= 1.2), whose CA bundle it loaded at import;
+    a second copy would cost a quarter of a second of start-up and some MiB.
+    """
+    if settings.ca_file is None:
+        return True
+    context = ssl.create_default_context(cafile=str(settings.ca_file))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
@@ -359,7 +366,6 @@ class Upstream:
         self._settings = settings
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.host_header = parts.netloc.encode("ascii")
-        self._https = parts.scheme == "https"
         self._gate = _Gate(settings.max_connections)
         self._session: aiohttp.ClientSession | None = None
         self._connector: _Connector | None = None
@@ -380,9 +386,7 @@ class Upstream:
                 limit=settings.max_connections,
                 limit_per_host=0,
                 keepalive_timeout=IDLE_SECONDS,
-                # Our context (verified, TLS >= 1.2, upstream.ca_file); never False, which
-                # would mean "do not verify". A plain-HTTP origin (loopback) loads no CAs.
-                ssl=_ssl_context(settings) if self._https else True,
+                ssl=_ssl_setting(settings),
             )
             session = aiohttp.ClientSession(
                 connector=connector,
@@ -447,22 +451,26 @@ class Upstream:
             else _RequestBody(body, self._settings.read_timeout_seconds)
         )
         try:
-            async with asyncio.timeout(None) as deadline:
-                if source is not None:
-                    source.watch(deadline)
+            if source is None:
                 response = await session.request(
-                    method,
-                    url,
-                    headers=fields,
-                    data=source.chunks() if source is not None else body,
-                    allow_redirects=False,
+                    method, url, headers=fields, data=body, allow_redirects=False
                 )
+            else:
+                async with asyncio.timeout(None) as deadline:
+                    source.watch(deadline)
+                    response = await session.request(
+                        method, url, headers=fields, data=source.chunks(), allow_redirects=False
+                    )
         except BaseException as exc:
             self._gate.leave()
-            if source is not None and source.error is not None:
-                raise source.error from None
+            if source is not None and source.error is not None and isinstance(exc, Exception):
+                raise source.error from None  # the client left, or its body grew too large
             if isinstance(exc, aiohttp.ConnectionTimeoutError | TimeoutError):
                 raise UpstreamFailed(_timeout()) from None
+            if isinstance(exc, aiohttp.ClientResponseError | HttpProcessingError):
+                raise UpstreamFailed(
+                    _unreachable(f"Publer's response is not valid HTTP ({type(exc).__name__})")
+                ) from None
             if isinstance(exc, aiohttp.ClientError | OSError | ValueError):
                 raise UpstreamFailed(
                     _unreachable(f"Publer could not be reached ({type(exc).__name__})")
