@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 from weakref import WeakKeyDictionary
 
@@ -264,8 +264,30 @@ class _RequestBody:
         self.finished = True
 
 
-class Response:
-    """Publer's response: status and headers read, the body not yet.
+class Response(Protocol):
+    """Publer's response as the forwarder uses it: status and headers read, body not yet."""
+
+    @property
+    def status_code(self) -> int:
+        """The status Publer responded with."""
+        ...
+
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
+        """Publer's header fields as received, in order."""
+        ...
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, byte for byte. Raises UpstreamFailed."""
+        ...
+
+    async def aclose(self) -> None:
+        """Free the connection."""
+        ...
+
+
+class AiohttpResponse:
+    """A response on one of aiohttp's connections.
 
     `aclose` frees the connection: back to the pool only when the body was read to its
     end and the request went out whole, else closed.
@@ -367,6 +389,11 @@ class Upstream:
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.host_header = parts.netloc.encode("ascii")
         self._gate = _Gate(settings.max_connections)
+        # Only the proxy the operator named (`upstream.proxy`), never the environment's;
+        # its credentials go in Proxy-Authorization (to the proxy, never to Publer).
+        named = yarl.URL(settings.proxy) if settings.proxy else None
+        self._proxy = named.with_user(None) if named is not None else None
+        self._proxy_auth = aiohttp.BasicAuth.from_url(named) if named is not None else None
         self._session: aiohttp.ClientSession | None = None
         self._connector: _Connector | None = None
         self._timeout = aiohttp.ClientTimeout(
@@ -453,13 +480,25 @@ class Upstream:
         try:
             if source is None:
                 response = await session.request(
-                    method, url, headers=fields, data=body, allow_redirects=False
+                    method,
+                    url,
+                    headers=fields,
+                    data=body,
+                    allow_redirects=False,
+                    proxy=self._proxy,
+                    proxy_auth=self._proxy_auth,
                 )
             else:
                 async with asyncio.timeout(None) as deadline:
                     source.watch(deadline)
                     response = await session.request(
-                        method, url, headers=fields, data=source.chunks(), allow_redirects=False
+                        method,
+                        url,
+                        headers=fields,
+                        data=source.chunks(),
+                        allow_redirects=False,
+                        proxy=self._proxy,
+                        proxy_auth=self._proxy_auth,
                     )
         except BaseException as exc:
             self._gate.leave()
@@ -484,7 +523,7 @@ class Upstream:
             response.close()
             self._gate.leave()
             raise UpstreamFailed(refusal)
-        return Response(response, source, self._gate)
+        return AiohttpResponse(response, source, self._gate)
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
