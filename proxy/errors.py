@@ -30,6 +30,9 @@ Code = Literal[
     "upstream_unreachable",
     "credential_unavailable",
     "upstream_timeout",
+    "tunnel_refused",
+    "proxy_unauthenticated",
+    "misdirected_request",
     "upstream_busy",
 ]
 
@@ -47,6 +50,11 @@ STATUS: dict[Code, int] = {
     "upstream_unreachable": 502,
     "credential_unavailable": 503,
     "upstream_timeout": 504,
+    # The forward proxy: a CONNECT to anything but Publer's origin, a bad Proxy-Authorization,
+    # a request inside a tunnel naming another host (RFC 9110 section 15.5.20).
+    "tunnel_refused": 403,
+    "proxy_unauthenticated": 407,
+    "misdirected_request": 421,
     "upstream_busy": 503,
 }
 ERROR_HEADER = "x-publer-proxy-error"

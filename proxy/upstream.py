@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import select
+import socket
 import ssl
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from urllib.parse import urlsplit
 from weakref import WeakKeyDictionary
 
 import aiohttp
+import aiohttp.abc
 import yarl
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
@@ -132,6 +134,32 @@ class _Connector(aiohttp.TCPConnector):
     def idle_count(self) -> int:
         """Idle connections held open."""
         return sum(len(queue) for queue in self._conns.values())
+
+
+class _DialTo(aiohttp.abc.AbstractResolver):
+    """Resolves the origin's name to `upstream.connect_to` (curl's --connect-to): the
+    connection goes there, while TLS still checks the origin's own name."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host = host
+        self._port = port
+        self._resolver = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        found = await self._resolver.resolve(self._host, self._port, family)
+        return [{**result, "hostname": host} for result in found]
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+def _dial(connect_to: str | None) -> _DialTo | None:
+    if connect_to is None:
+        return None
+    host, _, port = connect_to.rpartition(":")
+    return _DialTo(host.strip("[]"), int(port))
 
 
 def _keep_alive_timeout(headers: Sequence[tuple[bytes, bytes]]) -> float | None:
@@ -414,6 +442,8 @@ class Upstream:
                 limit_per_host=0,
                 keepalive_timeout=IDLE_SECONDS,
                 ssl=_ssl_setting(settings),
+                # Where to connect, when upstream.connect_to names it; else DNS as usual.
+                resolver=_dial(settings.connect_to),
             )
             session = aiohttp.ClientSession(
                 connector=connector,
