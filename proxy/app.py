@@ -129,7 +129,7 @@ def create_app(
             budget=make_budget(settings.rate_limit),
             metrics=registry,
             secrets=secrets,
-            activity=Activity(settings.rate_limit.per_seconds),
+            activity=Activity(),
             shares=SharePlan.of(settings.routes),
             audit=audit,
         )

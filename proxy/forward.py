@@ -449,8 +449,6 @@ class Forwarder:
             self.s.activity.refused(
                 outcome.decision, outcome.status, route, named, scope[REQUEST_ID_KEY]
             )
-        if outcome.attempts and route is not None:
-            self.s.activity.spent(route, named)
 
 
 class _ReadAnswer:
