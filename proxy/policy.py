@@ -81,10 +81,7 @@ def build_routes(routes: Sequence[RouteSettings]) -> RouteTable:
                 clients=(
                     None
                     if not route.clients
-                    else {
-                        bytes.fromhex(c.token_sha256.removeprefix("sha256:")): c.name
-                        for c in route.clients
-                    }
+                    else {stored_digest(c.token_sha256): c.name for c in route.clients}
                 ),
             )
             for route in routes
@@ -94,7 +91,17 @@ def build_routes(routes: Sequence[RouteSettings]) -> RouteTable:
 
 def hash_token(token: str) -> str:
     """The `sha256:<hex>` form of a client token, as pasted into `clients`."""
-    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+    return "sha256:" + token_digest(token).hex()
+
+
+def token_digest(token: str) -> bytes:
+    """The SHA-256 digest of a presented token (32 bytes)."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def stored_digest(token_sha256: str) -> bytes:
+    """The 32 bytes of a configured `sha256:<hex>` digest (the config checked its form)."""
+    return bytes.fromhex(token_sha256.removeprefix("sha256:"))
 
 
 def select_route(routes: Sequence[Route], path: str) -> tuple[Route, str] | None:
@@ -134,8 +141,7 @@ def authenticate(route: Route, authorization: str | None) -> str | Refusal | Non
             "client_unauthenticated",
             f"route '{route.name}' needs a client token: send Authorization: Bearer-API <token>",
         )
-    digest = hashlib.sha256(token.encode("utf-8")).digest()
-    found = route.clients.get(digest)
+    found = route.clients.get(token_digest(token))
     if found is None:
         return Refusal.of(
             "client_unauthenticated", f"the client token is not valid on route '{route.name}'"

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from proxy.activity import REFUSAL_WINDOW_SECONDS
 from proxy.errors import Refusal
-from proxy.policy import presented_token
+from proxy.policy import presented_token, stored_digest, token_digest
 from proxy.ratelimit import window_use
 from proxy.reload import Live
 from proxy.requestid import REQUEST_ID_KEY
@@ -78,10 +78,12 @@ def admin_refusal(request: Request, settings: Settings) -> Refusal | None:
         return None  # loopback, or the unix socket (its file mode decides who connects)
     expected = settings.admin.token_sha256
     token = presented_token(request.headers.get("authorization"))
-    if expected is not None and token is not None:
-        digest = hashlib.sha256(token.encode("utf-8")).digest()
-        if hmac.compare_digest(digest, bytes.fromhex(expected.removeprefix("sha256:"))):
-            return None
+    if (
+        expected is not None
+        and token is not None
+        and hmac.compare_digest(token_digest(token), stored_digest(expected))
+    ):
+        return None
     return Refusal.of(
         "client_unauthenticated",
         "the status page is served to loopback clients, or with the admin token"
@@ -283,12 +285,12 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _live(request: Request) -> Live:
+def _admitted(request: Request) -> Live | Response:
+    """The config generations, or the refusal for a caller not on the admin side."""
     live: Live = request.state.live
-    return live
-
-
-def _refused(request: Request, refusal: Refusal) -> Response:
+    refusal = admin_refusal(request, live.current.config.settings)
+    if refusal is None:
+        return live
     body = refusal.body(request.scope[REQUEST_ID_KEY])
     headers = dict((k.decode(), v.decode()) for k, v in refusal.headers(len(body)))
     head = request.method == "HEAD"
@@ -297,10 +299,9 @@ def _refused(request: Request, refusal: Refusal) -> Response:
 
 async def status_html(request: Request) -> Response:
     """The status page as HTML, under a strict Content Security Policy."""
-    live = _live(request)
-    refusal = admin_refusal(request, live.current.config.settings)
-    if refusal is not None:
-        return _refused(request, refusal)
+    live = _admitted(request)
+    if isinstance(live, Response):
+        return live
     page = render(await snapshot(live))
     headers = {**SECURITY_HEADERS, "content-security-policy": CSP}
     return Response(page, media_type="text/html; charset=utf-8", headers=headers)
@@ -308,8 +309,7 @@ async def status_html(request: Request) -> Response:
 
 async def status_json(request: Request) -> Response:
     """The status page's data as JSON."""
-    live = _live(request)
-    refusal = admin_refusal(request, live.current.config.settings)
-    if refusal is not None:
-        return _refused(request, refusal)
+    live = _admitted(request)
+    if isinstance(live, Response):
+        return live
     return JSONResponse(await snapshot(live), headers=SECURITY_HEADERS)
