@@ -229,8 +229,8 @@ def test_replicas_show_the_shared_window_and_a_reload_the_new_shares(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
 ) -> None:
     """Two replicas sharing one redis-server: what clients spent through one shows on the
-    other's page; after a SIGHUP that changes the weights, /status and /status.json show
-    the new shares of the same window."""
+    other's page; after a SIGHUP that changes the weights, and one that changes the limit
+    (a new budget), /status and /status.json show the new shares of the same window."""
     redis = start_redis(tmp_path / "redis")
     first = second = None
     try:
@@ -255,6 +255,17 @@ def test_replicas_show_the_shared_window_and_a_reload_the_new_shares(
         page = httpx.get(f"{second.url}/status", trust_env=False)
         assert page.status_code == 200
         assert 'data-client="app-c" data-used="12" data-share="20"' in page.text
+
+        config["rate_limit"]["requests"] = 2 * BUDGET  # a new budget, the same window
+        _reload(second, config)
+        seen = _shares(second)
+        assert {n: (s["used"], s["share"]) for n, s in seen.items()} == {
+            "app-a": (24, 40),
+            "app-b": (4, 20),
+            "app-c": (12, 40),
+        }
+        page = httpx.get(f"{second.url}/status", trust_env=False)
+        assert 'data-client="app-c" data-used="12" data-share="40"' in page.text
     finally:
         for server in (first, second, redis):
             if server is not None:
