@@ -2,7 +2,7 @@
 
 httptools, not h11: it answers 400 to a request with both Content-Length and
 Transfer-Encoding, to bare LF line ends and to control bytes in header values, the
-ingredients of request smuggling (see NOTES). uvicorn's httptools protocol is made strict
+ingredients of request smuggling. uvicorn's httptools protocol is made strict
 here, because the apps that call the proxy are not trusted to be well-behaved:
 
 - the policy decides on the request target exactly as it was sent: httptools' URL parser
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import uuid
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.errors import Refusal
-from proxy.forward import ABSOLUTE_FORM_KEY
+from proxy.paths import ABSOLUTE_FORM_KEY
 from proxy.settings import Settings
 
 log = structlog.get_logger("proxy.server")
@@ -250,13 +251,15 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     )
 
 
-def serve(settings: Settings, app: Any) -> int:
+def serve(settings: Settings, app: Any, sockets: list[socket.socket] | None = None) -> int:
     """Serve until SIGINT/SIGTERM, finishing requests in flight; the exit status.
+
+    `sockets`, when given, are bound sockets to serve on instead of `settings.listen`.
 
     uvicorn re-raises the signal it caught once it has shut down, which would make a
     graceful SIGTERM exit with -15; the no-op handler it restores turns that into 0.
     """
     signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
     server = uvicorn.Server(uvicorn_config(settings, app))
-    server.run()
+    server.run(sockets=sockets)
     return 0 if server.started else 1
