@@ -1,7 +1,7 @@
 """The proxy as one ASGI app: its lifespan, its own three endpoints, and the forwarder.
 
 Dispatch is on the raw path: `/healthz`, `/readyz` and `/metrics` exactly, everything else
-goes to the forwarder, which routes by prefix and answers `no_route` itself. Starlette
+goes to the forwarder, which routes by prefix and refuses with `no_route` itself. Starlette
 serves the operational endpoints and runs the lifespan that builds every shared part.
 """
 

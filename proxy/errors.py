@@ -1,11 +1,11 @@
-"""The refusals the proxy answers itself and their Publer-shaped envelope.
+"""The refusals the proxy sends itself, and their Publer-shaped envelope.
 
     ProxyError                      an exception carrying a Refusal up to the app
     ├── CredentialUnavailable       503 credential_unavailable (no usable key)
     └── UpstreamFailed              502 upstream_unreachable / 504 upstream_timeout
 
 Every refusal body is `{"errors": [...], "code": ..., "request_id": ...}` with the header
-`X-Publer-Proxy-Error: <code>`, so a client can tell the proxy's answer from Publer's.
+`X-Publer-Proxy-Error: <code>`, so a client can tell the proxy's response from Publer's.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ RATE_LIMIT_MESSAGE = "Rate limit exceeded. Retry later."
 
 @dataclass(frozen=True)
 class Refusal:
-    """An answer of the proxy's own: a refusal code and a sentence for the client."""
+    """A response of the proxy's own: a refusal code and a sentence for the client."""
 
     code: Code
     message: str
@@ -76,7 +76,7 @@ class Refusal:
         return orjson.dumps(payload)
 
     def headers(self, body_length: int) -> list[tuple[bytes, bytes]]:
-        """The raw ASGI headers of the refusal answer."""
+        """The raw ASGI headers of the refusal response, for a body of `body_length` bytes."""
         headers = [
             (b"content-type", b"application/json; charset=utf-8"),
             (b"content-length", str(body_length).encode()),
@@ -89,7 +89,7 @@ class Refusal:
 
 
 class ProxyError(Exception):
-    """Raised below the app to answer with `refusal` instead of forwarding."""
+    """Raised below the app to respond with `refusal` instead of forwarding."""
 
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.message)
@@ -109,4 +109,4 @@ class CredentialUnavailable(ProxyError):
 
 
 class UpstreamFailed(ProxyError):
-    """Publer could not be reached, broke the connection, or did not answer in time."""
+    """Publer could not be reached, broke the connection, or did not respond in time."""

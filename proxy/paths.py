@@ -31,7 +31,7 @@ _FORBIDDEN_DECODED = frozenset(b"/\\.%")
 
 @dataclass(frozen=True)
 class UnsafePath:
-    """Why a raw path was refused, as a sentence for the `bad_path` answer."""
+    """Why a raw path was refused, as a sentence for the `bad_path` response."""
 
     reason: str
 

@@ -1,9 +1,8 @@
 """The allow/deny decision, as pure functions with no I/O.
 
 `decide` reads like the request path: pick the route, authenticate the client, check
-the path against the scope allow-list, decide the workspace. It answers either a
-`Decision` to forward or a `Refusal` whose code is one of
-`proxy.errors.STATUS`.
+the path against the scope allow-list, decide the workspace. It returns a `Verdict`:
+what to forward, or a `Refusal` whose code is one of `proxy.errors.STATUS`.
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ def presented_token(authorization: str | None) -> str | None:
 def authenticate(route: Route, authorization: str | None) -> str | Refusal | None:
     """The client's name on a route with clients, None on an open route, else a refusal.
 
-    Every digest is compared, in constant time, whatever matched first, so the answer
+    Every digest is compared, in constant time, whatever matched first, so the response
     time does not tell which client names exist.
     """
     if route.client_digests is None:
@@ -123,14 +122,19 @@ def choose_workspace(route: Route, requested: Sequence[str]) -> str | Refusal | 
 
 
 @dataclass(frozen=True)
-class Located:
-    """The parts of a request that `decide` reads, taken from the ASGI scope."""
+class RequestHead:
+    """The parts of a request's head that `decide` reads, taken from the ASGI scope: the
+    method, the request target as sent (RFC 9112 section 3.2), and two header fields."""
 
     method: str
-    raw_path: bytes
-    raw_query: bytes
-    authorization: str | None
-    workspace_headers: Sequence[str]
+    raw_path: bytes  # the target's path, as sent: percent-escapes undecoded
+    raw_query: bytes  # the target's query, without '?'
+    authorization: str | None  # the first Authorization field, if any
+    workspace_headers: Sequence[str]  # every Publer-Workspace-Id field, in order
+
+
+# The former name, which forward.py uses until its own vocabulary changes.
+Located = RequestHead
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ class Verdict:
     needs_workspace: bool = False
 
 
-def decide(request: Located, routes: Sequence[Route], scope_map: ScopeMap) -> Verdict:
+def decide(request: RequestHead, routes: Sequence[Route], scope_map: ScopeMap) -> Verdict:
     """Route, authenticate, check the scope allow-list, choose the workspace."""
     if request.raw_path == b"/":
         return Verdict(Refusal.of("no_route", "no route serves /; call {prefix}/api/v1/..."))

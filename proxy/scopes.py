@@ -1,7 +1,7 @@
 """The scope map: method + path template -> Publer scope, loaded from YAML.
 
 The map is data so that it can be reviewed and replaced without touching code. Lookup is
-pure: given a method and the path below /api/v1, it answers the endpoint or why not.
+pure: given a method and the path below /api/v1, it returns the endpoint, or why none.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Running the app under uvicorn: httptools and uvloop, one worker, graceful SIGTERM.
 
-httptools, not h11: it answers 400 to a request with both Content-Length and
+httptools, not h11: it responds 400 to a request with both Content-Length and
 Transfer-Encoding, to bare LF line ends and to control bytes in header values, the
 ingredients of request smuggling. uvicorn's httptools protocol is made strict
 here, because the apps that call the proxy are not trusted to be well-behaved:
@@ -13,11 +13,11 @@ here, because the apps that call the proxy are not trusted to be well-behaved:
   size in memory), and trailer fields are dropped, never merged into the headers
   (RFC 9110 section 6.5.1);
 - a request head must arrive within `HEADER_TIMEOUT_SECONDS` and a body may pause at most
-  `BODY_IDLE_TIMEOUT_SECONDS` (slowloris); a client that reads nothing of its answer for
+  `BODY_IDLE_TIMEOUT_SECONDS` (slowloris); a client that reads nothing of its response for
   `SEND_TIMEOUT_SECONDS` is dropped, since it holds one of the pooled connections to
   Publer; uvicorn itself only times out idle keep-alive;
 - `Upgrade` requests are refused: the proxy speaks HTTP/1.1 to Publer and nothing else;
-- whatever httptools refuses is answered in the proxy's refusal envelope (`bad_request`).
+- whatever httptools refuses gets a response in the proxy's refusal envelope (`bad_request`).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
 
     def send_400_response(self, msg: str) -> None:
-        """Answer what httptools refused in the proxy's refusal envelope, then close."""
+        """Respond 400 to what httptools refused, in the proxy's refusal envelope; then close."""
         refusal = Refusal.of("bad_request", self._reason)
         request_id = uuid.uuid4().hex
         body = refusal.body(request_id)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from proxy.errors import Refusal
 from proxy.paths import UnsafePath, check_path, check_query
 from proxy.policy import (
-    Located,
+    RequestHead,
     authenticate,
     build_routes,
     choose_workspace,
@@ -64,7 +64,7 @@ def _decide(
     workspaces: tuple[str, ...] = (),
 ) -> Any:
     path, _, query = target.partition(b"?")
-    return decide(Located(method, path, query, authorization, workspaces), ROUTES, SCOPES)
+    return decide(RequestHead(method, path, query, authorization, workspaces), ROUTES, SCOPES)
 
 
 HOSTILE_PATHS = [
