@@ -80,9 +80,8 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         self._timer = self.loop.call_later(seconds, self._on_timer)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        _cancel(self._timer)
+        self._timer = None
 
     def _on_timer(self) -> None:
         """A head's deadline runs from its first byte; a body's is an idle timeout."""
@@ -129,9 +128,8 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         self._reading_again()
 
     def _reading_again(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        _cancel(self._send_timer)
+        self._send_timer = None
 
     def _not_reading(self) -> None:
         self._send_timer = None
@@ -223,6 +221,11 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         except (AttributeError, httptools.HttpParserError):  # no parser, or no request line
             return None
         return method
+
+
+def _cancel(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
 
 
 def _peer(client: tuple[str, int] | None) -> str | None:
