@@ -74,7 +74,8 @@ def create_app(
     vault: VaultSession | None = None,
     upstream: Upstream | None = None,
 ) -> ASGIApp:
-    """Build the proxy app; the lifespan logs in to Vault and opens the upstream pool."""
+    """The proxy as one ASGI 3 app; its lifespan logs in to Vault, reads the keys and
+    opens the upstream connections. `vault` and `upstream` replace the real ones in tests."""
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:

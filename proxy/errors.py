@@ -65,7 +65,9 @@ class Refusal:
         return cls(code, message, STATUS[code], retry_after)
 
     def body(self, request_id: str) -> bytes:
-        """The JSON envelope: Publer's `errors` list plus `code` and `request_id`."""
+        """The JSON body, UTF-8: Publer's error envelope `{"errors": [message]}` (its API
+        reference, https://publer.com/docs) plus `code` and `request_id`; a 429 also has
+        Publer's own `"error"` field."""
         payload: dict[str, object] = {
             "errors": [self.message],
             "code": self.code,

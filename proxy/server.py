@@ -233,7 +233,8 @@ def _peer(client: tuple[str, int] | None) -> str | None:
 
 
 def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
-    """The uvicorn settings the proxy runs with."""
+    """The uvicorn settings the proxy runs with: the strict protocol, uvloop, no access log
+    and no `date`/`server` headers (the proxy's log and Publer's headers replace them)."""
     listen = settings.listen
     return uvicorn.Config(
         app,

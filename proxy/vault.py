@@ -144,7 +144,13 @@ def _mapping(value: Any) -> dict[str, Any]:
 
 
 class VaultSession:
-    """One authenticated hvac client: login, token renewal, KV reads."""
+    """One authenticated hvac client: login, token renewal, KV reads.
+
+    Vault's HTTP API as OpenBao also serves it: the auth methods' login endpoints
+    (https://developer.hashicorp.com/vault/api-docs/auth), `auth/token/renew-self` and
+    `lookup-self`, and KV v1/v2 reads (.../api-docs/secret/kv). Blocking: call it from a
+    worker thread. Every failure is a VaultError whose reason holds no secret.
+    """
 
     def __init__(self, settings: VaultSettings, secrets: SecretRegistry) -> None:
         self._settings = settings
