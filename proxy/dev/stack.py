@@ -1,8 +1,9 @@
 """`publer-proxy dev` and `make run`: OpenBao, the sandbox and the proxy.
 
-Everything runs on free loopback ports under one temporary folder, and everything it
-starts stops with it: a newcomer gets a working proxy without installing Vault, and
-nothing is left listening afterwards.
+OpenBao and the sandbox run on free loopback ports, the proxy on the one asked for, all
+under one temporary folder, and everything it starts stops with it: a newcomer gets a
+working proxy without installing Vault, and nothing is left listening afterwards. The
+proxy's port is bound first, so a taken port ends the command before anything starts.
 """
 
 from __future__ import annotations
@@ -232,7 +233,12 @@ def ready_message(port: int, files: DevFiles, vault_url: str, upstream: str) -> 
     It names the files that hold the tokens, never a token.
     """
     base = f"http://127.0.0.1:{port}"
-    publer_proxy = Path(sys.executable).parent / "publer-proxy"
+    beside_python = str(Path(sys.executable).parent)
+    publer_proxy = (
+        shutil.which("publer-proxy", path=beside_python)
+        or shutil.which("publer-proxy")
+        or "publer-proxy"
+    )
     return (
         f"\npubler-proxy is ready on {base}, forwarding to {upstream}"
         " with the key from OpenBao.\n"
