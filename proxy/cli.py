@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         settings, scope_map = load_all(args.config)
+        if settings.upstream.proxy:
+            # The forwarding hop of this version dials Publer itself; going direct when the
+            # operator named a proxy would be a silent surprise, so it does not start.
+            raise ConfigError(
+                [
+                    "upstream.proxy: the forwarding hop cannot go through a proxy in this"
+                    " version (only check --online does); remove the key to connect directly"
+                ]
+            )
     except ConfigError as exc:
         return _print_problems(exc)
     secrets = SecretRegistry()
@@ -97,14 +107,32 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     import uvicorn
 
     try:
-        from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY, create_app, parse_key_spec
+        from proxy.dev.sandbox import (
+            DEFAULT_SANDBOX_KEY,
+            SANDBOX_KEYS_ENV,
+            create_app,
+            parse_key_spec,
+        )
     except ModuleNotFoundError as exc:
         return _without_dev_tools("sandbox", exc)
     if bool(args.tls_cert) != bool(args.tls_key):
         print("sandbox: --tls-cert and --tls-key go together", file=sys.stderr)
         return EXIT_INVALID
-    keys = [parse_key_spec(k) for k in (args.key or [DEFAULT_SANDBOX_KEY])]
-    app = create_app(keys, rate_limit=args.rate_limit, rate_period_seconds=args.rate_period)
+    if args.auth_errors not in ("docs", "live"):
+        print(
+            f"sandbox: --auth-errors (or $PUBLER_SANDBOX_AUTH_ERRORS) is {args.auth_errors!r};"
+            " use docs or live",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    specs = [*(args.key or []), *os.environ.get(SANDBOX_KEYS_ENV, "").split()]
+    keys = [parse_key_spec(k) for k in (specs or [DEFAULT_SANDBOX_KEY])]
+    app = create_app(
+        keys,
+        rate_limit=args.rate_limit,
+        rate_period_seconds=args.rate_period,
+        auth_errors=args.auth_errors,
+    )
     scheme = "https" if args.tls_cert else "http"
     print(f"Publer sandbox on {scheme}://{args.host}:{args.port}/api/v1", flush=True)
     uvicorn.run(
@@ -163,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8090)
     sandbox.add_argument(
-        "--key", action="append", help="accepted key, KEY or KEY=scope,scope (repeatable)"
+        "--key",
+        action="append",
+        help="accepted key, KEY or KEY=scope,scope (repeatable); a key on the command line is"
+        " visible to every user of the machine: prefer $PUBLER_SANDBOX_KEYS (specs separated"
+        " by spaces)",
     )
     sandbox.add_argument(
         "--rate-limit", type=int, default=100, help="requests per window (default 100)"
@@ -175,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (with --tls-key)"
     )
     sandbox.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    sandbox.add_argument(
+        "--auth-errors",
+        choices=("docs", "live"),
+        default=os.environ.get("PUBLER_SANDBOX_AUTH_ERRORS", "docs"),
+        help="401/403 as Publer's docs say (default), or as the live API answers;"
+        " default $PUBLER_SANDBOX_AUTH_ERRORS",
+    )
     sandbox.set_defaults(func=cmd_sandbox)
     hash_cmd = sub.add_parser(
         "hash-token", help="print the sha256 digest of a client token read on stdin"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 import httpx
 import yaml
 
+from proxy.dev.sandbox import SANDBOX_KEYS_ENV
 from tests.bao import free_port
 
 START_TIMEOUT_SECONDS = 20.0
@@ -99,6 +101,10 @@ class Sandbox(Process):
         """Replace the keys the sandbox accepts."""
         self._control("PUT", "keys", json={"keys": list(keys)})
 
+    def set_auth_errors(self, mode: str) -> None:
+        """Answer 401/403 as Publer's docs say ("docs") or as the live API does ("live")."""
+        self._control("PUT", "auth-errors", json={"mode": mode})
+
     def fault(self, **fault: Any) -> None:
         """Make the next requests fail the way `fault` says."""
         self._control("PUT", "faults", json=fault)
@@ -126,20 +132,27 @@ def make_tls(workdir: Path) -> Tls:
 
 
 def start_sandbox(
-    workdir: Path, *keys: str, rate_limit: int = 100000, tls: Tls | None = None
+    workdir: Path,
+    *keys: str,
+    rate_limit: int = 100000,
+    tls: Tls | None = None,
+    auth_errors: str = "docs",
 ) -> Sandbox:
-    """`publer-proxy sandbox` on a free port, accepting `keys` (over HTTPS with `tls`)."""
+    """`publer-proxy sandbox` on a free port, accepting `keys` (over HTTPS with `tls`),
+    answering 401/403 as Publer's docs say or as the live API does (`auth_errors`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / f"sandbox-{port}.log"
     args = [sys.executable, "-m", "proxy", "sandbox", "--port", str(port)]
     args += ["--rate-limit", str(rate_limit)]
-    for key in keys:
-        args += ["--key", key]
+    if auth_errors != "docs":
+        args += ["--auth-errors", auth_errors]
     if tls is not None:
         args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+    # The keys go in the environment: a command line is readable by every user.
+    env = {**os.environ, SANDBOX_KEYS_ENV: " ".join(keys)}
     with log_path.open("wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     scheme = "https" if tls else "http"
     sandbox = Sandbox(process, log_path, f"{scheme}://127.0.0.1:{port}", tls.ca if tls else None)
     _wait(f"{sandbox.url}/__sandbox/health", process, log_path, 200, verify=sandbox.ca)
@@ -240,3 +253,33 @@ def start_proxy(
     else:
         _wait(f"{proxy.url}/healthz", process, log_path, 200)
     return proxy
+
+
+def start_redis(workdir: Path) -> Process:
+    """A real redis-server on a free loopback port, without persistence; `url` is its
+    redis:// URL."""
+    import redis
+
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "redis.log"
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "no", "--dir", str(workdir)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = Process(process, log_path, f"redis://127.0.0.1:{port}/0")
+    deadline = time.monotonic() + 10
+    client = redis.Redis(port=port)
+    try:
+        while True:
+            try:
+                client.ping()
+                return server
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    server.stop()
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()

@@ -27,7 +27,13 @@ import hvac
 import yaml
 
 from proxy.describe import describe_routes
-from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY, DEFAULT_WORKSPACE_ID
+from proxy.dev.sandbox import (
+    AUTH_ERRORS_ENV,
+    DEFAULT_SANDBOX_KEY,
+    DEFAULT_WORKSPACE_ID,
+    SANDBOX_KEYS_ENV,
+)
+from proxy.outbound import vault_http_session
 from proxy.policy import hash_token
 from proxy.redact import SecretRegistry
 from proxy.scopes import load_scope_map
@@ -84,24 +90,45 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def child_environment(workdir: Path, **secrets: str) -> dict[str, str]:
+    """The environment of a process the stack starts: the variables a program needs to
+    run (PATH, locale, time zone, Python's own), HOME in the stack's folder, and only the
+    secrets given. Whatever else the caller's shell holds (PUBLER_API_KEY, VAULT_TOKEN,
+    cloud credentials, proxy variables) stays out of it."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name in _INHERITED or name.startswith(("LC_", "PYTHON"))
+    }
+    env["HOME"] = str(workdir)
+    env.update(secrets)
+    return env
+
+
+_INHERITED = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV"})
+
+
 @contextmanager
 def openbao_dev(workdir: Path) -> Iterator[tuple[str, str]]:
-    """A `bao server -dev` on a free port with a random root token: (url, token)."""
+    """A `bao server -dev` on a free port with a random root token: (url, token).
+
+    The token goes to OpenBao in its environment, never on its command line (which any
+    user of the machine can read in /proc); its log, which prints the token, is in the
+    stack's private folder.
+    """
     port, token = free_port(), random_secrets.token_urlsafe(24)
-    env = {**os.environ, "HOME": str(workdir)}  # the dev server writes ~/.vault-token
-    env.pop("VAULT_TOKEN", None)
     log_file = (workdir / "openbao.log").open("wb")
     process = subprocess.Popen(
         [
             bao_binary(),
             "server",
             "-dev",
-            f"-dev-root-token-id={token}",
+            "-dev-no-store-token",
             f"-dev-listen-address=127.0.0.1:{port}",
         ],
         stdout=log_file,
         stderr=subprocess.STDOUT,
-        env=env,
+        env=child_environment(workdir, BAO_DEV_ROOT_TOKEN_ID=token),
         cwd=workdir,
     )
     try:
@@ -118,10 +145,13 @@ def sandbox_process(workdir: Path, key: str) -> Iterator[str]:
     """The Publer sandbox as a child process: its origin URL."""
     port = free_port()
     log_file = (workdir / "sandbox.log").open("wb")
+    # PUBLER_SANDBOX_AUTH_ERRORS=live makes `make run` answer 401/403 as the live API.
+    mode = os.environ.get(AUTH_ERRORS_ENV, "docs")
     process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "sandbox", "--port", str(port), "--key", key],
+        [sys.executable, "-m", "proxy", "sandbox", "--port", str(port), "--auth-errors", mode],
         stdout=log_file,
         stderr=subprocess.STDOUT,
+        env=child_environment(workdir, **{SANDBOX_KEYS_ENV: key}),
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -130,6 +160,17 @@ def sandbox_process(workdir: Path, key: str) -> Iterator[str]:
     finally:
         _stop(process)
         log_file.close()
+
+
+def seed_key(vault_url: str, token: str, key: str) -> None:
+    """Write the key to secret/publer/api, as the dev stack and the benchmark do."""
+    client = hvac.Client(url=vault_url, token=token, session=vault_http_session(None))
+    try:
+        client.secrets.kv.v2.create_or_update_secret(
+            path="publer/api", secret={"api_key": key}, mount_point="secret"
+        )
+    finally:
+        client.adapter.close()
 
 
 @dataclass(frozen=True)
@@ -291,10 +332,7 @@ def run_dev(port: int = 8080, upstream: str | None = None) -> int:
         files = DevFiles(workdir)
         with openbao_dev(workdir) as (vault_url, token):
             secrets.add(token)
-            client = hvac.Client(url=vault_url, token=token)
-            client.secrets.kv.v2.create_or_update_secret(
-                path="publer/api", secret={"api_key": key}, mount_point="secret"
-            )
+            seed_key(vault_url, token, key)
             write_secret(files.vault_token, token)
             write_secret(files.client_token, client_token)
             with _upstream(workdir, real_key, upstream) as upstream_url:
