@@ -7,10 +7,11 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 PORT ?= 8080
-TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman curl:curl nodejs:node
+TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman curl:curl nodejs:node \
+	chromium:chromium
 BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
 
-.PHONY: run test lint typecheck container-test bench fuzz clean
+.PHONY: run test lint typecheck container-test bench bench-scale fuzz clean
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,10 @@ container-test: $(STAMP)
 bench: $(STAMP)
 	scripts/system-deps.sh $(BENCH_TOOLS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-scale: $(STAMP)
+	scripts/system-deps.sh $(BENCH_TOOLS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/scale.py $(BENCH_ARGS)
 
 fuzz: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.fuzz_paths --seconds 60

@@ -7,27 +7,18 @@ import os
 import sys
 from collections.abc import Sequence
 
+from proxy.configfile import load_config
 from proxy.describe import describe_routes
-from proxy.scopes import ScopeMap, ScopeMapError, load_scope_map, unknown_scope_problems
-from proxy.settings import ConfigError, Settings, config_path, load_settings
+from proxy.scopes import ScopeMap
+from proxy.settings import ConfigError, Settings, config_path
 
 EXIT_OK, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2
 
 
 def load_all(explicit: str | None) -> tuple[Settings, ScopeMap]:
     """The config and its scope map, checked against each other; raises ConfigError."""
-    path = config_path(explicit)
-    settings = load_settings(path)
-    try:
-        scope_map = load_scope_map(settings.scope_map)
-    except ScopeMapError as exc:
-        raise ConfigError([f"scope_map: {exc}"]) from None
-    problems = unknown_scope_problems(
-        ((i, r.name, r.scopes) for i, r in enumerate(settings.routes)), scope_map
-    )
-    if problems:
-        raise ConfigError([f"{path}: {line}" for line in problems])
-    return settings, scope_map
+    loaded = load_config(config_path(explicit))
+    return loaded.settings, loaded.scope_map
 
 
 def _print_problems(error: ConfigError) -> int:
@@ -45,8 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.server import serve
 
     try:
-        settings, scope_map = load_all(args.config)
-        if settings.upstream.proxy:
+        loaded = load_config(config_path(args.config))
+        if loaded.settings.upstream.proxy:
             # The forwarding hop of this version dials Publer itself; going direct when the
             # operator named a proxy would be a silent surprise, so it does not start.
             raise ConfigError(
@@ -58,17 +49,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _print_problems(exc)
     secrets = SecretRegistry()
-    configure_logging(settings.logging, secrets)
-    return serve(settings, create_app(settings, scope_map, secrets))
+    configure_logging(loaded.settings.logging, secrets)
+    return serve(
+        loaded.settings, create_app(loaded.settings, loaded.scope_map, secrets, loaded=loaded)
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config, print the effective routes, and with --online try the keys."""
     try:
-        settings, scope_map = load_all(args.config)
+        loaded = load_config(config_path(args.config))
     except ConfigError as exc:
         return _print_problems(exc)
-    print(f"configuration {config_path(args.config)} is valid")
+    settings, scope_map = loaded.settings, loaded.scope_map
+    # The digest /readyz shows once this file is loaded: compare before and after a reload.
+    print(f"configuration {config_path(args.config)} is valid (sha256 {loaded.sha256})")
     for warning in settings.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     for line in describe_routes(settings, scope_map):

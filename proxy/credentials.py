@@ -10,6 +10,7 @@ nothing until then, and nothing is ever forwarded without a key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -51,6 +52,20 @@ class HeldKey:
 
 
 @dataclass
+class Staged:
+    """A new set of credentials, read and ready to be committed by `CredentialStore.commit`.
+
+    `problems` names each added or moved credential whose key could not be read; a reload
+    with problems is not applied.
+    """
+
+    slots: dict[str, _Slot]
+    added: list[str]
+    removed: list[str]
+    problems: list[str]
+
+
+@dataclass
 class _Slot:
     name: str
     settings: CredentialSettings
@@ -75,6 +90,7 @@ class CredentialStore:
         self._session = session
         self._metrics = metrics
         self._tasks: list[asyncio.Task[None]] = []
+        self._refreshers: dict[str, tuple[_Slot, asyncio.Task[None]]] = {}
         self._logged_in = False
 
     async def start(self, initial_timeout: float = 10.0) -> None:
@@ -90,15 +106,79 @@ class CredentialStore:
             log.warning("vault_initial_read_timeout", seconds=initial_timeout)
         self._tasks.append(asyncio.create_task(self._maintain_token(), name="vault-token"))
         for slot in self._slots.values():
-            task = asyncio.create_task(self._refresh_loop(slot), name=f"refresh-{slot.name}")
-            self._tasks.append(task)
+            self._start_refresh(slot)
+
+    def _start_refresh(self, slot: _Slot) -> None:
+        task = asyncio.create_task(self._refresh_loop(slot), name=f"refresh-{slot.name}")
+        self._refreshers[slot.name] = (slot, task)
 
     async def stop(self) -> None:
         """Cancel the background tasks."""
-        for task in self._tasks:
+        tasks = self._tasks + [task for _, task in self._refreshers.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._refreshers.clear()
+
+    async def stage(
+        self, credentials: Mapping[str, CredentialSettings], seconds: float = 10.0
+    ) -> Staged:
+        """Prepare a new set of credentials without touching the one in use.
+
+        A credential whose settings did not change keeps its slot (key and refresh task);
+        one whose Vault location (mount, path, field, KV version) did not change keeps its
+        key under the new settings; every other one is read now, so that the first request
+        after `commit` finds its key held.
+        """
+        slots: dict[str, _Slot] = {}
+        to_read: list[_Slot] = []
+        for name, settings in credentials.items():
+            old = self._slots.get(name)
+            if old is not None and old.settings == settings:
+                slots[name] = old
+                continue
+            slot = slots[name] = _Slot(name, settings)
+            if old is not None and _location(old.settings) == _location(settings):
+                slot.key = old.key
+            else:
+                to_read.append(slot)
+        if to_read:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(self._read(slot) for slot in to_read)), seconds
+                )
+        problems = [
+            f"credentials.{slot.name}: the key could not be read from Vault"
+            f" ({slot.last_error or f'Vault login failed, or no answer within {seconds:g} s'});"
+            " check its mount,"
+            " path and field, and that the proxy's Vault policy may read it"
+            for slot in to_read
+            if slot.key is None
+        ]
+        return Staged(
+            slots=slots,
+            added=[name for name in slots if name not in self._slots],
+            removed=[name for name in self._slots if name not in slots],
+            problems=problems,
+        )
+
+    def commit(self, staged: Staged) -> None:
+        """Serve the staged credentials: start refreshing new slots, stop the old ones'."""
+        self._slots = staged.slots
+        for name, (slot, task) in list(self._refreshers.items()):
+            if staged.slots.get(name) is not slot:
+                task.cancel()
+                del self._refreshers[name]
+        for name in staged.removed:
+            metrics = self._metrics
+            for gauge in (metrics.key_age, metrics.key_read_age, metrics.budget_left):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(name)
+        if self._tasks:  # started: new slots are refreshed from now on
+            for name, slot in staged.slots.items():
+                if name not in self._refreshers:
+                    self._start_refresh(slot)
 
     async def _first_reads(self) -> None:
         if await self._login():
@@ -132,7 +212,7 @@ class CredentialStore:
                 "vault_read_failed",
                 credential=slot.name,
                 reason=exc.reason,
-                state=self.state(slot.name),
+                state=_state(slot),
             )
             return None
         self._metrics.vault_operations.labels("read", "ok").inc()
@@ -215,20 +295,12 @@ class CredentialStore:
 
     def state(self, name: str) -> State:
         """fresh, stale (usable, last refresh failed or overdue), expired, or missing."""
-        slot = self._slots[name]
-        if slot.key is None:
-            return "missing"
-        age = time.monotonic() - slot.key.read_at
-        if age > slot.settings.refresh_seconds + slot.settings.max_stale_seconds:
-            return "expired"
-        if slot.last_attempt_failed or age > slot.settings.refresh_seconds * 2:
-            return "stale"
-        return "fresh"
+        return _state(self._slots[name])
 
     def current(self, name: str) -> HeldKey:
         """The usable key of a credential, or CredentialUnavailable; never waits on Vault."""
-        slot = self._slots[name]
-        state = self.state(name)
+        slot = self._slot(name)
+        state = _state(slot)
         if slot.key is None or state in ("missing", "expired"):
             reason = slot.last_error or "not read from Vault yet"
             if state == "expired":
@@ -244,7 +316,7 @@ class CredentialStore:
         comes after the key already changed gets the new key without another read.
         Raises CredentialUnavailable when no usable key is left after the read.
         """
-        slot = self._slots[name]
+        slot = self._slot(name)
         if slot.key is not None and slot.key.value != rejected.value:
             return slot.key
         task = slot.reread
@@ -252,6 +324,12 @@ class CredentialStore:
         if task is None or (task.done() and not recent):
             task = slot.reread = asyncio.create_task(self._reread(slot))
         return await asyncio.shield(task)
+
+    def _slot(self, name: str) -> _Slot:
+        slot = self._slots.get(name)
+        if slot is None:  # a request that started before a reload removed the credential
+            raise CredentialUnavailable(name, "the credential was removed by a config reload")
+        return slot
 
     async def _reread(self, slot: _Slot) -> HeldKey:
         try:
@@ -269,7 +347,7 @@ class CredentialStore:
         out: dict[str, dict[str, object]] = {}
         now = time.monotonic()
         for name, slot in self._slots.items():
-            entry: dict[str, object] = {"state": self.state(name)}
+            entry: dict[str, object] = {"state": _state(slot)}
             if slot.key is not None:
                 entry["key"] = slot.key.masked
                 entry["key_version"] = slot.key.version
@@ -297,9 +375,24 @@ class CredentialStore:
 
     def ready(self) -> bool:
         """True when every credential holds a usable key (fresh or stale in bounds)."""
-        return all(self.state(name) in ("fresh", "stale") for name in self._slots)
+        return all(_state(slot) in ("fresh", "stale") for slot in self._slots.values())
 
     @staticmethod
     def jitter(seconds: float) -> float:
         """`seconds` plus or minus 10%, so replicas do not hit Vault in step."""
         return seconds * random.uniform(0.9, 1.1)
+
+
+def _state(slot: _Slot) -> State:
+    if slot.key is None:
+        return "missing"
+    age = time.monotonic() - slot.key.read_at
+    if age > slot.settings.refresh_seconds + slot.settings.max_stale_seconds:
+        return "expired"
+    if slot.last_attempt_failed or age > slot.settings.refresh_seconds * 2:
+        return "stale"
+    return "fresh"
+
+
+def _location(settings: CredentialSettings) -> tuple[str, str, str, int]:
+    return (settings.mount, settings.path, settings.field, settings.kv_version)

@@ -264,6 +264,10 @@ def serve(settings: Settings, app: Any, sockets: list[socket.socket] | None = No
     graceful SIGTERM exit with -15; the no-op handler it restores turns that into 0.
     """
     signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
+    # SIGHUP reloads the config once the app has started (proxy/reload.py); until then it
+    # must not end the process, its default action. The reloader catches up on a file
+    # changed meanwhile.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     server = uvicorn.Server(uvicorn_config(settings, app))
     server.run(sockets=sockets)
     return 0 if server.started else 1

@@ -119,6 +119,8 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
                 ("/elsewhere", {}),
                 ("/readyz", {}),
                 ("/metrics", {}),
+                ("/status", {}),
+                ("/status.json", {}),
             ]:
                 answer = httpx.get(f"{proxy.url}{path}", headers=headers)
                 bodies.append(answer.text + str(answer.headers))
@@ -149,6 +151,9 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
         outputs["check --online, key rejected"] = check.stdout + check.stderr
         assert "Publer rejects the key" in check.stdout
         sandbox.set_keys({"key": live_key})
+        for proxy in proxies:  # a reload reads the config and stages the credentials again
+            proxy.process.send_signal(signal.SIGHUP)
+        eventually(lambda: all("config_reloaded" in proxy.output() for proxy in proxies))
         time.sleep(4)  # token renewals and AppRole re-logins happen
         vault.seal()
         time.sleep(1.5)
