@@ -60,13 +60,16 @@ RUN site=$(python3 -c 'import sysconfig; print(sysconfig.get_path("purelib"))') 
 FROM debian:bookworm-slim AS base
 
 # ca-certificates: the upstream and Vault clients verify TLS against the system CA store.
+# /run/publer-proxy-ca: where the forward proxy writes its CA certificate; a volume mounted
+# there starts out owned by the proxy's user.
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
     && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/* \
     && groupadd --gid 10001 publer-proxy \
     && useradd --uid 10001 --gid 10001 --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin publer-proxy
+        --home-dir /nonexistent --shell /usr/sbin/nologin publer-proxy \
+    && install -d -o 10001 -g 10001 -m 0755 /run/publer-proxy-ca
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

@@ -11,6 +11,8 @@ TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap 
 	chromium:chromium
 BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
 
+NODE_CLIENTS := tests/clients/node_modules/.installed
+
 .PHONY: run test lint typecheck container-test bench bench-scale fuzz clean
 
 $(RUN_STAMP): pyproject.toml
@@ -25,6 +27,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP) $(RUN_STAMP)
 
+# Node packages the forward-proxy tests run real clients with (undici's environment proxy).
+$(NODE_CLIENTS): tests/clients/package.json tests/clients/package-lock.json
+	scripts/system-deps.sh nodejs:node npm:npm
+	npm ci --prefix tests/clients --no-audit --no-fund --silent
+	touch $(NODE_CLIENTS)
+
 run: $(RUN_STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/publer-proxy dev --port $(PORT)
 
@@ -35,7 +43,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_CLIENTS)
 	scripts/system-deps.sh $(TEST_TOOLS)
 	$(MAKE) lint typecheck
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
@@ -47,6 +55,7 @@ container-test: $(STAMP)
 bench: $(STAMP)
 	scripts/system-deps.sh $(BENCH_TOOLS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/tunnel.py
 
 bench-scale: $(STAMP)
 	scripts/system-deps.sh $(BENCH_TOOLS)
@@ -56,4 +65,4 @@ fuzz: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.fuzz_paths --seconds 60
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/clients/node_modules

@@ -51,7 +51,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     secrets = SecretRegistry()
     configure_logging(loaded.settings.logging, secrets)
     return serve(
-        loaded.settings, create_app(loaded.settings, loaded.scope_map, secrets, loaded=loaded)
+        loaded.settings,
+        create_app(loaded.settings, loaded.scope_map, secrets, loaded=loaded),
+        secrets,
     )
 
 
@@ -68,6 +70,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     for line in describe_routes(settings, scope_map):
         print(line)
+    if settings.forward_proxy is not None:
+        from proxy.forward_proxy import describe_forward_proxy
+
+        print("\n".join(describe_forward_proxy(settings)))
     if not args.online:
         return EXIT_OK
     from proxy.online import check_online

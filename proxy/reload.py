@@ -50,6 +50,7 @@ RESTART_ONLY = {
     "logging": "the log pipeline is set up once, at start",
     "vault": "the Vault session (address, TLS, login) is made once, at start",
     "upstream": "the connection pool to Publer is made once, at start",
+    "forward_proxy": "the forward-proxy listener and its CA are made once, at start",
 }
 # Kubernetes updates a mounted ConfigMap by re-pointing this link in the file's directory.
 KUBERNETES_DATA_LINK = "..data"
@@ -127,8 +128,10 @@ def restart_only_changes(old: Settings, new: Settings) -> list[str]:
     """One line per changed key that only takes effect at start, naming the key."""
     problems = []
     for section, why in RESTART_ONLY.items():
-        before = getattr(old, section).model_dump(mode="json")
-        after = getattr(new, section).model_dump(mode="json")
+        before, after = (
+            None if part is None else part.model_dump(mode="json")
+            for part in (getattr(old, section), getattr(new, section))
+        )
         for key in _changed_keys(before, after, section):
             problems.append(
                 f"{key}: cannot change while the proxy runs ({why}); restart the proxy to"

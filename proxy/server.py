@@ -35,6 +35,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.errors import Refusal
 from proxy.paths import ABSOLUTE_FORM_KEY
+from proxy.redact import SecretRegistry
 from proxy.settings import Settings
 
 log = structlog.get_logger("proxy.server")
@@ -255,7 +256,12 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     )
 
 
-def serve(settings: Settings, app: Any, sockets: list[socket.socket] | None = None) -> int:
+def serve(
+    settings: Settings,
+    app: Any,
+    secrets: SecretRegistry | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> int:
     """Serve until SIGINT/SIGTERM, finishing requests in flight; the exit status.
 
     `sockets`, when given, are bound sockets to serve on instead of `settings.listen`.
@@ -268,6 +274,11 @@ def serve(settings: Settings, app: Any, sockets: list[socket.socket] | None = No
     # must not end the process, its default action. The reloader catches up on a file
     # changed meanwhile.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    server = uvicorn.Server(uvicorn_config(settings, app))
+    config = uvicorn_config(settings, app)
+    server = uvicorn.Server(config)
+    if settings.forward_proxy is not None:
+        from proxy.forward_proxy import TunnellingServer
+
+        server = TunnellingServer(config, settings, secrets or SecretRegistry())
     server.run(sockets=sockets)
     return 0 if server.started else 1

@@ -122,6 +122,18 @@ class UpstreamSettings(_Model):
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0)
     max_connections: int = Field(default=100, gt=0)
     retries: int = Field(default=2, ge=0, le=5)
+    # Dial this host:port instead of resolving the origin's name; TLS still checks the
+    # name (curl's --connect-to): a stand-in of Publer reached by its real name.
+    connect_to: str | None = None
+
+    @field_validator("connect_to")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("must be host:port, such as 127.0.0.1:8443")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -316,6 +328,28 @@ class RouteSettings(_Model):
         return (self.workspace_id,) if self.workspace_id else ()
 
 
+class VaultCASettings(_Model):
+    """A CA kept in Vault (KV): its certificate and private key, both PEM."""
+
+    mount: str = "secret"
+    path: str
+    kv_version: Literal[1, 2] = 2
+    certificate_field: str = "certificate"
+    private_key_field: str = "private_key"
+
+
+class ForwardProxySettings(_Model):
+    """The CONNECT listener for clients that hard-code Publer's origin (off when absent)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=3128, ge=0, le=65535)
+    # Written at start, for clients to trust (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, ...).
+    ca_certificate_file: Path
+    leaf_lifetime_hours: PositiveFloat = 24.0
+    # Absent: a new CA is made in memory at every start.
+    ca_vault: VaultCASettings | None = None
+
+
 class RateLimitSettings(_Model):
     requests: int = Field(default=100, gt=0)
     per_seconds: PositiveFloat = 120.0
@@ -357,6 +391,7 @@ class Settings(_Model):
     rate_limit: RateLimitSettings = RateLimitSettings()
     logging: LoggingSettings = LoggingSettings()
     scope_map: Path | None = None
+    forward_proxy: ForwardProxySettings | None = None
     reload: ReloadSettings = ReloadSettings()
     admin: AdminSettings = AdminSettings()
 
@@ -390,9 +425,42 @@ class Settings(_Model):
                     f" proxy listens on {self.listen.host}, beyond loopback; add clients"
                     " with token_sha256, or listen on 127.0.0.1 or a unix socket"
                 )
+        problems += self._forward_proxy_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _forward_proxy_problems(self) -> list[str]:
+        forward = self.forward_proxy
+        if forward is None:
+            return []
+        problems: list[str] = []
+        upstream = urlsplit(self.upstream.url)
+        host = upstream.hostname or ""
+        if upstream.scheme != "https" or host.replace(".", "").isdigit() or ":" in host:
+            problems.append(
+                f"forward_proxy: upstream.url {self.upstream.url} must be https:// with a DNS"
+                " name (such as https://app.publer.com): clients open tunnels to that name;"
+                " to reach a stand-in on another address, set upstream.connect_to"
+            )
+        if (
+            forward.port != 0
+            and forward.port == self.listen.port
+            and self.listen.unix_socket is None
+        ):
+            problems.append(
+                f"forward_proxy.port: {forward.port} is also listen.port; the forward proxy"
+                " needs a port of its own (3128 by convention)"
+            )
+        if not is_loopback_host(forward.host):
+            problems += [
+                f"forward_proxy.host: route {route.name!r} has no clients (open), but the"
+                f" forward proxy listens on {forward.host}, beyond loopback; add clients"
+                " with token_sha256, or listen on 127.0.0.1"
+                for route in self.routes
+                if not route.clients
+            ]
+        return problems
 
     @property
     def listens_on_loopback_only(self) -> bool:

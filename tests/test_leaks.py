@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from proxy.policy import hash_token
-from tests.bao import free_port, start_bao
+from tests.bao import Bao, free_port, start_bao
 from tests.peers import ECHO_MODES, echo_origin, recording_listener
 from tests.servers import Proxy, proxy_config, start_proxy, start_sandbox
 from tests.test_devstack import descendants
@@ -358,3 +358,45 @@ def test_no_secret_in_the_dev_stack_output(tmp_path: Path) -> None:
     for what, value in [("key", api_key), ("root token", root_token), ("client", client_token)]:
         assert value not in printed, f"the {what} appears in what dev printed or sent"
     assert "***" + api_key[-4:] in printed
+
+
+def test_no_secret_through_the_forward_proxy(
+    tmp_path: Path, bao: Bao, token_file: Path, api_key: str
+) -> None:
+    """Tunnels with the token as proxy password and as "API key", refusals of both, at debug
+    level: neither the key nor the client token is printed or answered, and no private key
+    (the CA's or a leaf's) is written to any file."""
+    from tests.tunnel_stack import PUBLER_HOST, start_tunnel_stack
+
+    stack = start_tunnel_stack(tmp_path, bao, token_file, api_key)
+    me = f"https://{PUBLER_HOST}/api/v1/users/me"
+    answers: list[str] = []
+    try:
+        for proxy_url, authorization in (
+            (stack.forward_url_with_token(), "Bearer-API whatever"),
+            (stack.forward_url, f"Bearer-API {stack.client_token}"),
+            (stack.forward_url, f"Bearer-API {stack.client_token}x"),
+            (f"http://agent:{stack.client_token}x@127.0.0.1:{stack.forward_port}", ""),
+        ):
+            done = subprocess.run(
+                ["curl", "-sS", "-i", "-H", f"Authorization: {authorization}", me],
+                env=stack.env(HTTPS_PROXY=proxy_url, CURL_CA_BUNDLE=str(stack.ca_file)),
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+            answers.append((done.stdout + done.stderr).decode("utf-8", "replace"))
+    finally:
+        stack.proxy.stop()
+        stack.sandbox.stop()
+    assert " 200 " in answers[0] and " 200 " in answers[1]
+    output = stack.proxy.output()
+    for text in [output, *answers]:
+        assert api_key not in text
+    assert stack.client_token not in output
+    assert "***" + api_key[-4:] in output
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix in (".pem", ".yaml", ".log", ".key", ""):
+            content = path.read_bytes()
+            if path.name != "publer-key.pem":  # the stand-in's own certificate key
+                assert b"PRIVATE KEY" not in content, path

@@ -79,9 +79,10 @@ def test_upstream_proxy_carries_the_online_check(
         online = check(path, {}, "--online")
         assert online.returncode == 0, online.stdout + online.stderr
         assert "Publer accepts the key" in online.stdout
-        assert [line for line, _ in named.requests] == [
-            f"GET {sandbox.url}/api/v1/workspaces HTTP/1.1"
-        ]
+        # One probe, to whichever endpoint the route's scopes make cheapest.
+        [(line, _)] = named.requests
+        assert line.startswith(f"GET {sandbox.url}/api/v1/"), line
+        assert line.endswith(" HTTP/1.1"), line
 
 
 def test_unreachable_vault_proxy_is_named_without_its_password(

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 README_PORT = "127.0.0.1:8080"
+README_EXPORTS = ("CLIENT_TOKEN", "VAULT_ADDR", "PUBLER_PROXY_CONFIG")
 
 
 @dataclass(frozen=True)
@@ -98,11 +99,12 @@ class Stack:
     log: Path
 
     def exports(self) -> list[str]:
-        """The `export` lines the stack told the user to paste."""
+        """The `export` lines the stack told the user to paste for the README's examples
+        (the client token, OpenBao and the config; not the forward proxy's variables)."""
         return [
             line.strip()
             for line in self.log.read_text().splitlines()
-            if line.startswith("  export ")
+            if line.startswith(tuple(f"  export {name}=" for name in README_EXPORTS))
         ]
 
 

@@ -12,6 +12,7 @@ import os
 import secrets as random_secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ import hvac
 import yaml
 
 from proxy.describe import describe_routes
+from proxy.dev.forward import add_forward_proxy, sandbox_certificate, stand_in_tls
 from proxy.dev.sandbox import (
     AUTH_ERRORS_ENV,
     DEFAULT_SANDBOX_KEY,
@@ -66,10 +68,13 @@ def bao_binary() -> str:
     return found
 
 
-def wait_http(url: str, timeout: float = START_TIMEOUT) -> None:
-    """Poll `url` until it answers 200, or raise TimeoutError."""
+def wait_http(url: str, timeout: float = START_TIMEOUT, ca_file: str | None = None) -> None:
+    """Poll `url` until it responds 200, or raise TimeoutError; HTTPS trusts `ca_file`."""
     # No proxy from the environment: everything the stack starts is on this loopback.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),
+        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca_file)),
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -141,21 +146,24 @@ def openbao_dev(workdir: Path) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def sandbox_process(workdir: Path, key: str) -> Iterator[str]:
-    """The Publer sandbox as a child process: its origin URL."""
+def sandbox_process(workdir: Path, key: str, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """The Publer sandbox as a child process (HTTPS with `tls`): its origin URL."""
     port = free_port()
     log_file = (workdir / "sandbox.log").open("wb")
     # PUBLER_SANDBOX_AUTH_ERRORS=live makes `make run` answer 401/403 as the live API.
     mode = os.environ.get(AUTH_ERRORS_ENV, "docs")
+    args = [sys.executable, "-m", "proxy", "sandbox", "--port", str(port), "--auth-errors", mode]
+    if tls is not None:
+        args += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "sandbox", "--port", str(port), "--auth-errors", mode],
+        args,
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=child_environment(workdir, **{SANDBOX_KEYS_ENV: key}),
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/__sandbox/health")
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        wait_http(f"{url}/__sandbox/health", ca_file=str(tls[0]) if tls else None)
         yield url
     finally:
         _stop(process)
@@ -268,7 +276,9 @@ def port_taken_message(port: int, error: OSError) -> str:
     )
 
 
-def ready_message(port: int, files: DevFiles, vault_url: str, upstream: str) -> str:
+def ready_message(
+    port: int, files: DevFiles, vault_url: str, upstream: str, forward: str = ""
+) -> str:
     """What `dev` prints once the proxy is ready: what to try, and where everything is.
 
     It names the files that hold the tokens, never a token.
@@ -294,7 +304,8 @@ def ready_message(port: int, files: DevFiles, vault_url: str, upstream: str) -> 
         f"  export VAULT_ADDR={vault_url} VAULT_TOKEN=$(cat {files.vault_token})\n"
         f"  export PUBLER_PROXY_CONFIG={files.config}\n"
         f"  {publer_proxy} check --online\n\n"
-        "Ctrl-C stops the proxy, OpenBao and the sandbox.\n"
+        + (f"{forward}\n" if forward else "")
+        + "Ctrl-C stops the proxy, OpenBao and the sandbox.\n"
     )
 
 
@@ -337,6 +348,8 @@ def run_dev(port: int = 8080, upstream: str | None = None) -> int:
             write_secret(files.client_token, client_token)
             with _upstream(workdir, real_key, upstream) as upstream_url:
                 config = dev_config(vault_url, files, upstream_url, workspace, port, client_token)
+                sandbox_ca = None if real_key or upstream else sandbox_certificate(workdir)
+                forward = add_forward_proxy(config, workdir, sandbox_ca)
                 files.config.write_text(yaml.safe_dump(config, sort_keys=False), "utf-8")
                 settings = load_settings(files.config)
                 scope_map = load_scope_map(settings.scope_map)
@@ -346,11 +359,12 @@ def run_dev(port: int = 8080, upstream: str | None = None) -> int:
                 where = (
                     "the built-in Publer sandbox" if not real_key and not upstream else upstream_url
                 )
-                message = ready_message(port, files, vault_url, where)
+                message = ready_message(port, files, vault_url, where, forward)
                 threading.Thread(
                     target=_announce_when_ready, args=(port, message), daemon=True
                 ).start()
-                return serve(settings, create_app(settings, scope_map, secrets), [listener])
+                app = create_app(settings, scope_map, secrets)
+                return serve(settings, app, secrets, [listener])
 
 
 @contextmanager
@@ -360,5 +374,6 @@ def _upstream(workdir: Path, real_key: str, explicit: str | None) -> Iterator[st
     elif real_key:
         yield PUBLER_URL
     else:
-        with sandbox_process(workdir, DEFAULT_SANDBOX_KEY) as url:
+        tls = stand_in_tls(workdir)  # the sandbox is app.publer.com to the forward proxy
+        with sandbox_process(workdir, DEFAULT_SANDBOX_KEY, tls) as url:
             yield url
