@@ -173,10 +173,6 @@ class RequestHead:
     workspace_headers: Sequence[str]  # every Publer-Workspace-Id field, in order
 
 
-# The former name, which forward.py uses until its own vocabulary changes.
-Located = RequestHead
-
-
 @dataclass(frozen=True)
 class Verdict:
     """The decision on one request: a refusal, or what to forward; with what the log needs."""
