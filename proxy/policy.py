@@ -1,9 +1,8 @@
 """The allow/deny decision, as pure functions with no I/O.
 
 `decide` reads like the request path: pick the route, authenticate the client, check
-the path against the scope allow-list, decide the workspace. It answers either a
-`Decision` to forward or a `Refusal` whose code is one of
-`proxy.errors.STATUS`.
+the path against the scope allow-list, decide the workspace. It returns a `Verdict`:
+what to forward, or a `Refusal` whose code is one of `proxy.errors.STATUS`.
 """
 
 from __future__ import annotations
@@ -169,14 +168,15 @@ def choose_workspace(route: Route, requested: Sequence[str]) -> str | Refusal | 
 
 
 @dataclass(frozen=True)
-class Located:
-    """The parts of a request that `decide` reads, taken from the ASGI scope."""
+class RequestHead:
+    """The parts of a request's head that `decide` reads, taken from the ASGI scope: the
+    method, the request target as sent (RFC 9112 section 3.2), and two header fields."""
 
     method: str
-    raw_path: bytes
-    raw_query: bytes
-    authorization: str | None
-    workspace_headers: Sequence[str]
+    raw_path: bytes  # the target's path, as sent: percent-escapes undecoded
+    raw_query: bytes  # the target's query, without '?'
+    authorization: str | None  # the first Authorization field, if any
+    workspace_headers: Sequence[str]  # every Publer-Workspace-Id field, in order
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class Verdict:
     needs_workspace: bool = False
 
 
-def decide(request: Located, routes: Sequence[Route], scope_map: ScopeMap) -> Verdict:
+def decide(request: RequestHead, routes: Sequence[Route], scope_map: ScopeMap) -> Verdict:
     """Route, authenticate, check the scope allow-list, choose the workspace."""
     if request.raw_path == b"/":
         return Verdict(Refusal.of("no_route", "no route serves /; call {prefix}/api/v1/..."))

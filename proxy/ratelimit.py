@@ -1,7 +1,7 @@
 """The rate budget per credential: a sliding window, in memory or in Redis.
 
 Publer allows 100 requests per 2 minutes per user account, across all its keys. The proxy
-spends that budget locally and answers 429 itself before Publer would, so one noisy app
+spends that budget locally and responds 429 itself before Publer would, so one noisy app
 cannot lock every other app out of the shared key. Publer's own X-RateLimit-Remaining and
 X-RateLimit-Reset re-sync the budget: when Publer has counted more than we have (another
 client of the same account), its Remaining becomes a ceiling until its reset.
