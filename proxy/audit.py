@@ -2,8 +2,8 @@
 
 Every call with a method other than GET and HEAD gets a line, refused or forwarded: time,
 client, route, method, path (never the query), the status the client got and Publer's,
-the refusal code if any, the `job_id` or post ids Publer answered with (when the answer
-was small JSON), and the request id. Lines pass through the same redaction as the logs,
+the refusal code if any, the `job_id` or post ids Publer responded with (when the response
+body was small JSON), and the request id. Lines pass through the same redaction as the logs,
 before they are hashed, so a secret never reaches the sink.
 
 The chain (`proxy.auditchain`) shows altered, removed and reordered lines; its head (line
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 STREAMS = ("stdout", "stderr")
-# Publer's ids are object ids and numbers; anything else in an answer is not recorded.
+# Publer's ids are object ids and numbers; anything else in a response is not recorded.
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_IDS = 100
 _TAIL_BYTES = 64 * 1024
@@ -57,26 +57,26 @@ def head_key(settings: AuditSettings) -> str:
     return f"publer-proxy:audit:{socket.gethostname()}:{where}"
 
 
-def answer_ids(body: bytes | None) -> dict[str, Any]:
-    """`job_id` and `post_ids` from a small JSON answer of Publer's, when it has them."""
+def response_ids(body: bytes | None) -> dict[str, Any]:
+    """`job_id` and `post_ids` from a small JSON response body of Publer's, when it has them."""
     if not body or body[:1] not in (b"{", b"["):
         return {}
     try:
-        answer = orjson.loads(body)
+        data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return {}
-    if not isinstance(answer, dict):
+    if not isinstance(data, dict):
         return {}
     found: dict[str, Any] = {}
-    job = answer.get("job_id")
+    job = data.get("job_id")
     if isinstance(job, str) and _ID_RE.match(job):
         found["job_id"] = job
-    candidates: list[object] = [answer.get("id")]
+    candidates: list[object] = [data.get("id")]
     for many in ("deleted_ids", "post_ids"):
-        listed = answer.get(many)
+        listed = data.get(many)
         if isinstance(listed, list):
             candidates += listed
-    for holder in (answer.get("post"), *(answer.get("posts") or [])):
+    for holder in (data.get("post"), *(data.get("posts") or [])):
         if isinstance(holder, dict):
             candidates.append(holder.get("id"))
     ids = [c for c in candidates if isinstance(c, str) and _ID_RE.match(c)]
@@ -230,7 +230,7 @@ class AuditLog:
         status: int,
         upstream_status: int | None,
         decision: str,
-        answer: bytes | None,
+        response_body: bytes | None,
     ) -> None:
         """Write the audit line of one call, if it is a mutating one."""
         if self._write is None or method in READ_METHODS:
@@ -245,7 +245,7 @@ class AuditLog:
             "status": status,
             "upstream_status": upstream_status,
             "decision": decision,
-            **(answer_ids(answer) if upstream_status is not None else {}),
+            **(response_ids(response_body) if upstream_status is not None else {}),
         }
         line = seal(record, self._head.lines + 1, self._head.hash)
         line = self._secrets.redact(line.decode("utf-8")).encode("utf-8")

@@ -16,22 +16,29 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
-from prometheus_client import Counter
 from starlette.types import Message, Receive, Scope, Send
 
+from proxy.access import AccessLog, Outcome
 from proxy.activity import Activity
 from proxy.audit import AuditLog
 from proxy.credentials import CredentialStore, HeldKey
 from proxy.downstream import BodyTooLarge, ClientGone, Downstream
-from proxy.errors import STATUS, ProxyError, RateLimitHeaders, Refusal, UpstreamFailed
-from proxy.headers import downstream_headers, header_values, upstream_headers
-from proxy.metrics import Metrics, method_label
+from proxy.errors import ProxyError, RateLimitHeaders, Refusal, UpstreamFailed
+from proxy.headers import (
+    downstream_headers,
+    header_values,
+    request_body_length,
+    response_body_length,
+    upstream_headers,
+)
+from proxy.metrics import Metrics
 from proxy.paths import ABSOLUTE_FORM_KEY
 from proxy.policy import RequestHead, RouteTable, Verdict, decide
 from proxy.publer import (
     MAX_MESSAGE_BYTES,
     REJECTION_STATUSES,
     Rejection,
+    rate_limit_window,
     rejection,
     rejection_hint,
 )
@@ -39,12 +46,14 @@ from proxy.ratelimit import Budget, Queue, retry_after_header
 from proxy.redact import SecretRegistry
 from proxy.requestid import REQUEST_ID_KEY
 from proxy.scopes import READ_METHODS, ScopeMap
-from proxy.screening import screen_answer
-from proxy.settings import ANONYMOUS_CLIENT, Settings
+from proxy.screening import screen_response
+from proxy.settings import Settings
 from proxy.shares import SharePlan, limit_requests, refusal_text
 from proxy.upstream import Response, Upstream
 
 log = structlog.get_logger("proxy.access")
+
+RequestBody = bytes | AsyncIterator[bytes] | None
 
 # Bodies up to this size are kept in memory so the request can be replayed after Publer
 # rejects the key.
@@ -52,24 +61,8 @@ REPLAYABLE_BODY_BYTES = 256 * 1024
 RETRY_STATUSES = frozenset({502, 503, 504})
 NO_BODY_STATUSES = frozenset({204, 304})
 FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
-EPOCH_2001 = 1_000_000_000  # a reset above this is a timestamp, not a number of seconds
 # Responses up to this size (by Content-Length) are read whole and sent in one piece.
 SMALL_RESPONSE_BYTES = 64 * 1024
-
-
-@dataclass
-class Outcome:
-    """What the access log line says about one request."""
-
-    verdict: Verdict | None = None
-    decision: str = "allowed"
-    status: int = 0
-    upstream_status: int | None = None
-    key: HeldKey | None = None
-    attempts: int = 0
-    rejection: Rejection | None = None
-    head_sent: bool = False  # the status line went out: a later failure truncates the body
-    answer: bytes | None = None  # Publer's response, when small enough to be read whole
 
 
 @dataclass(frozen=True)
@@ -83,14 +76,14 @@ class Services:
     upstream: Upstream
     budget: Budget
     metrics: Metrics
-    secrets: SecretRegistry  # what answers are screened for before they reach a client
+    secrets: SecretRegistry  # what responses are screened for before they reach a client
     activity: Activity
     shares: SharePlan
     audit: AuditLog
 
 
 async def send_refusal(send: Send, refusal: Refusal, request_id: str, head_only: bool) -> None:
-    """Answer with the proxy's own Publer-shaped error."""
+    """Respond with the proxy's own Publer-shaped error (`proxy/errors.py`)."""
     body = refusal.body(request_id)
     await send(
         {
@@ -102,20 +95,6 @@ async def send_refusal(send: Send, refusal: Refusal, request_id: str, head_only:
     await send({"type": "http.response.body", "body": b"" if head_only else body})
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | Refusal | None:
-    lengths = header_values(headers, b"content-length")
-    chunked = header_values(headers, b"transfer-encoding")
-    if lengths and chunked:
-        return Refusal.of("bad_request", "send Content-Length or Transfer-Encoding, not both")
-    if len(set(lengths)) > 1 or (lengths and not lengths[0].strip().isdigit()):
-        return Refusal.of("bad_request", "the Content-Length header is malformed or repeated")
-    if chunked and [v.strip().lower() for v in chunked] != ["chunked"]:
-        return Refusal.of("bad_request", "only Transfer-Encoding: chunked is accepted")
-    if lengths:
-        return int(lengths[0])
-    return -1 if chunked else None
-
-
 def _backoff(attempt: int) -> float:
     return random.uniform(0, 0.1 * 2**attempt)
 
@@ -125,11 +104,11 @@ class Forwarder:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self._counters: dict[tuple[str, str, str, str], Counter] = {}  # labelled children
-        self._client_counters: dict[tuple[str, str, str], Counter] = {}
+        self._access = AccessLog(services.metrics, services.audit, services.activity)
         self._queue = Queue()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one request; whatever happens, it leaves one access record."""
         started = time.perf_counter()
         request_id: str = scope[REQUEST_ID_KEY]
         outcome = Outcome()
@@ -145,22 +124,47 @@ class Forwarder:
             if not outcome.head_sent:
                 outcome.status = 499
         except Exception as exc:
-            # A fault of the proxy's own: uvicorn answers 500 (or cuts the body short).
+            # A fault of the proxy's own: uvicorn responds 500 (or cuts the body short).
             outcome.decision = "internal_error"
             if not outcome.head_sent:
                 outcome.status = 500
             log.error("forward_failed", error=type(exc).__name__, head_sent=outcome.head_sent)
             raise
         finally:
-            self._record(scope, outcome, time.perf_counter() - started)
+            self._access.record(scope, outcome, time.perf_counter() - started)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, outcome: Outcome) -> None:
+        """Route, authenticate, check, inject, forward; `__call__` logs."""
+        verdict = outcome.verdict = self._check(scope)
+        if verdict.refusal is not None:
+            raise ProxyError(verdict.refusal)
+        length = self._body_length(scope)
+        key = outcome.key = self._key(verdict)
+        downstream = Downstream(receive, self.services.settings.upstream.max_body_bytes)
+        # Everything awaited inside the block is cancelled when the client leaves.
+        async with downstream:
+            await self._spend(verdict)
+            body = await self._request_body(downstream, length)
+            response = await self._forward(scope, verdict, key, body, length, outcome)
+            try:
+                last = await self._relay(scope, send, verdict, response, outcome)
+            finally:
+                await response.aclose()
+        if last is not None:
+            # After the block: once the response is complete, ASGI reports the client as
+            # gone, which must not cancel anything.
+            await send(last)
+
+    def _check(self, scope: Scope) -> Verdict:
+        """Route, authenticate and check the request (`proxy/policy.py`): the verdict, a
+        refusal in it when the request may not go on. Raises ProxyError for an
+        absolute-form target, which no route can match."""
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if scope.get(ABSOLUTE_FORM_KEY):
             raise ProxyError(
                 Refusal.of("bad_path", "absolute-form request targets are refused; send a path")
             )
-        verdict = decide(
+        return decide(
             RequestHead(
                 method=scope["method"],
                 raw_path=scope.get("raw_path") or scope["path"].encode("latin-1"),
@@ -171,43 +175,36 @@ class Forwarder:
             self.services.routes,
             self.services.scope_map,
         )
-        outcome.verdict = verdict
-        if verdict.refusal is not None:
-            raise ProxyError(verdict.refusal)
+
+    def _key(self, verdict: Verdict) -> HeldKey:
+        """The route's key as held now: never waits on Vault. Raises ProxyError
+        (`credential_unavailable`) when no usable key is held."""
         assert verdict.route is not None
-        length = _content_length(headers)
-        if isinstance(length, Refusal):
-            raise ProxyError(length)
+        return self.services.credentials.current(verdict.route.settings.credential)
+
+    def _body_length(self, scope: Scope) -> int | None:
+        """The request body's declared length (-1: chunked, None: no body). Raises
+        ProxyError for bad framing or a body over `upstream.max_body_bytes`."""
+        try:
+            length = request_body_length(scope["headers"])
+        except ValueError as exc:
+            raise ProxyError(Refusal.of("bad_request", str(exc))) from None
         limit = self.services.settings.upstream.max_body_bytes
         if length is not None and length > limit:
             raise ProxyError(_too_large(limit))
-        credential = verdict.route.settings.credential
-        key = self.services.credentials.current(credential)
-        outcome.key = key
-        downstream = Downstream(receive, limit)
-        # Everything awaited inside the block is cancelled when the client leaves.
-        async with downstream:
-            await self._spend(verdict)
-            body: bytes | AsyncIterator[bytes] | None
-            if length is None or length == 0:
-                body = None
-                downstream.no_body()
-            elif 0 < length <= REPLAYABLE_BODY_BYTES:
-                try:
-                    body = await downstream.read_body()
-                except BodyTooLarge:
-                    raise ProxyError(_too_large(limit)) from None
-            else:
-                body = downstream.body()
-            response = await self._exchange(scope, verdict, key, body, length, outcome)
-            try:
-                last = await self._stream_back(scope, send, verdict, response, outcome)
-            finally:
-                await response.aclose()
-        if last is not None:
-            # After the block: once the response is complete, ASGI reports the client as
-            # gone, which must not cancel anything.
-            await send(last)
+        return length
+
+    async def _request_body(self, downstream: Downstream, length: int | None) -> RequestBody:
+        """None, the whole body when small enough to replay, else the body as it arrives."""
+        if length is None or length == 0:
+            downstream.no_body()
+            return None
+        if length > REPLAYABLE_BODY_BYTES or length < 0:
+            return downstream.body()
+        try:
+            return await downstream.read_body()
+        except BodyTooLarge:
+            raise ProxyError(_too_large(self.services.settings.upstream.max_body_bytes)) from None
 
     async def _spend(self, verdict: Verdict) -> None:
         assert verdict.route is not None
@@ -234,16 +231,17 @@ class Forwarder:
                 )
             )
 
-    async def _exchange(
+    async def _forward(
         self,
         scope: Scope,
         verdict: Verdict,
         key: HeldKey,
-        body: bytes | AsyncIterator[bytes] | None,
+        body: RequestBody,
         length: int | None,
         outcome: Outcome,
     ) -> Response:
-        """Send upstream, retrying idempotent requests, replaying once after a rejected key."""
+        """Inject the key and send upstream, retrying idempotent requests on 502, 503, 504
+        or a connection that failed, and replaying once after Publer rejected the key."""
         assert verdict.route is not None
         method: str = scope["method"]
         credential = verdict.route.settings.credential
@@ -293,7 +291,7 @@ class Forwarder:
                 try:
                     fresh = await self.services.credentials.reread(credential, key)
                 except BaseException:
-                    await response.aclose()  # the answer's connection goes back either way
+                    await response.aclose()  # the response's connection is released either way
                     raise
                 if fresh.value != key.value:
                     await response.aclose()
@@ -308,7 +306,7 @@ class Forwarder:
                     continue
             return response
 
-    async def _stream_back(
+    async def _relay(
         self,
         scope: Scope,
         send: Send,
@@ -327,10 +325,12 @@ class Forwarder:
         if response.status_code in NO_BODY_STATUSES:
             # A 204 or 304 has no body whatever its framing says (RFC 9110 15.3.5, 15.4.5).
             headers = [(n, v) for n, v in headers if n not in FRAMING_HEADERS]
-        await self._resync_budget(verdict.route.settings.credential, headers)
+        window = rate_limit_window(headers, time.time())
+        if window is not None:
+            await self.services.budget.sync(verdict.route.settings.credential, *window)
         # No body goes back for HEAD, 204 or 304, whatever Publer sent.
         head_only = scope["method"] == "HEAD" or response.status_code in NO_BODY_STATUSES
-        length = _declared_length(headers)
+        length = response_body_length(headers)
         chunks = response.aiter_raw()
         body: bytes | None = None
         read: list[bytes] = []
@@ -339,8 +339,8 @@ class Forwarder:
             # is read whole before the status line goes out: it is screened for secrets,
             # and one that breaks off is still a clean 502.
             body, read = await _read_small(chunks, SMALL_RESPONSE_BYTES)
-        headers, body = screen_answer(headers, body, self.services.secrets.redact_bytes)
-        outcome.answer = body
+        headers, body = screen_response(headers, body, self.services.secrets.redact_bytes)
+        outcome.response_body = body
         if outcome.rejection is not None:
             hint = rejection_hint(
                 outcome.rejection,
@@ -379,87 +379,14 @@ class Forwarder:
             return None  # uvicorn closes the connection: the client sees the cut
         return {"type": "http.response.body", "body": b""}
 
-    async def _resync_budget(self, credential: str, headers: list[tuple[bytes, bytes]]) -> None:
-        remaining = reset = None
-        for name, value in headers:
-            if name == b"x-ratelimit-remaining":
-                remaining = value
-            elif name == b"x-ratelimit-reset":
-                reset = value
-        if remaining is None or reset is None:
-            return
-        try:
-            left, seconds = int(remaining), float(reset)
-        except ValueError:
-            return
-        if seconds > EPOCH_2001:
-            # Publer documents X-RateLimit-Reset as the UNIX time the window resets.
-            seconds -= time.time()
-        await self.services.budget.sync(credential, left, seconds)
 
-    def _record(self, scope: Scope, outcome: Outcome, duration: float) -> None:
-        verdict = outcome.verdict
-        route = verdict.route.name if verdict and verdict.route else None
-        client = (verdict.client if verdict else None) or ANONYMOUS_CLIENT
-        method = method_label(scope["method"])
-        raw_path: bytes = scope.get("raw_path") or b""
-        log.info(
-            "request",
-            route=route,
-            client=client,
-            method=method,
-            path=raw_path[:256].decode("latin-1"),
-            scope=verdict.scope if verdict else None,
-            decision=outcome.decision,
-            status=outcome.status,
-            upstream_status=outcome.upstream_status,
-            duration_ms=round(duration * 1000, 2),
-            key=outcome.key.masked if outcome.key else None,
-            key_version=outcome.key.version if outcome.key else None,
-            attempts=outcome.attempts,
-        )
-        self.services.audit.record(
-            request_id=scope[REQUEST_ID_KEY],
-            route=route,
-            client=client,
-            method=scope["method"],
-            path=raw_path[:2048].decode("latin-1"),
-            status=outcome.status,
-            upstream_status=outcome.upstream_status,
-            decision=outcome.decision,
-            answer=outcome.answer,
-        )
-        metrics = self.services.metrics
-        labels = (
-            route or "none",
-            (verdict.scope if verdict else None) or "none",
-            method,
-            str(outcome.status),
-        )
-        counter = self._counters.get(labels)
-        if counter is None:
-            counter = self._counters[labels] = metrics.requests.labels(*labels)
-        counter.inc()
-        by_client = (labels[0], client, labels[3])
-        counter = self._client_counters.get(by_client)
-        if counter is None:
-            counter = self._client_counters[by_client] = metrics.client_requests.labels(*by_client)
-        counter.inc()
-        named = verdict.client if verdict else None
-        if outcome.decision in STATUS:
-            metrics.refusals.labels(outcome.decision).inc()
-            self.services.activity.refused(
-                outcome.decision, outcome.status, route, named, scope[REQUEST_ID_KEY]
-            )
+class _PeekedResponse:
+    """A response whose first bytes were read to decide what it means, then replayed."""
 
-
-class _ReadAnswer:
-    """An answer whose first bytes were read to decide what it means, then replayed."""
-
-    def __init__(self, answer: Response, head: bytes, rest: AsyncIterator[bytes] | None) -> None:
-        self.status_code = answer.status_code
-        self.raw_headers = answer.raw_headers
-        self._answer = answer
+    def __init__(self, response: Response, head: bytes, rest: AsyncIterator[bytes] | None) -> None:
+        self.status_code = response.status_code
+        self.raw_headers = response.raw_headers
+        self._response = response
         self._head = head
         self._rest = rest
 
@@ -471,12 +398,12 @@ class _ReadAnswer:
                 yield chunk
 
     async def aclose(self) -> None:
-        await self._answer.aclose()
+        await self._response.aclose()
 
 
-async def _read_rejection(answer: Response) -> tuple[Response, Rejection | None]:
+async def _read_rejection(response: Response) -> tuple[Response, Rejection | None]:
     """Read the message of a 401/403 (it is short) and say what Publer rejected."""
-    chunks = answer.aiter_raw()
+    chunks = response.aiter_raw()
     head = b""
     rest: AsyncIterator[bytes] | None = chunks
     try:
@@ -485,9 +412,9 @@ async def _read_rejection(answer: Response) -> tuple[Response, Rejection | None]
     except StopAsyncIteration:
         rest = None
     except BaseException:  # UpstreamFailed when it broke off
-        await answer.aclose()
+        await response.aclose()
         raise
-    return _ReadAnswer(answer, head, rest), rejection(answer.status_code, head)
+    return _PeekedResponse(response, head, rest), rejection(response.status_code, head)
 
 
 async def _read_small(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes | None, list[bytes]]:
@@ -502,13 +429,6 @@ async def _read_small(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes |
         if size > limit:
             return None, read
     return b"".join(read), []
-
-
-def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
 
 
 def _too_large(limit: int) -> Refusal:

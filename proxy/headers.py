@@ -140,3 +140,34 @@ def downstream_headers(upstream: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
             continue
         out.append((name.lower(), value))
     return out
+
+
+def request_body_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The request body's length from its framing (RFC 9112 section 6): the Content-Length
+    in bytes, -1 for `Transfer-Encoding: chunked`, None for no body.
+
+    Raises ValueError, with a sentence for the client, for framing that a server and
+    Publer could read differently (RFC 9112 section 6.3: both headers, a malformed or
+    repeated length, a coding other than chunked).
+    """
+    headers = list(headers)
+    lengths = header_values(headers, b"content-length")
+    chunked = header_values(headers, b"transfer-encoding")
+    if lengths and chunked:
+        raise ValueError("send Content-Length or Transfer-Encoding, not both")
+    if len(set(lengths)) > 1 or (lengths and not lengths[0].strip().isdigit()):
+        raise ValueError("the Content-Length header is malformed or repeated")
+    if chunked and [v.strip().lower() for v in chunked] != ["chunked"]:
+        raise ValueError("only Transfer-Encoding: chunked is accepted")
+    if lengths:
+        return int(lengths[0])
+    return -1 if chunked else None
+
+
+def response_body_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """A response's Content-Length in bytes (the first one, names lower case), or None
+    when it has none or it is not a number (RFC 9110 section 8.6)."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None

@@ -32,7 +32,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "publer_proxy_requests",
-            "Requests answered, by route, scope, method and status.",
+            "Responses sent to clients, by route, scope, method and status.",
             ["route", "scope", "method", "status"],
             registry=r,
         )
@@ -80,7 +80,7 @@ class Metrics:
         # Per client: names come from the config (plus `anonymous`), so series are bounded.
         self.client_requests = Counter(
             "publer_proxy_client_requests",
-            "Requests answered, by route, client and status.",
+            "Responses sent to clients, by route, client and status.",
             ["route", "client", "status"],
             registry=r,
         )

@@ -1,13 +1,15 @@
-"""What Publer's answers mean: which part of a request a 401 or 403 rejects.
+"""What Publer's responses mean: which part of a request a 401 or 403 rejects, and how
+much of the rate-limit window its `X-RateLimit-*` headers say is left.
 
-Publer's API reference answers a key it does not accept with 401 and a missing or foreign
-workspace with 403. The live API has been recorded answering the other way round: 403
-"Invalid API key or not active for this account." for a wrong or revoked key, and 401
-"You don't have access on this workspace" for a wrong or missing workspace. The status
+Publer's API reference (https://publer.com/docs) rejects a key it does not accept with
+401 and a missing or foreign workspace with 403. The live API has been recorded
+responding the other way round: 403 "Invalid API key or not active for this account."
+for a wrong or revoked key, and 401 "You don't have access on this workspace" for a
+wrong or missing workspace. The status
 alone cannot tell them apart, so the decision reads the status and Publer's message
 together: the message names what was rejected, the status decides only when the message
 says nothing. Pure functions, no I/O: the forwarder (re-read the key, `X-Publer-Proxy-Hint`)
-and `check --online` call them with what Publer answered.
+and `check --online` call them with what Publer responded.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from __future__ import annotations
 import enum
 import json
 import re
+from collections.abc import Iterable
 
 REJECTION_STATUSES = frozenset({401, 403})
 # Publer's error bodies are a line or two; more than this is not an error message.
 MAX_MESSAGE_BYTES = 64 * 1024
+
+# A reset above this is a UNIX time (after 2001), not a number of seconds.
+_EPOCH_2001 = 1_000_000_000
 
 _SCOPE = re.compile(r"\bscopes?\b")
 _WORKSPACE = re.compile(r"\bworkspaces?\b")
@@ -55,7 +61,7 @@ def error_messages(body: bytes) -> str:
 
 
 def rejection(status: int, body: bytes) -> Rejection | None:
-    """What a Publer answer rejects, or None when it is not a 401/403.
+    """What a Publer response rejects, or None when it is not a 401/403.
 
     The message decides first, in this order: a scope named ("missing the 'posts'
     scope") is a key that works; a workspace named ("You don't have access on this
@@ -100,3 +106,31 @@ def rejection_hint(
         f"missing scope: the key of credential '{credential}' works but may lack scope"
         f" '{scope}' (or the plan) this endpoint needs; ask the proxy operator"
     )
+
+
+def rate_limit_window(
+    headers: Iterable[tuple[bytes, bytes]], now: float
+) -> tuple[int, float] | None:
+    """(requests left, seconds until the window resets) from a response's headers.
+
+    Reads `X-RateLimit-Remaining` and `X-RateLimit-Reset` (names lower case, as ASGI and
+    aiohttp give them; the last of each counts), per Publer's rate-limit documentation
+    (https://publer.com/docs). The reset is documented as the UNIX time the window resets
+    and converted with `now` (UNIX seconds); a small value is taken as seconds already.
+    None when either header is missing or is not a number.
+    """
+    remaining = reset = None
+    for name, value in headers:
+        if name == b"x-ratelimit-remaining":
+            remaining = value
+        elif name == b"x-ratelimit-reset":
+            reset = value
+    if remaining is None or reset is None:
+        return None
+    try:
+        left, seconds = int(remaining), float(reset)
+    except ValueError:
+        return None
+    if seconds > _EPOCH_2001:
+        seconds -= now
+    return left, seconds

@@ -1,9 +1,9 @@
-"""What an answer may carry back to the client: no secret the process knows.
+"""What a response may carry back to the client: no secret the process knows.
 
 An origin that echoes what it received (`WWW-Authenticate: Bearer-API <the key it got>`,
 a debug body repeating the request's headers) would otherwise hand the injected key to the
-app that must never hold it. Pure functions: the forwarder calls `screen_answer` once per
-answer, with the body when it holds the body whole.
+app that must never hold it. Pure functions: the forwarder calls `screen_response` once per
+response, with the body when it holds the body whole.
 
 What is checked: every header name and value, and a body held whole, as sent or, for
 `gzip` and `deflate` (RFC 9110 section 8.4.1), decoded (then re-encoded when a secret was
@@ -28,7 +28,7 @@ _GZIP = frozenset({b"gzip", b"x-gzip"})
 
 def mask_headers(headers: RawHeaders, redact: Redact) -> RawHeaders:
     """The headers with every known secret masked, in names and values alike."""
-    # One search over all fields first: almost every answer holds no secret at all.
+    # One search over all fields first: almost every response holds no secret at all.
     # (NUL cannot occur in a field, so no secret spans two of them.)
     joined = b"\0".join([part for field in headers for part in field])
     if redact(joined) == joined:
@@ -69,10 +69,10 @@ def mask_body(body: bytes, coding: bytes, redact: Redact) -> bytes:
     return body if masked == decoded else _encode(masked, coding)
 
 
-def screen_answer(
+def screen_response(
     headers: RawHeaders, body: bytes | None, redact: Redact
 ) -> tuple[RawHeaders, bytes | None]:
-    """The answer's headers, and its body when held whole, as they may reach the client.
+    """The response's headers, and its body when held whole, as they may reach the client.
 
     With a body, Content-Length is set to the length of the masked body (a mask is shorter
     than the secret it replaces).

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from proxy.audit import answer_ids
+from proxy.audit import response_ids
 from proxy.auditchain import GENESIS, Head, line_hash, seal, verify
 from proxy.policy import hash_token
 from tests.bao import Bao, free_port
@@ -123,9 +123,9 @@ def test_removed_or_altered_last_lines_need_the_head() -> None:
         (None, {}),
     ],
 )
-def test_answer_ids(body: bytes | None, expected: dict[str, Any]) -> None:
+def test_response_ids(body: bytes | None, expected: dict[str, Any]) -> None:
     """Only well-formed ids from Publer's small JSON answers reach the audit line."""
-    assert answer_ids(body) == expected
+    assert response_ids(body) == expected
 
 
 def test_head_parses_only_its_own_form() -> None:

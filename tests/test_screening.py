@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from proxy.headers import downstream_headers
 from proxy.redact import SecretRegistry, masked_url, url_secrets
-from proxy.screening import MAX_DECODED_BYTES, mask_body, mask_headers, screen_answer
+from proxy.screening import MAX_DECODED_BYTES, mask_body, mask_headers, screen_response
 from proxy.settings import ConfigError, parse_settings
 
 KEY = "pk_live_0123456789abcdef0123456789abcdef"
@@ -58,7 +58,7 @@ def test_small_body_is_masked_and_content_length_follows() -> None:
     """A body held whole is masked, and Content-Length is the masked body's length."""
     body = f'{{"errors": ["bad key Bearer-API {KEY}"]}}'.encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    out, masked = screen_answer(headers, body, REDACT)
+    out, masked = screen_response(headers, body, REDACT)
     assert masked == b'{"errors": ["bad key Bearer-API ***cdef"]}'
     assert out == [(b"content-type", b"application/json"), (b"content-length", b"42")]
     assert len(masked) == 42
@@ -68,7 +68,7 @@ def test_clean_answer_is_passed_as_it_is() -> None:
     """Without a secret, headers and body are unchanged (and the body not copied)."""
     body = b'{"id": 1}'
     headers = [(b"content-length", b"9"), (b"etag", b'"x"')]
-    out, same = screen_answer(headers, body, REDACT)
+    out, same = screen_response(headers, body, REDACT)
     assert out == headers
     assert same is body
 
@@ -93,7 +93,7 @@ def test_compressed_small_body_is_checked_decoded(
     assert callable(encode) and callable(decode)
     body = encode(f"echo: Bearer-API {KEY}".encode())
     headers = [(b"content-encoding", coding), (b"content-length", b"%d" % len(body))]
-    out, masked = screen_answer(headers, body, REDACT)
+    out, masked = screen_response(headers, body, REDACT)
     assert masked is not None
     assert decode(masked) == b"echo: Bearer-API ***cdef"
     assert (b"content-length", b"%d" % len(masked)) in out
@@ -120,7 +120,7 @@ def test_no_secret_survives_screening(prefix: bytes, middle: bytes, suffix: byte
     always equals the length of the body that is sent."""
     body = prefix + KEY.encode() + middle + TOKEN.encode() + suffix
     headers = [(b"content-length", b"%d" % len(body))]
-    out, masked = screen_answer(headers, body, REDACT)
+    out, masked = screen_response(headers, body, REDACT)
     assert masked is not None
     assert KEY.encode() not in masked
     assert TOKEN.encode() not in masked
