@@ -30,14 +30,21 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.requests = Counter(
+
+        # `labels` is the label names, space-separated.
+        def counter(name: str, text: str, labels: str = "") -> Counter:
+            return Counter(name, text, labels.split(), registry=r)
+
+        def gauge(name: str, text: str, labels: str = "") -> Gauge:
+            return Gauge(name, text, labels.split(), registry=r)
+
+        self.requests = counter(
             "publer_proxy_requests",
             "Responses sent to clients, by route, scope, method and status.",
-            ["route", "scope", "method", "status"],
-            registry=r,
+            "route scope method status",
         )
-        self.refusals = Counter(
-            "publer_proxy_refusals", "Requests the proxy refused, by code.", ["code"], registry=r
+        self.refusals = counter(
+            "publer_proxy_refusals", "Requests the proxy refused, by code.", "code"
         )
         self.upstream_latency = Histogram(
             "publer_proxy_upstream_latency_seconds",
@@ -46,78 +53,66 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.vault_operations = Counter(
+        self.vault_operations = counter(
             "publer_proxy_vault_operations",
             "Vault reads, logins and renewals, by outcome.",
-            ["operation", "outcome"],
-            registry=r,
+            "operation outcome",
         )
-        self.key_age = Gauge(
+        self.key_age = gauge(
             "publer_proxy_key_age_seconds",
             "Seconds since the held key's KV version was written (since it was read, for KV v1).",
-            ["credential"],
-            registry=r,
+            "credential",
         )
-        self.key_read_age = Gauge(
+        self.key_read_age = gauge(
             "publer_proxy_key_last_read_age_seconds",
             "Seconds since the key was last read from Vault successfully.",
-            ["credential"],
-            registry=r,
+            "credential",
         )
-        self.config_reloads = Counter(
+        self.config_reloads = counter(
             "publer_proxy_config_reloads",
             "Config reloads (SIGHUP or a file change), by result: applied, invalid, refused.",
-            ["result"],
-            registry=r,
+            "result",
         )
-        self.budget_left = Gauge(
+        self.budget_left = gauge(
             "publer_proxy_rate_limit_remaining",
             "Requests left in the credential's current rate-limit window.",
-            ["credential"],
-            registry=r,
+            "credential",
         )
 
         # Per client: names come from the config (plus `anonymous`), so series are bounded.
-        self.client_requests = Counter(
+        self.client_requests = counter(
             "publer_proxy_client_requests",
             "Responses sent to clients, by route, client and status.",
-            ["route", "client", "status"],
-            registry=r,
+            "route client status",
         )
-        self.rate_limited = Counter(
+        self.rate_limited = counter(
             "publer_proxy_rate_limited",
             "Requests refused for budget, by route, client and the limit that refused them.",
-            ["route", "client", "limit"],
-            registry=r,
+            "route client limit",
         )
-        self.share_used = Gauge(
+        self.share_used = gauge(
             "publer_proxy_share_used",
             "Requests each client spent in its credential's current window.",
-            ["credential", "route", "client"],
-            registry=r,
+            "credential route client",
         )
-        self.share_nominal = Gauge(
+        self.share_nominal = gauge(
             "publer_proxy_share_requests",
             "Each client's weighted share of its credential's window, all clients active.",
-            ["credential", "route", "client"],
-            registry=r,
+            "credential route client",
         )
 
-        self.audit_lines = Gauge(
+        self.audit_lines = gauge(
             "publer_proxy_audit_lines",
             "Lines in the audit log's hash chain: the head's count, for `audit verify`.",
-            registry=r,
         )
-        self.upstream_connections = Gauge(
+        self.upstream_connections = gauge(
             "publer_proxy_upstream_connections",
             "Connections to Publer: in_use (held by a request) or idle (kept for reuse).",
-            ["state"],
-            registry=r,
+            "state",
         )
-        self.upstream_waiting = Gauge(
+        self.upstream_waiting = gauge(
             "publer_proxy_upstream_waiting_requests",
             "Requests waiting for a connection to Publer (all max_connections in use).",
-            registry=r,
         )
 
     def watch_pool(self, stats: Callable[[], PoolStats]) -> None:

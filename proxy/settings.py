@@ -255,10 +255,14 @@ class CredentialSettings(_Model):
 ANONYMOUS_CLIENT = "anonymous"
 
 
-class ClientSettings(_Model):
+class _Share(_Model):
+    """A named holder of a share of a credential's budget: a route, or a client in it.
+
+    `weight` is its part of what its peers share (routes of the credential, clients of the
+    route), `max_requests` its cap per window.
+    """
+
     name: str
-    token_sha256: str
-    # This client's part of its route's share of the credential's budget, and its cap.
     weight: PositiveFloat = 1.0
     max_requests: PositiveInt | None = None
 
@@ -267,9 +271,18 @@ class ClientSettings(_Model):
     def _name(cls, value: str) -> str:
         if not _NAME_RE.match(value):
             raise ValueError(
-                "must be letters, digits, '.', '_' or '-' (it names the client in logs,"
-                " metrics and the audit log)"
+                "must be letters, digits, '.', '_' or '-' (it names the route or client in"
+                " logs, metrics and the audit log)"
             )
+        return value
+
+
+class ClientSettings(_Share):
+    token_sha256: str
+
+    @field_validator("name")
+    @classmethod
+    def _not_anonymous(cls, value: str) -> str:
         if value == ANONYMOUS_CLIENT:
             raise ValueError(
                 f"{ANONYMOUS_CLIENT!r} is reserved for requests without a client; pick another name"
@@ -282,8 +295,7 @@ class ClientSettings(_Model):
         return check_digest(value)
 
 
-class RouteSettings(_Model):
-    name: str
+class RouteSettings(_Share):
     prefix: str = ""
     credential: str
     workspace_id: str | None = None
@@ -291,16 +303,6 @@ class RouteSettings(_Model):
     scopes: list[str]
     read_only: bool = False
     clients: list[ClientSettings] | None = None
-    # The route's share of its credential's budget (split among its clients), and its cap.
-    weight: PositiveFloat = 1.0
-    max_requests: PositiveInt | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
-            raise ValueError("must be letters, digits, '.', '_' or '-'")
-        return value
 
     @field_validator("prefix")
     @classmethod

@@ -508,28 +508,19 @@ class Upstream:
             else _RequestBody(body, self._settings.read_timeout_seconds)
         )
         try:
-            if source is None:
+            # The deadline stays off unless a streamed body's write stalls (_RequestBody).
+            async with asyncio.timeout(None) as deadline:
+                if source is not None:
+                    source.watch(deadline)
                 response = await session.request(
                     method,
                     url,
                     headers=fields,
-                    data=body,
+                    data=body if source is None else source.chunks(),
                     allow_redirects=False,
                     proxy=self._proxy,
                     proxy_auth=self._proxy_auth,
                 )
-            else:
-                async with asyncio.timeout(None) as deadline:
-                    source.watch(deadline)
-                    response = await session.request(
-                        method,
-                        url,
-                        headers=fields,
-                        data=source.chunks(),
-                        allow_redirects=False,
-                        proxy=self._proxy,
-                        proxy_auth=self._proxy_auth,
-                    )
         except BaseException as exc:
             self._gate.leave()
             if source is not None and source.error is not None and isinstance(exc, Exception):
