@@ -207,6 +207,9 @@ class Forwarder:
             raise ProxyError(_too_large(self.services.settings.upstream.max_body_bytes)) from None
 
     async def _spend(self, verdict: Verdict) -> None:
+        """Take one request from the client's share of the budget, waiting in the fair queue
+        up to `rate_limit.max_wait_seconds`. Raises ProxyError (`rate_limited`, with
+        Retry-After and X-RateLimit-*) when none is left."""
         assert verdict.route is not None
         settings = self.services.settings.rate_limit
         share = self.services.shares.share(verdict.route.name, verdict.client)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.headers import downstream_headers, upstream_headers
+from proxy.headers import (
+    downstream_headers,
+    request_body_length,
+    response_body_length,
+    upstream_headers,
+)
 
 KEY = "pk_headers_test_1234"
 
@@ -108,3 +114,52 @@ def test_injected_key_and_workspace_always_survive(headers: list[tuple[bytes, by
     assert [v for k, v in sent if k == b"publer-workspace-id"] == [b"ws1"]
     assert [v for k, v in sent if k == b"host"] == [b"app.publer.com"]
     assert all(k == k.lower() for k, _ in sent)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([], None),
+        ([(b"content-length", b"12")], 12),
+        ([(b"content-length", b" 0 ")], 0),
+        ([(b"transfer-encoding", b"chunked")], -1),
+        ([(b"transfer-encoding", b" Chunked ")], -1),
+        ([(b"content-length", b"5"), (b"content-length", b"5")], 5),
+    ],
+)
+def test_request_body_length(headers: list[tuple[bytes, bytes]], expected: int | None) -> None:
+    """A request's framing gives its body length: bytes, -1 for chunked, None for none."""
+    assert request_body_length(headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ([(b"content-length", b"5"), (b"transfer-encoding", b"chunked")], "not both"),
+        ([(b"content-length", b"5"), (b"content-length", b"6")], "malformed or repeated"),
+        ([(b"content-length", b"-5")], "malformed or repeated"),
+        ([(b"content-length", b"0x10")], "malformed or repeated"),
+        ([(b"transfer-encoding", b"gzip, chunked")], "only Transfer-Encoding: chunked"),
+        ([(b"transfer-encoding", b"chunked"), (b"transfer-encoding", b"chunked")], "only"),
+    ],
+)
+def test_ambiguous_request_framing_is_refused(
+    headers: list[tuple[bytes, bytes]], message: str
+) -> None:
+    """Framing two servers could read differently raises, with a sentence for the client."""
+    with pytest.raises(ValueError, match=message):
+        request_body_length(headers)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([], None),
+        ([(b"content-length", b"64")], 64),
+        ([(b"content-length", b"abc")], None),
+        ([(b"content-length", b"3"), (b"content-length", b"9")], 3),
+    ],
+)
+def test_response_body_length(headers: list[tuple[bytes, bytes]], expected: int | None) -> None:
+    """A response's Content-Length, or None when missing or not a number."""
+    assert response_body_length(headers) == expected

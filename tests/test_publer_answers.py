@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.publer import Rejection, error_messages, rejection, rejection_hint
+from proxy.publer import Rejection, error_messages, rate_limit_window, rejection, rejection_hint
 
 
 def _body(*messages: str) -> bytes:
@@ -64,3 +64,36 @@ def test_hint_names_the_cause(found: Rejection, words: str) -> None:
     )
     assert hint.startswith(words)
     assert hint.isascii()
+
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # Documented: the reset is the UNIX time the window resets.
+        ([(b"x-ratelimit-remaining", b"7"), (b"x-ratelimit-reset", b"1800000030")], (7, 30.0)),
+        # A small reset is already a number of seconds.
+        ([(b"x-ratelimit-reset", b"12"), (b"x-ratelimit-remaining", b"0")], (0, 12.0)),
+        # Repeated: the last of each counts.
+        (
+            [
+                (b"x-ratelimit-remaining", b"9"),
+                (b"x-ratelimit-reset", b"5"),
+                (b"x-ratelimit-remaining", b"3"),
+            ],
+            (3, 5.0),
+        ),
+        ([(b"x-ratelimit-remaining", b"7")], None),
+        ([(b"x-ratelimit-reset", b"30")], None),
+        ([(b"x-ratelimit-remaining", b"many"), (b"x-ratelimit-reset", b"30")], None),
+        ([(b"x-ratelimit-remaining", b"7"), (b"x-ratelimit-reset", b"soon")], None),
+        ([], None),
+    ],
+)
+def test_rate_limit_window(
+    headers: list[tuple[bytes, bytes]], expected: tuple[int, float] | None
+) -> None:
+    """Publer's X-RateLimit-Remaining and -Reset give what is left and when it resets."""
+    assert rate_limit_window(headers, NOW) == expected

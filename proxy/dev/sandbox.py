@@ -67,7 +67,7 @@ API_PREFIX = "/api/v1"
 MAX_MEDIA_BYTES = 200 * 1000 * 1000
 DOWNLOAD_CHUNK_BYTES = 64 * 1024
 RATE_LIMITED_BODY = b'{"error":"Rate limit exceeded. Retry later."}'
-# Set in the ASGI scope by a handler that answers without reading the body on purpose.
+# Set in the ASGI scope by a handler that responds without reading the body on purpose.
 UNREAD_BODY_KEY = "sandbox.unread_body"
 
 _JSON_BODY_LIMIT = 1024 * 1024
@@ -148,7 +148,7 @@ def create_app(
         if isinstance(key, str):
             return state.key_rejected(key)
         allowed, limit_headers = state.spend(key.account)
-        response = await _answer(state, key, request) if allowed else _rate_limited()
+        response = await _respond(state, key, request) if allowed else _rate_limited()
         response.headers.update(limit_headers)
         return response
 
@@ -277,7 +277,7 @@ class _KeysIn(BaseModel):
 
 
 class _Fault(BaseModel):
-    """What the next `count` /api/v1 requests get instead of (or before) their answer."""
+    """What the next `count` /api/v1 requests get instead of (or before) their response."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     status: int | None = Field(default=None, ge=400, le=599)
@@ -292,7 +292,7 @@ class _Fault(BaseModel):
     @model_validator(mode="after")
     def _one_outcome(self) -> _Fault:
         if self.status is not None and self.drop:
-            raise ValueError("a fault either answers a 'status' or drops the connection, not both")
+            raise ValueError("a fault either sends a 'status' or drops the connection, not both")
         return self
 
 
@@ -408,17 +408,20 @@ class _Recorder:
             await self.app(scope, receive, send)
             return
         record = self.state.record(scope)
-        exchange = _Exchange(record, self.state.take_fault(), receive, send)
+        request = _RecordedRequest(record, self.state.take_fault(), receive, send)
         self.state.active += 1
         try:
-            await exchange.run(self.app, scope)
+            await request.run(self.app, scope)
         except (_Dropped, ClientDisconnect):
             return
         finally:
             self.state.active -= 1
 
 
-class _Exchange:
+class _RecordedRequest:
+    """One request to the API: its body fed to the record as it is received, the pending
+    fault applied, and `X-Sandbox-Request-Index` added to the response head."""
+
     def __init__(self, record: _Record, fault: _Fault | None, receive: Receive, send: Send) -> None:
         self.record = record
         self.fault = fault
@@ -432,12 +435,12 @@ class _Exchange:
         self.scope = scope
         if self.fault is not None and self.fault.status is not None:
             status = self.fault.status
-            fault_answer = (
+            fault_response = (
                 _rate_limited({"Retry-After": "1"})
                 if status == 429
-                else _errors(status, f"Sandbox fault: answering {status} as asked.")
+                else _errors(status, f"Sandbox fault: responding {status} as asked.")
             )
-            await fault_answer(scope, self.receive, self.send)
+            await fault_response(scope, self.receive, self.send)
         elif self.fault is not None and self.fault.drop:
             await Response(status_code=502)(scope, self.receive, self.send)
         else:
@@ -454,7 +457,7 @@ class _Exchange:
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            # Servers stop delivering the request body once the answer has started, and the
+            # Servers stop delivering the request body once the response has started, and the
             # record must count all of it, so what the handler left unread is read here.
             while not (self.body_done or self.client_gone or self.scope.get(UNREAD_BODY_KEY)):
                 await self.receive()
@@ -477,13 +480,13 @@ class _Exchange:
     async def _drop(self) -> NoReturn:
         # ASGI has no way to abort a connection. A header value that servers must refuse
         # (RFC 9110 5.5) makes uvicorn close the socket with nothing written; an in-process
-        # transport that accepts it gets an exception instead. Either way no answer arrives.
+        # transport that accepts it gets an exception instead. Either way no response arrives.
         start = {"type": "http.response.start", "status": 502, "headers": [(b"x-drop", b"\x00")]}
         try:
             await self._send(start)
         except Exception as exc:
             raise _Dropped() from exc
-        raise ConnectionResetError("sandbox fault: connection dropped without an answer")
+        raise ConnectionResetError("sandbox fault: connection dropped without a response")
 
 
 # --- the API -------------------------------------------------------------------------------
@@ -509,7 +512,7 @@ class _Endpoint:
     handler: _Handler
 
 
-async def _answer(state: _State, key: SandboxKey, request: Request) -> Response:
+async def _respond(state: _State, key: SandboxKey, request: Request) -> Response:
     found = _route(request.scope["path"][len(API_PREFIX) :], request.method)
     if isinstance(found, set):
         if not found:
