@@ -49,7 +49,7 @@ _DROP_UPSTREAM = HOP_BY_HOP | {
     b"x-original-url",
     b"x-rewrite-url",
 }
-# The proxy's own answer headers (X-Publer-Proxy-Error, X-Publer-Proxy-Hint) start so.
+# The proxy's own response headers (X-Publer-Proxy-Error, X-Publer-Proxy-Hint) start so.
 PROXY_MARKER_PREFIX = b"x-publer-proxy-"
 # uvicorn's own date/server are turned off; Publer's pass through as Publer sent them.
 _DROP_DOWNSTREAM = HOP_BY_HOP

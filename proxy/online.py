@@ -26,7 +26,7 @@ from proxy.settings import LoggingSettings, RouteSettings, Settings, UpstreamSet
 from proxy.vault import VaultError, VaultSession
 
 # What to ask Publer, per scope, cheapest first: (path, whether it takes the workspace).
-# Any answer but a rejected key or workspace proves the key alive, so a job id that does
+# Any response but a rejected key or workspace proves the key alive, so a job id that does
 # not exist (404) is as good a probe as a listing.
 PROBES: tuple[tuple[str, str, bool], ...] = (
     ("users", "/api/v1/users/me", False),

@@ -3,7 +3,7 @@ and, for `check --online`, to Publer (httpx). Configured here and nowhere else.
 
 None of them reads the environment. A proxy variable exported for a developer's shell or
 a CI runner (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY, in either case) would otherwise
-receive the Vault token on every Vault call, the KV answer holding the key, and the key
+receive the Vault token on every Vault call, the KV response holding the key, and the key
 itself: requests honours those variables even for loopback addresses. The only proxy used
 is one the operator names in the config (`vault.proxy`, `upstream.proxy`).
 """

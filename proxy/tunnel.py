@@ -106,8 +106,8 @@ async def read_connect_head(loop: asyncio.AbstractEventLoop, sock: socket.socket
             raise HeadError(f"the request head is larger than {MAX_CONNECT_HEAD_BYTES} bytes")
 
 
-def refusal_answer(refusal: Refusal, request_id: str) -> bytes:
-    """The whole HTTP/1.1 answer refusing a CONNECT, in the proxy's refusal envelope."""
+def refusal_response(refusal: Refusal, request_id: str) -> bytes:
+    """The whole HTTP/1.1 response refusing a CONNECT, in the proxy's refusal envelope."""
     body = refusal.body(request_id)
     head = [f"HTTP/1.1 {refusal.status} {_REASONS.get(refusal.status, 'Error')}\r\n".encode()]
     headers = refusal.headers(len(body))
@@ -306,7 +306,7 @@ class TunnelListener:
         if self._refusals is not None:
             self._refusals.labels(refusal.code).inc()
         with contextlib.suppress(OSError):
-            await loop.sock_sendall(sock, refusal_answer(refusal, request_id))
+            await loop.sock_sendall(sock, refusal_response(refusal, request_id))
 
     def _context(self) -> ssl.SSLContext:
         leaf = self._ca.leaf()
