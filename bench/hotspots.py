@@ -40,7 +40,7 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("header filtering", ("proxy/headers.py",)),
     ("rate budget", ("proxy/ratelimit.py",)),
-    ("credentials", ("proxy/credentials.py", "proxy/vault.py")),
+    ("credentials", ("proxy/credentials.py", "proxy/sources/vault.py")),
     ("request id middleware", ("proxy/requestid.py",)),
     ("forwarder: orchestration, relay and disconnect tasks", ("proxy/forward.py", "proxy/app.py")),
     ("server glue (proxy/server.py)", ("proxy/server.py",)),

@@ -28,8 +28,8 @@ from proxy.redact import SecretRegistry
 from proxy.requestid import RequestContext
 from proxy.scopes import ScopeMap
 from proxy.settings import Settings
+from proxy.sources.vault import VaultSession
 from proxy.upstream import Upstream
-from proxy.vault import VaultSession
 
 log = structlog.get_logger(__name__)
 SERVICES_KEY = "services"

@@ -25,7 +25,7 @@ from proxy.errors import CredentialUnavailable
 from proxy.metrics import Metrics
 from proxy.redact import mask
 from proxy.settings import CredentialSettings
-from proxy.vault import SecretRead, VaultError, VaultSession, backoff_seconds
+from proxy.sources.vault import SecretRead, VaultError, VaultSession, backoff_seconds
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ import httpx
 from proxy.logs import configure_logging
 from proxy.redact import SecretRegistry, mask
 from proxy.settings import LoggingSettings, Settings, UpstreamSettings
-from proxy.vault import VaultError, VaultSession
+from proxy.sources.vault import VaultError, VaultSession
 
 PROBE_PATH = "/api/v1/workspaces"
 
