@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from starlette.applications import Starlette
@@ -28,8 +28,10 @@ from proxy.redact import SecretRegistry
 from proxy.requestid import RequestContext
 from proxy.scopes import ScopeMap
 from proxy.settings import Settings
-from proxy.sources.vault import VaultSession
 from proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from proxy.sources.vault import VaultSession
 
 log = structlog.get_logger(__name__)
 SERVICES_KEY = "services"
@@ -74,15 +76,13 @@ def create_app(
     vault: VaultSession | None = None,
     upstream: Upstream | None = None,
 ) -> ASGIApp:
-    """Build the proxy app; the lifespan logs in to Vault and opens the upstream pool."""
+    """Build the proxy app; the lifespan reads the keys and opens the upstream pool."""
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
         registry = Metrics()
-        store = CredentialStore(
-            settings.credentials_in_use(),
-            vault or VaultSession(settings.vault, secrets),
-            registry,
+        store = CredentialStore.from_settings(
+            settings.credentials_in_use(), settings.vault, secrets, registry, vault
         )
         services = Services(
             settings=settings,
@@ -111,6 +111,7 @@ def create_app(
             yield {SERVICES_KEY: services, FORWARDER_KEY: Forwarder(services)}
         finally:
             await store.stop()
+            store.close()
             await services.upstream.aclose()
             await services.budget.close()
             log.info("proxy_stopped")

@@ -14,6 +14,7 @@ from proxy.scopes import (
     unknown_scope_problems,
 )
 from proxy.settings import ConfigError, Settings, config_path, load_settings
+from proxy.sources import sdk_problems
 
 EXIT_OK, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -29,6 +30,7 @@ def load_all(explicit: str | None) -> tuple[Settings, ScopeMap]:
     problems = unknown_scope_problems(
         ((i, r.name, r.scopes) for i, r in enumerate(settings.routes)), scope_map
     )
+    problems += sdk_problems(settings.credentials_in_use())
     if problems:
         raise ConfigError([f"{path}: {line}" for line in problems])
     return settings, scope_map
@@ -161,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="config file (default $PUBLER_PROXY_CONFIG, then config/proxy.yaml)"
     )
     check.add_argument(
-        "--online", action="store_true", help="also read every key from Vault and try it on Publer"
+        "--online",
+        action="store_true",
+        help="also read every key from its source and try it on Publer",
     )
     check.set_defaults(func=cmd_check)
     dev = sub.add_parser("dev", help="OpenBao dev server + sandbox + proxy, in the foreground")

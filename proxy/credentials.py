@@ -1,10 +1,13 @@
-"""The keys the proxy holds: read from Vault, refreshed, aged out.
+"""The keys the proxy holds: read from their sources, refreshed, aged out.
 
-The request path only ever reads `current()`, which never waits on Vault. A background
-task per credential re-reads it every `refresh_seconds` (and retries sooner after a
-failure); another keeps the Vault token alive. A key stays usable while its last good
-read is at most `refresh_seconds + max_stale_seconds` old, so an outage of Vault costs
-nothing until then, and nothing is ever forwarded without a key.
+Every source (Vault, AWS Secrets Manager, a file, the environment) gets the same life.
+The request path only ever reads `current()`, which never waits on a source. A
+background task per credential re-reads it every `refresh_seconds` (sooner when a file
+source sees its file change, and after a failure with backoff); another keeps the Vault
+token alive when a credential is in Vault. A new value or version is a rotation, logged
+with both masked keys. A key stays usable while its last good read is at most
+`refresh_seconds + max_stale_seconds` old, so an outage of a source costs nothing until
+then, and nothing is ever forwarded without a key.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 from anyio import to_thread
@@ -24,23 +27,28 @@ from anyio import to_thread
 from proxy.errors import CredentialUnavailable
 from proxy.metrics import Metrics
 from proxy.redact import mask
-from proxy.settings import CredentialSettings
-from proxy.sources.vault import SecretRead, VaultError, VaultSession, backoff_seconds
+from proxy.settings import AnyCredential, KeyLifeSettings, VaultSettings
+from proxy.sources import make_source
+from proxy.sources.base import KeySource, SecretRead, SourceError, backoff_seconds
+
+if TYPE_CHECKING:
+    from proxy.redact import SecretRegistry
+    from proxy.sources.vault import VaultSession
 
 log = structlog.get_logger(__name__)
 
 State = Literal["fresh", "stale", "expired", "missing"]
 ROTATION_WARNING_PERIOD = 24 * 3600.0
-# A 401 storm after the re-read found no new key must not turn into a Vault read storm.
+# A 401 storm after the re-read found no new key must not turn into a source read storm.
 REREAD_MIN_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
 class HeldKey:
-    """A key read from Vault, with what the logs and metrics say about it."""
+    """A key read from its source, with what the logs and metrics say about it."""
 
     value: str = field(repr=False)
-    version: int | None
+    version: int | str | None
     created_time: datetime | None
     read_at: float  # time.monotonic() of the read
 
@@ -53,7 +61,8 @@ class HeldKey:
 @dataclass
 class _Slot:
     name: str
-    settings: CredentialSettings
+    settings: KeyLifeSettings
+    source: KeySource
     key: HeldKey | None = None
     last_error: str | None = None
     last_attempt_failed: bool = False
@@ -62,32 +71,82 @@ class _Slot:
     warned_rotation_at: float = -math.inf
 
 
+def vault_session_maker(
+    settings: VaultSettings, secrets: SecretRegistry, given: VaultSession | None = None
+) -> tuple[Callable[[], VaultSession], Callable[[], VaultSession | None]]:
+    """(make, made): the one Vault session, made on first use only, so that hvac is not
+    even imported when no credential is in Vault."""
+    made: list[VaultSession] = [given] if given is not None else []
+
+    def make() -> VaultSession:
+        if not made:
+            from proxy.sources.vault import VaultSession
+
+            made.append(VaultSession(settings, secrets))
+        return made[0]
+
+    return make, lambda: made[0] if made else None
+
+
 class CredentialStore:
     """Holds one key per credential that a route uses, and keeps them current."""
 
     def __init__(
         self,
-        credentials: Mapping[str, CredentialSettings],
-        session: VaultSession,
+        credentials: Mapping[str, tuple[KeyLifeSettings, KeySource]],
         metrics: Metrics,
+        *,
+        vault: VaultSession | None = None,
     ) -> None:
-        self._slots = {name: _Slot(name, cred) for name, cred in credentials.items()}
-        self._session = session
+        self._slots = {
+            name: _Slot(name, cred, source) for name, (cred, source) in credentials.items()
+        }
+        self._session = vault
         self._metrics = metrics
         self._tasks: list[asyncio.Task[None]] = []
         self._logged_in = False
 
+    @classmethod
+    def from_settings(
+        cls,
+        credentials: Mapping[str, AnyCredential],
+        vault_settings: VaultSettings,
+        secrets: SecretRegistry,
+        metrics: Metrics,
+        vault: VaultSession | None = None,
+    ) -> CredentialStore:
+        """A store with each credential's source made from its settings. An environment
+        source takes its variable out of the environment here."""
+        make_vault, made_vault = vault_session_maker(vault_settings, secrets, vault)
+        sources = {
+            name: (cred, make_source(cred, secrets, make_vault))
+            for name, cred in credentials.items()
+        }
+        return cls(sources, metrics, vault=made_vault() if _uses_vault(sources) else None)
+
+    def close(self) -> None:
+        """Release every source's connections."""
+        for slot in self._slots.values():
+            slot.source.close()
+        if self._session is not None:
+            self._session.close()
+
+    def sources(self) -> dict[str, KeySource]:
+        """Each credential's source."""
+        return {name: slot.source for name, slot in self._slots.items()}
+
     async def start(self, initial_timeout: float = 10.0) -> None:
-        """Log in and read every key once (bounded), then keep them fresh in the background.
+        """Read every key once (bounded), then keep them fresh in the background.
 
         A failure here is not fatal: the proxy serves 503 for that credential and keeps
-        trying, so a proxy started before Vault comes up heals by itself.
+        trying, so a proxy started before its source comes up heals by itself.
         """
         try:
             await asyncio.wait_for(self._first_reads(), initial_timeout)
         except TimeoutError:
-            log.warning("vault_initial_read_timeout", seconds=initial_timeout)
-        self._tasks.append(asyncio.create_task(self._maintain_token(), name="vault-token"))
+            log.warning("key_initial_read_timeout", seconds=initial_timeout)
+        if self._session is not None:
+            self._tasks.append(asyncio.create_task(self._maintain_token(), name="vault-token"))
         for slot in self._slots.values():
             task = asyncio.create_task(self._refresh_loop(slot), name=f"refresh-{slot.name}")
             self._tasks.append(task)
@@ -100,16 +159,21 @@ class CredentialStore:
         self._tasks.clear()
 
     async def _first_reads(self) -> None:
-        if await self._login():
-            await asyncio.gather(*(self._read(slot) for slot in self._slots.values()))
+        if self._session is not None:
+            await self._login()
+        await asyncio.gather(*(self._read(slot) for slot in self._slots.values()))
+
+    def _vault_slots(self) -> list[_Slot]:
+        return [slot for slot in self._slots.values() if slot.source.kind == "vault"]
 
     async def _login(self) -> bool:
+        assert self._session is not None
         try:
             await to_thread.run_sync(self._session.login)
-        except VaultError as exc:
+        except SourceError as exc:
             self._metrics.vault_operations.labels("login", exc.kind).inc()
             log.warning("vault_login_failed", reason=exc.reason, auth=self._session.auth_summary)
-            for slot in self._slots.values():
+            for slot in self._vault_slots():
                 slot.last_error = exc.reason
                 slot.last_attempt_failed = True
             return False
@@ -119,31 +183,43 @@ class CredentialStore:
         return True
 
     async def _read(self, slot: _Slot) -> HeldKey | None:
-        if not self._logged_in and not await self._login():
+        source = slot.source
+        if source.kind == "vault" and not self._logged_in and not await self._login():
             return None
         try:
-            read: SecretRead = await to_thread.run_sync(self._session.read_key, slot.settings)
-        except VaultError as exc:
-            self._metrics.vault_operations.labels("read", exc.kind).inc()
+            read: SecretRead = await to_thread.run_sync(source.read)
+        except SourceError as exc:
+            self._count_read(slot, exc.kind)
             slot.last_error = exc.reason
             slot.last_attempt_failed = True
             log.warning(
-                "vault_read_failed",
+                "key_read_failed",
                 credential=slot.name,
+                source=source.kind,
+                where=source.where,
                 reason=exc.reason,
                 state=self.state(slot.name),
             )
             return None
-        self._metrics.vault_operations.labels("read", "ok").inc()
+        self._count_read(slot, "ok")
         held = HeldKey(read.value, read.version, read.created_time, time.monotonic())
         previous = slot.key
         slot.key, slot.last_error, slot.last_attempt_failed = held, None, False
         if previous is None:
-            log.info("key_loaded", credential=slot.name, key=held.masked, key_version=held.version)
+            log.info(
+                "key_loaded",
+                credential=slot.name,
+                source=source.kind,
+                where=source.where,
+                key=held.masked,
+                key_version=held.version,
+            )
         elif previous.value != held.value or previous.version != held.version:
+            self._metrics.key_rotations.labels(slot.name, source.kind).inc()
             log.info(
                 "key_rotated",
                 credential=slot.name,
+                source=source.kind,
                 old_key=previous.masked,
                 old_version=previous.version,
                 key=held.masked,
@@ -151,6 +227,11 @@ class CredentialStore:
             )
         self._warn_if_old(slot, held)
         return held
+
+    def _count_read(self, slot: _Slot, outcome: str) -> None:
+        self._metrics.key_reads.labels(slot.name, slot.source.kind, outcome).inc()
+        if slot.source.kind == "vault":
+            self._metrics.vault_operations.labels("read", outcome).inc()
 
     def _warn_if_old(self, slot: _Slot, held: HeldKey) -> None:
         age = self.key_age_days(held)
@@ -172,7 +253,7 @@ class CredentialStore:
 
     @staticmethod
     def key_age_days(held: HeldKey) -> float | None:
-        """Days since the key's KV v2 version was written; None when Vault does not say."""
+        """Days since the key's version was written; None when its source does not say."""
         if held.created_time is None:
             return None
         return (datetime.now(UTC) - held.created_time).total_seconds() / 86400
@@ -186,10 +267,24 @@ class CredentialStore:
             else:
                 failures = 0
                 delay = self.jitter(slot.settings.refresh_seconds)
-            await asyncio.sleep(delay)
+            await self._until_due(slot.source, delay)
             await self._read(slot)
 
+    @staticmethod
+    async def _until_due(source: KeySource, delay: float) -> None:
+        """Sleep `delay` seconds, or less when a source that can tell sees a change."""
+        poll = source.poll_seconds
+        if poll is None:
+            await asyncio.sleep(delay)
+            return
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(poll, left))
+            if await to_thread.run_sync(source.changed):
+                return
+
     async def _maintain_token(self) -> None:
+        assert self._session is not None
         failures = 0
         while True:
             if not self._logged_in:
@@ -203,7 +298,7 @@ class CredentialStore:
                 continue
             try:
                 await to_thread.run_sync(self._session.maintain_token)
-            except VaultError as exc:
+            except SourceError as exc:
                 failures += 1
                 self._metrics.vault_operations.labels("renew", exc.kind).inc()
                 log.warning("vault_token_maintenance_failed", reason=exc.reason)
@@ -225,11 +320,11 @@ class CredentialStore:
         return "fresh"
 
     def current(self, name: str) -> HeldKey:
-        """The usable key of a credential, or CredentialUnavailable; never waits on Vault."""
+        """The usable key of a credential, or CredentialUnavailable; never waits on a source."""
         slot = self._slots[name]
         state = self.state(name)
         if slot.key is None or state in ("missing", "expired"):
-            reason = slot.last_error or "not read from Vault yet"
+            reason = slot.last_error or f"not read from {slot.source.kind} yet"
             if state == "expired":
                 reason = f"the last good key is older than max_stale_seconds ({reason})"
             raise CredentialUnavailable(name, reason)
@@ -238,7 +333,7 @@ class CredentialStore:
     async def reread(self, name: str, rejected: HeldKey) -> HeldKey:
         """After Publer rejected `rejected`, re-read the key once for everyone.
 
-        Requests that saw the same rejected key share one Vault read, run as a task of its
+        Requests that saw the same rejected key share one read of the source, run as a task of its
         own so that a client going away cannot cancel it for the others; a request that
         comes after the key already changed gets the new key without another read.
         """
@@ -263,7 +358,11 @@ class CredentialStore:
         out: dict[str, dict[str, object]] = {}
         now = time.monotonic()
         for name, slot in self._slots.items():
-            entry: dict[str, object] = {"state": self.state(name)}
+            entry: dict[str, object] = {
+                "state": self.state(name),
+                "source": slot.source.kind,
+                "where": slot.source.where,
+            }
             if slot.key is not None:
                 entry["key"] = slot.key.masked
                 entry["key_version"] = slot.key.version
@@ -295,5 +394,9 @@ class CredentialStore:
 
     @staticmethod
     def jitter(seconds: float) -> float:
-        """`seconds` plus or minus 10%, so replicas do not hit Vault in step."""
+        """`seconds` plus or minus 10%, so replicas do not hit their source in step."""
         return seconds * random.uniform(0.9, 1.1)
+
+
+def _uses_vault(sources: Mapping[str, tuple[KeyLifeSettings, KeySource]]) -> bool:
+    return any(source.kind == "vault" for _, source in sources.values())

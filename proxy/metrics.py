@@ -47,15 +47,28 @@ class Metrics:
             ["operation", "outcome"],
             registry=r,
         )
+        self.key_reads = Counter(
+            "publer_proxy_key_reads",
+            "Key reads from each credential's source (vault, aws_secrets_manager, file, env),"
+            " by outcome (ok, or what failed).",
+            ["credential", "source", "outcome"],
+            registry=r,
+        )
+        self.key_rotations = Counter(
+            "publer_proxy_key_rotations",
+            "Keys replaced by a new value or version from their source.",
+            ["credential", "source"],
+            registry=r,
+        )
         self.key_age = Gauge(
             "publer_proxy_key_age_seconds",
-            "Seconds since the held key's KV version was written (since it was read, for KV v1).",
+            "Seconds since the held key's version was written (since it was read, when unknown).",
             ["credential"],
             registry=r,
         )
         self.key_read_age = Gauge(
             "publer_proxy_key_last_read_age_seconds",
-            "Seconds since the key was last read from Vault successfully.",
+            "Seconds since the key was last read from its source successfully.",
             ["credential"],
             registry=r,
         )

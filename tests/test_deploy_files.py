@@ -31,7 +31,13 @@ from proxy.cli import load_all
 from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
 from proxy.policy import hash_token
 from proxy.server import GRACEFUL_SHUTDOWN_SECONDS
-from proxy.settings import KUBERNETES_TOKEN_FILE, Settings, is_loopback_host, parse_settings
+from proxy.settings import (
+    KUBERNETES_TOKEN_FILE,
+    CredentialSettings,
+    Settings,
+    is_loopback_host,
+    parse_settings,
+)
 from tests.bao import Bao, bao_binary, free_port, start_bao
 from tests.servers import Sandbox, start_proxy, start_sandbox
 
@@ -503,6 +509,7 @@ def test_policy_grants_exactly_the_configured_secret() -> None:
     for config in ("proxy.compose.yaml", "proxy.sidecar.yaml", "proxy.image.yaml"):
         settings = settings_file(ROOT / "deploy" / config)
         for credential in settings.credentials.values():
+            assert isinstance(credential, CredentialSettings), config
             assert f"{credential.mount}/data/{credential.path}" in paths
 
 

@@ -30,7 +30,8 @@ from structlog.typing import EventDict
 from proxy.redact import SecretRegistry
 from proxy.settings import CredentialSettings, VaultAuthSettings, VaultSettings
 from proxy.sources import vault
-from proxy.sources.vault import SecretRead, VaultError, VaultSession, backoff_seconds, key_problem
+from proxy.sources.base import SecretRead, backoff_seconds, key_problem
+from proxy.sources.vault import VaultError, VaultSession
 from tests.bao import Bao, free_port, restart_bao, start_bao
 from tests.k8s_tokenreview import ServiceAccount, TokenReviewServer, service_account_jwt
 

@@ -1,1 +1,62 @@
-"""Where keys come from: one module per kind of source, behind one small interface."""
+"""Where keys come from: one module per kind of source, behind one small interface.
+
+    vault.py   Vault or OpenBao KV (hvac), the default
+    aws.py     AWS Secrets Manager (boto3, an optional extra, imported only when used)
+    files.py   a file, re-read when it changes (Kubernetes and Docker secrets)
+    env.py     an environment variable or a .env file, read once
+
+Every source turns a credential's settings into a `KeySource` (base.py): `read()` gives
+the key and its version or raises SourceError. What happens around reads (refresh,
+staleness, rotation logs) is the same for all of them, in proxy/credentials.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Mapping
+
+from proxy.redact import SecretRegistry
+from proxy.settings import (
+    AnyCredential,
+    AwsCredentialSettings,
+    EnvCredentialSettings,
+    FileCredentialSettings,
+)
+from proxy.sources.base import KeySource
+
+AWS_EXTRA = "pip install 'publer-proxy[aws]'"
+
+
+def sdk_problems(credentials: Mapping[str, AnyCredential]) -> list[str]:
+    """Config lines for credentials whose source needs a library that is not installed."""
+    problems: list[str] = []
+    for name, cred in credentials.items():
+        if isinstance(cred, AwsCredentialSettings) and importlib.util.find_spec("boto3") is None:
+            problems.append(
+                f"credentials.{name}.source: aws_secrets_manager needs the AWS SDK, which is"
+                f" not installed: {AWS_EXTRA}"
+            )
+    return problems
+
+
+def make_source(
+    credential: AnyCredential, secrets: SecretRegistry, vault: Callable[[], object]
+) -> KeySource:
+    """The source of one credential; `vault()` gives the shared Vault session, made once."""
+    if isinstance(credential, AwsCredentialSettings):
+        from proxy.sources.aws import AwsKeySource
+
+        return AwsKeySource(credential, secrets)
+    if isinstance(credential, FileCredentialSettings):
+        from proxy.sources.files import FileKeySource
+
+        return FileKeySource(credential, secrets)
+    if isinstance(credential, EnvCredentialSettings):
+        from proxy.sources.env import EnvKeySource
+
+        return EnvKeySource(credential, secrets)
+    from proxy.sources.vault import VaultKeySource, VaultSession
+
+    session = vault()
+    assert isinstance(session, VaultSession)
+    return VaultKeySource(session, credential)
