@@ -26,6 +26,7 @@ response bodies, the secret's value included.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +41,9 @@ from proxy.settings import AwsCredentialSettings
 from proxy.sources.base import ErrorKind, SecretRead, SourceError, SourceKind, key_problem
 
 CURRENT_STAGE = "AWSCURRENT"
+_XML_ERROR = re.compile(
+    r"<Code>(?P<code>[A-Za-z.]+)</Code>\s*<Message>(?P<message>[^<]*)</Message>"
+)
 _MAX_SERVER_MESSAGE = 200
 _REFUSED_IDENTITY = frozenset(
     {
@@ -200,8 +204,12 @@ class AwsKeySource:
 
     def _refused(self, exc: botocore.exceptions.ClientError) -> SourceError:
         error = exc.response.get("Error", {}) if isinstance(exc.response, dict) else {}
-        code = str(error.get("Code", ""))
-        says = self._server_says(error.get("Message"))
+        code, message = str(error.get("Code", "")), str(error.get("Message", ""))
+        if (not code or code.isdigit()) and (found := _XML_ERROR.search(message)):
+            # An error in the query protocol's XML (as some endpoints answer a refused
+            # signature) is not parsed by the JSON protocol's reader: read it here.
+            code, message = found.group("code"), found.group("message")
+        says = self._server_says(message)
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         kind: ErrorKind
         if code in _REFUSED_IDENTITY:
