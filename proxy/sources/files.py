@@ -8,7 +8,9 @@ works at all (not on NFS and some overlay or FUSE mounts) and within the host's 
 limits. A stat that follows symlinks sees every kind of change, everywhere: the swap
 (the resolved file's inode changes), an atomic rename (same), and an in-place write (its
 size, modification or change time). It costs one system call a second, and no thread or
-dependency. A full re-read every `refresh_seconds` catches anything the status missed.
+dependency. Two writes of the same size to the same inode within one tick of the file
+clock (a few ms) look alike to a stat, so a full re-read every `refresh_seconds` catches
+whatever the status missed.
 
 The file must be readable by its owner only unless the config says otherwise, and
 writable by nobody else: a key file others can read leaks the key, one others can write
