@@ -214,7 +214,11 @@ class CredentialStore:
                 key=held.masked,
                 key_version=held.version,
             )
-        elif previous.value != held.value or previous.version != held.version:
+        elif previous.value == held.value and previous.version == held.version:
+            log.debug(
+                "key_refreshed", credential=slot.name, key=held.masked, key_version=held.version
+            )
+        else:
             self._metrics.key_rotations.labels(slot.name, source.kind).inc()
             log.info(
                 "key_rotated",
