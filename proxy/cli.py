@@ -104,7 +104,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     """The embedded local stack: OpenBao, the sandbox (or Publer) and the proxy."""
     from proxy.dev.stack import run_dev
 
-    return run_dev(port=args.port, upstream=args.upstream)
+    return run_dev(port=args.port, upstream=args.upstream, source=args.source)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
     dev.add_argument(
         "--upstream", help="upstream origin (default: the sandbox, or Publer with PUBLER_API_KEY)"
+    )
+    dev.add_argument(
+        "--source",
+        choices=["vault", "file", "env", "aws"],
+        default="vault",
+        help="where the proxy reads the key: vault (OpenBao, the default), file, env, or aws"
+        " (a local Secrets Manager)",
     )
     dev.set_defaults(func=cmd_dev)
     sandbox = sub.add_parser("sandbox", help="the Publer sandbox upstream alone")

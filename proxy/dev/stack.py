@@ -173,8 +173,9 @@ def _announce_when_ready(port: int, using_sandbox: bool) -> None:
     )
 
 
-def run_dev(port: int = 8080, upstream: str | None = None) -> int:
-    """Run the whole local stack in the foreground until Ctrl-C or SIGTERM."""
+def run_dev(port: int = 8080, upstream: str | None = None, source: str = "vault") -> int:
+    """Run the whole local stack in the foreground until Ctrl-C or SIGTERM; `source` says
+    where the proxy reads the key: vault (OpenBao), file, env or aws."""
     from proxy.app import create_app
     from proxy.cli import describe_routes
     from proxy.logs import configure_logging
@@ -190,6 +191,10 @@ def run_dev(port: int = 8080, upstream: str | None = None) -> int:
     secrets.add(real_key)
     with tempfile.TemporaryDirectory(prefix="publer-proxy-dev-") as tmp:
         workdir = Path(tmp)
+        if source != "vault":
+            from proxy.dev.sources import run_dev_source
+
+            return run_dev_source(source, port, upstream, workdir, real_key, key)
         with openbao_dev(workdir) as (vault_url, token):
             secrets.add(token)
             client = hvac.Client(url=vault_url, token=token)

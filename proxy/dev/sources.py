@@ -1,0 +1,137 @@
+"""`publer-proxy dev --source file|env|aws`: the local stack with the key kept elsewhere.
+
+The same sandbox (or Publer, with PUBLER_API_KEY) and proxy as `make run`, with no Vault:
+the key sits in a file with mode 0600 (as a Kubernetes or Docker secret would), in the
+environment, or in a local AWS Secrets Manager (moto's server, from the test or
+devstack extras). It prints how to rotate the key, to watch the proxy pick it up.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from proxy.dev.stack import _stop, dev_config, free_port, wait_http
+
+DEV_AWS_IDENTITY = {"AWS_ACCESS_KEY_ID": "AKIADEVSTACK00000000", "AWS_SECRET_ACCESS_KEY": "dev"}
+DEV_REGION = "eu-west-1"
+DEV_SECRET_ID = "publer/api"
+
+
+@contextmanager
+def moto_process(workdir: Path) -> Iterator[str]:
+    """moto's Secrets Manager server as a child process: its URL."""
+    if subprocess.run(
+        [sys.executable, "-c", "import moto.server, boto3"], capture_output=True, check=False
+    ).returncode:
+        raise SystemExit(
+            "dev --source aws: the local AWS stand-in is not installed;"
+            " run pip install 'publer-proxy[devstack,aws]' (make run does it for you)"
+        )
+    port = free_port()
+    log_file = (workdir / "moto.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/moto-api/")
+        yield url
+    finally:
+        _stop(process)
+        log_file.close()
+
+
+@contextmanager
+def key_home(source: str, workdir: Path, key: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Put `key` where `source` reads it: (the credential's config, how to rotate it)."""
+    if source == "file":
+        path = workdir / "publer-api-key"
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+        credential: dict[str, Any] = {"source": "file", "path": str(path)}
+        yield credential, f"printf '%s\\n' NEW_KEY > {path}   (picked up within a second)"
+    elif source == "env":
+        os.environ["PUBLER_API_KEY"] = key  # the env source takes it out again at start
+        yield {"source": "env"}, "restart with a new PUBLER_API_KEY (it is read once)"
+    else:
+        import boto3
+
+        os.environ.update(DEV_AWS_IDENTITY)
+        with moto_process(workdir) as url:
+            client = boto3.client("secretsmanager", endpoint_url=url, region_name=DEV_REGION)
+            client.create_secret(Name=DEV_SECRET_ID, SecretString=key)
+            client.close()
+            credential = {
+                "source": "aws_secrets_manager",
+                "secret_id": DEV_SECRET_ID,
+                "region": DEV_REGION,
+                "endpoint_url": url,
+                "refresh_seconds": 5,
+            }
+            yield (
+                credential,
+                (
+                    f"AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x aws --endpoint-url {url}"
+                    f" --region {DEV_REGION} secretsmanager put-secret-value"
+                    f" --secret-id {DEV_SECRET_ID} --secret-string NEW_KEY"
+                ),
+            )
+
+
+def _announce_when_ready(port: int, source: str, rotate: str) -> None:
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/readyz", timeout=30)
+    except TimeoutError:
+        return
+    print(
+        f"\npubler-proxy is ready on {base} with the key from the {source} source.\n"
+        f"Try it (no key needed):\n\n  curl -s {base}/api/v1/users/me\n\n"
+        f"Rotate the key: {rotate}\nCtrl-C stops everything.\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run_dev_source(
+    source: str, port: int, upstream: str | None, workdir: Path, real_key: str, key: str
+) -> int:
+    """The local stack with the key in a file, the environment or a local AWS."""
+    from proxy.app import create_app
+    from proxy.cli import describe_routes
+    from proxy.dev.sandbox import DEFAULT_WORKSPACE_ID
+    from proxy.dev.stack import _upstream
+    from proxy.logs import configure_logging
+    from proxy.redact import SecretRegistry
+    from proxy.scopes import load_scope_map
+    from proxy.server import serve
+    from proxy.settings import parse_settings
+
+    secrets = SecretRegistry()
+    secrets.add(real_key)
+    workspace = os.environ.get("PUBLER_WORKSPACE_ID", "").strip() or DEFAULT_WORKSPACE_ID
+    with (
+        key_home(source, workdir, key) as (credential, rotate),
+        _upstream(workdir, real_key, upstream) as upstream_url,
+    ):
+        config = dev_config("http://127.0.0.1:8200", Path(), upstream_url, workspace, port)
+        del config["vault"]
+        config["credentials"] = {"publer": {**credential, "max_stale_seconds": 600}}
+        settings = parse_settings(config)
+        scope_map = load_scope_map(None)
+        configure_logging(settings.logging, secrets, sys.stderr)
+        for line in describe_routes(settings, scope_map):
+            print(line, file=sys.stderr)
+        threading.Thread(
+            target=_announce_when_ready, args=(port, source, rotate), daemon=True
+        ).start()
+        return serve(settings, create_app(settings, scope_map, secrets))
