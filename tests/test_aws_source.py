@@ -142,6 +142,35 @@ def test_reads_awscurrent_and_ignores_environment_proxies(
         trap.close()
 
 
+def test_instance_role_credentials_never_cross_an_environment_proxy(
+    tmp_path: Path, moto: Moto, sandbox: Sandbox, api_key: str
+) -> None:
+    """With no keys in the environment, the instance role's credentials come from the
+    metadata service (moto's): the key is read, the plain-HTTP metadata calls do not go
+    through HTTP_PROXY, and the role's secret key and token appear in no output."""
+    name = f"publer/{secrets.token_hex(4)}"
+    moto.create_secret(name, api_key)
+    trap = Trap()
+    env = {
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": moto.url + "/",
+        "HTTP_PROXY": trap.url,
+        "HTTPS_PROXY": trap.url,
+        "NO_PROXY": "",
+    }
+    proxy = aws_proxy(tmp_path, moto, sandbox, name, env=env)
+    try:
+        assert httpx.get(f"{proxy.url}/api/v1/posts").status_code == 200
+        assert trap.connections == 0
+        role = httpx.get(f"{moto.url}/latest/meta-data/iam/security-credentials/default-role")
+        output = proxy.output()
+        assert "aws_environment_proxies_ignored" in output
+        for secret in (role.json()["SecretAccessKey"], role.json()["Token"], api_key):
+            assert secret not in output
+    finally:
+        proxy.stop()
+        trap.close()
+
+
 def test_rotation_under_load_is_invisible_to_clients(
     tmp_path: Path, moto: Moto, sandbox: Sandbox, api_key: str
 ) -> None:

@@ -15,7 +15,10 @@ The SDK is configured in this one place; each setting that differs from its defa
   proxy is configured, Authorization header and the secret's answer included; an empty
   mapping turns that off, `proxy:` on the credential names one on purpose. It is the
   session's default client config, so the STS calls of web identity and assumed roles
-  obey it too.
+  obey it too. The instance-metadata credential fetcher takes no client config: it reads
+  the environment's proxies itself and would send the role's temporary credentials
+  through them, so the proxy variables are removed from the process environment before
+  the SDK starts (nothing else in the proxy honours them either).
 - `retries`: standard mode, 2 attempts: the credential store has its own backoff, and
   the SDK's legacy mode would hold a worker thread through 5 attempts.
 - `connect_timeout`/`read_timeout`: the credential's `timeout_seconds`, not 60 s.
@@ -26,6 +29,7 @@ response bodies, the secret's value included.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from datetime import UTC, datetime
@@ -35,12 +39,23 @@ import boto3.session
 import botocore.config
 import botocore.exceptions
 import botocore.session
+import structlog
 
 from proxy.redact import SecretRegistry
 from proxy.settings import AwsCredentialSettings
 from proxy.sources.base import ErrorKind, SecretRead, SourceError, SourceKind, key_problem
 
+log = structlog.get_logger(__name__)
+
 CURRENT_STAGE = "AWSCURRENT"
+_PROXY_VARIABLES = (
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "ALL_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "all_proxy",
+)
 _XML_ERROR = re.compile(
     r"<Code>(?P<code>[A-Za-z.]+)</Code>\s*<Message>(?P<message>[^<]*)</Message>"
 )
@@ -65,6 +80,11 @@ _NO_CREDENTIALS = (
     " AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, web identity (AWS_WEB_IDENTITY_TOKEN_FILE"
     " with AWS_ROLE_ARN, as EKS sets them) and a container or instance role; provide one"
 )
+
+
+def drop_environment_proxies() -> list[str]:
+    """Remove the proxy variables from the process environment; the names removed."""
+    return [name for name in _PROXY_VARIABLES if os.environ.pop(name, None) is not None]
 
 
 def sdk_config(settings: AwsCredentialSettings) -> botocore.config.Config:
@@ -101,6 +121,9 @@ class AwsKeySource:
         """The Secrets Manager client, made on first use (in a worker thread)."""
         with self._lock:
             if self._client is None:
+                dropped = drop_environment_proxies()
+                if dropped:
+                    log.warning("aws_environment_proxies_ignored", variables=dropped)
                 core = botocore.session.get_session()
                 core.set_default_client_config(sdk_config(self._settings))
                 session = boto3.session.Session(
