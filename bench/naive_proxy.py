@@ -9,6 +9,7 @@ httptools, one worker, no access log).
 from __future__ import annotations
 
 import argparse
+import os
 
 import httpx
 import uvicorn
@@ -58,16 +59,19 @@ def create_app(upstream: str, key: str, workspace: str) -> Starlette:
     return Starlette(routes=[Route("/{path:path}", forward, methods=methods)])
 
 
+# The key comes in the environment: a command line is readable by every user of the machine.
+NAIVE_KEY_ENV = "PUBLER_API_KEY"
+
+
 def main() -> None:
     """Serve the naive proxy on 127.0.0.1."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
-    parser.add_argument("--key", required=True)
     parser.add_argument("--workspace", required=True)
     args = parser.parse_args()
     uvicorn.run(
-        create_app(args.upstream, args.key, args.workspace),
+        create_app(args.upstream, os.environ[NAIVE_KEY_ENV], args.workspace),
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",

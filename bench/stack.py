@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hvac
 import yaml
+from naive_proxy import NAIVE_KEY_ENV
 
-from proxy.dev.stack import openbao_dev
+from proxy.dev.stack import openbao_dev, seed_key
 from proxy.policy import hash_token
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -246,9 +246,13 @@ def start_naive(workdir: Path, upstream: str, key: str, cpus: str | None) -> Ser
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = [sys.executable, str(BENCH_DIR / "naive_proxy.py"), "--port", str(port)]
-    command += ["--upstream", upstream, "--key", key, "--workspace", WORKSPACE]
+    command += ["--upstream", upstream, "--workspace", WORKSPACE]
     server = _spawn(
-        "naive", pinned(command, cpus), workdir / "naive.log", f"http://127.0.0.1:{port}"
+        "naive",
+        pinned(command, cpus),
+        workdir / "naive.log",
+        f"http://127.0.0.1:{port}",
+        env={**os.environ, NAIVE_KEY_ENV: key},  # not on its command line
     )
     wait_status(server, "/api/v1/posts")
     return server
@@ -267,11 +271,7 @@ def vault_with_key(workdir: Path, key: str) -> Iterator[Vault]:
     """An OpenBao dev server (the one `publer-proxy dev` uses) with the key at publer/api."""
     workdir.mkdir(parents=True, exist_ok=True)
     with openbao_dev(workdir) as (url, token):
-        client = hvac.Client(url=url, token=token)
-        client.secrets.kv.v2.create_or_update_secret(
-            path="publer/api", secret={"api_key": key}, mount_point="secret"
-        )
-        client.adapter.close()
+        seed_key(url, token, key)
         token_file = workdir / "vault-token"
         token_file.write_text(token)
         token_file.chmod(0o600)

@@ -24,7 +24,7 @@ from proxy.forward import Forwarder, Services
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.policy import build_routes
 from proxy.ratelimit import make_budget
-from proxy.redact import SecretRegistry
+from proxy.redact import SecretRegistry, masked_url
 from proxy.requestid import RequestContext
 from proxy.scopes import ScopeMap
 from proxy.settings import Settings
@@ -78,6 +78,9 @@ def create_app(
 ) -> ASGIApp:
     """Build the proxy app; the lifespan reads the keys and opens the upstream pool."""
 
+    for value in settings.secret_values():
+        secrets.add(value)
+
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
         registry = Metrics()
@@ -92,6 +95,7 @@ def create_app(
             upstream=upstream or Upstream(settings.upstream),
             budget=make_budget(settings.rate_limit),
             metrics=registry,
+            secrets=secrets,
         )
         for warning in settings.warnings():
             log.warning("insecure_setting", detail=warning)
@@ -100,6 +104,8 @@ def create_app(
             "proxy_started",
             routes=[r.name for r in settings.routes],
             upstream=settings.upstream.url,
+            upstream_proxy=masked_url(settings.upstream.proxy),
+            vault_proxy=masked_url(settings.vault.proxy),
             credentials=store.status(),
         )
         # Everything made so far (modules, config, the app) lives as long as the process.

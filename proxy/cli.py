@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -75,6 +76,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         settings, scope_map = load_all(args.config)
+        if settings.upstream.proxy:
+            # The forwarding hop of this version dials Publer itself; going direct when the
+            # operator named a proxy would be a silent surprise, so it does not start.
+            raise ConfigError(
+                [
+                    "upstream.proxy: the forwarding hop cannot go through a proxy in this"
+                    " version (only check --online does); remove the key to connect directly"
+                ]
+            )
     except ConfigError as exc:
         return _print_problems(exc)
     secrets = SecretRegistry()
@@ -111,12 +121,18 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     """The Publer sandbox alone."""
     import uvicorn
 
-    from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY, create_app, parse_key_spec
+    from proxy.dev.sandbox import (
+        DEFAULT_SANDBOX_KEY,
+        SANDBOX_KEYS_ENV,
+        create_app,
+        parse_key_spec,
+    )
 
     if bool(args.tls_cert) != bool(args.tls_key):
         print("sandbox: --tls-cert and --tls-key go together", file=sys.stderr)
         return EXIT_INVALID
-    keys = [parse_key_spec(k) for k in (args.key or [DEFAULT_SANDBOX_KEY])]
+    specs = [*(args.key or []), *os.environ.get(SANDBOX_KEYS_ENV, "").split()]
+    keys = [parse_key_spec(k) for k in (specs or [DEFAULT_SANDBOX_KEY])]
     app = create_app(keys, rate_limit=args.rate_limit, rate_period_seconds=args.rate_period)
     scheme = "https" if args.tls_cert else "http"
     print(f"Publer sandbox on {scheme}://{args.host}:{args.port}/api/v1", flush=True)
@@ -185,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8090)
     sandbox.add_argument(
-        "--key", action="append", help="accepted key, KEY or KEY=scope,scope (repeatable)"
+        "--key",
+        action="append",
+        help="accepted key, KEY or KEY=scope,scope (repeatable); a key on the command line is"
+        " visible to every user of the machine: prefer $PUBLER_SANDBOX_KEYS (specs separated"
+        " by spaces)",
     )
     sandbox.add_argument(
         "--rate-limit", type=int, default=100, help="requests per window (default 100)"

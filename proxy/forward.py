@@ -24,8 +24,10 @@ from proxy.headers import downstream_headers, header_values, upstream_headers
 from proxy.metrics import Metrics, method_label
 from proxy.policy import Located, Route, Verdict, decide
 from proxy.ratelimit import Budget, retry_after_header, spend
+from proxy.redact import SecretRegistry
 from proxy.requestid import REQUEST_ID_KEY
 from proxy.scopes import READ_METHODS, ScopeMap
+from proxy.screening import screen_answer
 from proxy.settings import Settings
 from proxy.upstream import Answer, Upstream
 
@@ -71,6 +73,7 @@ class Services:
     upstream: Upstream
     budget: Budget
     metrics: Metrics
+    secrets: SecretRegistry  # what answers are screened for before they reach a client
 
 
 async def send_refusal(send: Send, refusal: Refusal, request_id: str, head_only: bool) -> None:
@@ -308,6 +311,18 @@ class Forwarder:
         try:
             headers = downstream_headers(response.raw_headers)
             await self._resync_budget(verdict.route.settings.credential, headers)
+            head_only = scope["method"] == "HEAD"
+            length = _declared_length(headers)
+            chunks = response.aiter_raw()
+            body: bytes | None = None
+            read: list[bytes] = []
+            if not head_only and (length is None or length <= SMALL_ANSWER_BYTES):
+                # A small answer (by Content-Length, or chunked and ending within the
+                # limit) is read whole before the status line goes out: it is screened
+                # for secrets, needs no relay and watch tasks, and one that breaks off is
+                # still a clean 502.
+                body, read = await _read_small(chunks, SMALL_ANSWER_BYTES)
+            headers, body = screen_answer(headers, body, self.s.secrets.redact_bytes)
             hint = auth_hint(response.status_code, verdict, verdict.route.settings.credential)
             if hint is not None:
                 headers.append((b"x-publer-proxy-hint", hint.encode("latin-1", "replace")))
@@ -324,28 +339,12 @@ class Forwarder:
                 "status": response.status_code,
                 "headers": headers,
             }
-            if scope["method"] == "HEAD":
+            if head_only or body is not None:
                 await send(start)
-                await send({"type": "http.response.body", "body": b""})
-                return
-            length = _declared_length(headers)
-            if length is not None and length <= SMALL_ANSWER_BYTES:
-                # Read whole before the status line goes out: no relay and watch tasks,
-                # and an answer that breaks off is still a clean 502.
-                try:
-                    body = b"".join([chunk async for chunk in response.aiter_raw()])
-                except httpx.HTTPError as exc:
-                    raise ProxyError(
-                        Refusal.of(
-                            "upstream_unreachable",
-                            f"Publer's answer broke off ({type(exc).__name__})",
-                        )
-                    ) from None
-                await send(start)
-                await send({"type": "http.response.body", "body": body})
+                await send({"type": "http.response.body", "body": body or b""})
                 return
             await send(start)
-            relay = asyncio.create_task(self._relay(send, response))
+            relay = asyncio.create_task(self._relay(send, read, chunks))
             watch = asyncio.create_task(_wait_disconnect(receive))
             done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
             for task in (relay, watch):
@@ -363,8 +362,10 @@ class Forwarder:
         finally:
             await response.aclose()
 
-    async def _relay(self, send: Send, response: Answer) -> None:
-        async for chunk in response.aiter_raw():
+    async def _relay(self, send: Send, read: list[bytes], chunks: AsyncIterator[bytes]) -> None:
+        for chunk in read:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
@@ -419,6 +420,24 @@ class Forwarder:
         counter.inc()
         if outcome.decision in STATUS:
             metrics.refusals.labels(outcome.decision).inc()
+
+
+async def _read_small(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes | None, list[bytes]]:
+    """(the whole body, []) when it ends within `limit` bytes, else (None, the chunks read
+    so far, the last one past the limit). Raises ProxyError when the answer breaks off."""
+    read: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in chunks:
+            read.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return None, read
+    except httpx.HTTPError as exc:
+        raise ProxyError(
+            Refusal.of("upstream_unreachable", f"Publer's answer broke off ({type(exc).__name__})")
+        ) from None
+    return b"".join(read), []
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -49,6 +49,8 @@ _DROP_UPSTREAM = HOP_BY_HOP | {
     b"x-original-url",
     b"x-rewrite-url",
 }
+# The proxy's own answer headers (X-Publer-Proxy-Error, X-Publer-Proxy-Hint) start so.
+PROXY_MARKER_PREFIX = b"x-publer-proxy-"
 # uvicorn's own date/server are turned off; Publer's pass through as Publer sent them.
 _DROP_DOWNSTREAM = HOP_BY_HOP
 
@@ -117,7 +119,9 @@ def upstream_headers(
 
 
 def downstream_headers(upstream: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
-    """The headers sent back to the client: Publer's minus hop-by-hop ones.
+    """The headers sent back to the client: Publer's minus hop-by-hop ones, and minus any
+    named like the proxy's own (`X-Publer-Proxy-*`), so that a client can trust those
+    came from the proxy.
 
     Content-Length stays when Publer sent it: the body is passed on byte for byte.
     """
@@ -125,7 +129,12 @@ def downstream_headers(upstream: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
     out: RawHeaders = []
     for name, value in upstream:
         canonical = field_name(name)
-        if canonical in _DROP_DOWNSTREAM or canonical in named or canonical == b"x-request-id":
+        if (
+            canonical in _DROP_DOWNSTREAM
+            or canonical in named
+            or canonical == b"x-request-id"
+            or canonical.startswith(PROXY_MARKER_PREFIX)
+        ):
             continue
         out.append((name.lower(), value))
     return out

@@ -6,7 +6,6 @@ so whoever runs the check learns whether to rotate the key or fix its scopes.
 
 from __future__ import annotations
 
-import ssl
 import sys
 from datetime import UTC, datetime
 from typing import TextIO
@@ -15,6 +14,7 @@ import httpx
 
 from proxy.credentials import vault_session_maker
 from proxy.logs import configure_logging
+from proxy.outbound import publer_http_client
 from proxy.redact import SecretRegistry, mask
 from proxy.settings import CredentialSettings, LoggingSettings, Settings, UpstreamSettings
 from proxy.sources import make_source
@@ -25,14 +25,8 @@ PROBE_PATH = "/api/v1/workspaces"
 
 def probe_key(upstream: UpstreamSettings, key: str) -> tuple[bool | None, str]:
     """Ask Publer whether `key` works: (True/False, sentence), or (None, why unknown)."""
-    context = ssl.create_default_context(cafile=str(upstream.ca_file) if upstream.ca_file else None)
     try:
-        with httpx.Client(
-            verify=context,
-            trust_env=False,
-            follow_redirects=False,
-            timeout=upstream.connect_timeout_seconds,
-        ) as client:
+        with publer_http_client(upstream) as client:
             response = client.get(
                 upstream.url + PROBE_PATH, headers={"Authorization": f"Bearer-API {key}"}
             )
@@ -61,6 +55,8 @@ def check_online(settings: Settings, out: TextIO | None = None) -> bool:
     Publer's verdict."""
     stream = out or sys.stdout
     secrets = SecretRegistry()
+    for value in settings.secret_values():
+        secrets.add(value)
     configure_logging(LoggingSettings(format="console", level="warning"), secrets, sys.stderr)
 
     def say(line: str) -> None:

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.redact import masked_url, url_secrets
+
 DEFAULT_CONFIG_PATH = Path("config/proxy.yaml")
 DEFAULT_UPSTREAM_URL = "https://app.publer.com"
 DEFAULT_VAULT_URL = "http://127.0.0.1:8200"
@@ -71,8 +73,29 @@ class ListenSettings(_Model):
     unix_socket: Path | None = None
 
 
+def proxy_url(value: str | None) -> str | None:
+    """Check an operator-named HTTP proxy URL: `http(s)://[user:password@]host[:port]`."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        raise ValueError("has a port that is not a number") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an HTTP proxy URL such as http://proxy.internal:3128")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            "must be a proxy address only (scheme, optional user:password@, host, port),"
+            " such as http://proxy.internal:3128"
+        )
+    return value
+
+
 class UpstreamSettings(_Model):
     url: str = DEFAULT_UPSTREAM_URL
+    # An HTTP proxy named on purpose; environment proxy variables are never used.
+    proxy: str | None = Field(default=None, repr=False)
     # Publer's guide: always HTTPS. Plain HTTP to a non-loopback host needs this loud opt-out.
     insecure_allow_plain_http: bool = False
     ca_file: Path | None = None
@@ -94,6 +117,11 @@ class UpstreamSettings(_Model):
                 " the /api/v1 path comes from the client's request"
             )
         return f"{parts.scheme}://{parts.netloc}"
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        return proxy_url(value)
 
     @model_validator(mode="after")
     def _https_unless_loopback(self) -> UpstreamSettings:
@@ -159,7 +187,14 @@ class VaultSettings(_Model):
         )
     )
     timeout_seconds: PositiveFloat = 5.0
+    # An HTTP proxy named on purpose; environment proxy variables are never used.
+    proxy: str | None = Field(default=None, repr=False)
     auth: VaultAuthSettings = VaultAuthSettings()
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        return proxy_url(value)
 
     @field_validator("url")
     @classmethod
@@ -449,8 +484,25 @@ class Settings(_Model):
             )
         if self.vault.skip_verify:
             found.append("vault.skip_verify: Vault's TLS certificate is not checked")
+        if self.vault.proxy and vault.scheme == "http":
+            found.append(
+                f"vault.proxy: Vault is plain HTTP ({self.vault.url}), so the proxy"
+                f" {masked_url(self.vault.proxy)} sees the Vault token and the key; use https://"
+            )
+        if self.upstream.proxy and urlsplit(self.upstream.url).scheme == "http":
+            found.append(
+                f"upstream.proxy: the upstream is plain HTTP ({self.upstream.url}), so the"
+                f" proxy {masked_url(self.upstream.proxy)} sees the API key; use https://"
+            )
         found += credential_warnings(self.credentials_in_use())
         return found
+
+    def secret_values(self) -> list[str]:
+        """Secrets written in the config itself (a password in a proxy or Redis URL), to
+        register for redaction before anything is logged."""
+        urls = [self.vault.proxy, self.upstream.proxy, self.rate_limit.redis_url]
+        urls += [c.proxy for c in self.credentials.values() if isinstance(c, AwsCredentialSettings)]
+        return [secret for url in urls for secret in url_secrets(url)]
 
     def credentials_in_use(self) -> dict[str, AnyCredential]:
         """The credentials that at least one route refers to."""

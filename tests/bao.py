@@ -25,6 +25,8 @@ from typing import Any
 
 import hvac
 
+from proxy.outbound import vault_http_session
+
 START_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 10.0
 _UNSEAL_KEY_RE = re.compile(r"^Unseal Key: (\S+)$", re.MULTILINE)
@@ -77,7 +79,12 @@ class Bao:
         """An hvac client holding the root token (one per server, closed by stop())."""
         if self._client is None:
             verify: bool | str = str(self.ca_cert) if self.ca_cert else True
-            self._client = hvac.Client(url=self.url, token=self.root_token, verify=verify)
+            self._client = hvac.Client(
+                url=self.url,
+                token=self.root_token,
+                verify=verify,
+                session=vault_http_session(None, verify),
+            )
         return self._client
 
     def write_key(
@@ -162,11 +169,12 @@ def start_bao(
     port = port or free_port()
     root_token = root_token or f"root-{secrets.token_hex(16)}"
     log_path = workdir / "bao.log"
+    # The root token goes in the environment: a command line is readable by every user.
     command = [
         bao_binary(),
         "server",
         "-dev",
-        f"-dev-root-token-id={root_token}",
+        "-dev-no-store-token",
         f"-dev-listen-address=127.0.0.1:{port}",
     ]
     ca_cert = None
@@ -177,6 +185,7 @@ def start_bao(
         ca_cert = cert_dir / "vault-ca.pem"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env["HOME"] = str(workdir)
+    env["BAO_DEV_ROOT_TOKEN_ID"] = root_token
     with log_path.open("ab") as log_file:
         offset = log_file.tell()
         process = subprocess.Popen(

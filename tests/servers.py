@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 import httpx
 import yaml
 
+from proxy.dev.sandbox import SANDBOX_KEYS_ENV
 from tests.bao import free_port
 
 START_TIMEOUT_SECONDS = 20.0
@@ -134,12 +136,12 @@ def start_sandbox(
     log_path = workdir / f"sandbox-{port}.log"
     args = [sys.executable, "-m", "proxy", "sandbox", "--port", str(port)]
     args += ["--rate-limit", str(rate_limit)]
-    for key in keys:
-        args += ["--key", key]
     if tls is not None:
         args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+    # The keys go in the environment: a command line is readable by every user.
+    env = {**os.environ, SANDBOX_KEYS_ENV: " ".join(keys)}
     with log_path.open("wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     scheme = "https" if tls else "http"
     sandbox = Sandbox(process, log_path, f"{scheme}://127.0.0.1:{port}", tls.ca if tls else None)
     _wait(f"{sandbox.url}/__sandbox/health", process, log_path, 200, verify=sandbox.ca)
@@ -241,3 +243,33 @@ def start_proxy(
     else:
         _wait(f"{proxy.url}/healthz", process, log_path, 200)
     return proxy
+
+
+def start_redis(workdir: Path) -> Process:
+    """A real redis-server on a free loopback port, without persistence; `url` is its
+    redis:// URL."""
+    import redis
+
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "redis.log"
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "no", "--dir", str(workdir)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = Process(process, log_path, f"redis://127.0.0.1:{port}/0")
+    deadline = time.monotonic() + 10
+    client = redis.Redis(port=port)
+    try:
+        while True:
+            try:
+                client.ping()
+                return server
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    server.stop()
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()

@@ -11,22 +11,34 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from proxy.policy import hash_token
-from tests.bao import start_bao
+from tests.bao import free_port, start_bao
 from tests.moto import REGION, start_moto
-from tests.servers import proxy_config, start_proxy, start_sandbox
+from tests.peers import ECHO_MODES, echo_origin, recording_listener
+from tests.servers import Proxy, proxy_config, start_proxy, start_sandbox
+from tests.test_devstack import descendants
 from tests.waiting import eventually
 
 POLICY = 'path "secret/data/publer/api" { capabilities = ["read"] }'
 SOURCES = ("file", "env", "aws")
 
 
-def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proxy_variables", [False, True], ids=["plain", "proxy-variables"])
+def test_no_secret_in_any_output_at_debug_level(tmp_path: Path, proxy_variables: bool) -> None:
     """Traffic, refusals, an upstream 401 with a re-read, Vault sealed and killed, token
     renewal and AppRole login, all at debug level: no API key, Vault token, client token
     or secret id appears in stdout, stderr, a log line, an error body or check's output;
-    the masked key does appear."""
+    the masked key does appear. A second run exports HTTP_PROXY, HTTPS_PROXY and ALL_PROXY
+    (both spellings) naming a recording listener: it receives nothing."""
+    with recording_listener() as listener:
+        _run_everything(tmp_path, listener.environment() if proxy_variables else {})
+        assert listener.received() == b""
+        assert listener.connections == 0
+
+
+def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
     api_key = "pk_leak_" + secrets.token_hex(20)
     rotated_key = "pk_leak_rotated_" + secrets.token_hex(20)
     client_token = "client-" + secrets.token_hex(16)
@@ -41,16 +53,12 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
     )
     role_id = root.auth.approle.read_role_id("proxy")["data"]["role_id"]
     secret_id = root.auth.approle.generate_secret_id("proxy")["data"]["secret_id"]
-    child = root.auth.token.create(policies=["proxy"], ttl="3s", renewable=True)
-    child_token = child["auth"]["client_token"]
     (tmp_path / "secret-id").write_text(secret_id)
-    (tmp_path / "token").write_text(child_token)
     known = {
         "api key": api_key,
         "rotated key": rotated_key,
         "client token": client_token,
         "secret id": secret_id,
-        "child token": child_token,
         "root token": vault.root_token,
     }
 
@@ -90,11 +98,14 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
     )
     outputs: dict[str, str] = {}
     bodies: list[str] = []
-    proxies = [
-        start_proxy(tmp_path / "approle", approle),
-        start_proxy(tmp_path / "token-auth", by_token),
-    ]
+    proxies: list[Proxy] = []
     try:
+        proxies.append(start_proxy(tmp_path / "approle", approle, env=env))
+        # Made just before its proxy starts, which takes seconds on a loaded machine.
+        child = root.auth.token.create(policies=["proxy"], ttl="5s", renewable=True)
+        known["child token"] = child["auth"]["client_token"]
+        (tmp_path / "token").write_text(known["child token"])
+        proxies.append(start_proxy(tmp_path / "token-auth", by_token, env=env))
         for proxy in proxies:
             for path, headers in [
                 ("/api/v1/posts", {"Authorization": f"Bearer-API {client_token}"}),
@@ -138,6 +149,7 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             check=False,
+            env={**os.environ, **env},
         )
         outputs["check --online"] = check.stdout + check.stderr
     finally:
@@ -261,3 +273,125 @@ def test_no_secret_in_any_output_for_file_env_and_aws_sources(tmp_path: Path) ->
         assert "***" + value[-4:] in everything
     assert '"level":"debug"' in outputs["proxy aws"]
     assert "credential_unavailable" in outputs["answers"]
+
+
+def _ask_every_echo(base: str) -> list[httpx.Response]:
+    """Every echo mode of the origin, through the proxy, as GET and as a small POST."""
+    answers = []
+    with httpx.Client(trust_env=False, timeout=20) as client:
+        for mode in ECHO_MODES:
+            answers.append(client.get(f"{base}/api/v1/users/me?echo={mode}"))
+            answers.append(client.post(f"{base}/api/v1/posts?echo={mode}", json={"text": mode}))
+    return answers
+
+
+def _check_answers(answers: list[httpx.Response], known: dict[str, str]) -> str:
+    """Assert no answer header or body holds a secret and none imitates the proxy's
+    markers; returns the answers as text, for the search of every output."""
+    texts = []
+    for answer in answers:
+        assert answer.status_code in (200, 401), answer.text
+        raw = b"\n".join(name + b": " + value for name, value in answer.headers.raw)
+        text = (raw + b"\n" + answer.content).decode("latin-1")
+        for what, value in known.items():
+            assert value not in text, f"the {what} is in an answer to {answer.request.url}"
+        mode = answer.request.url.params["echo"]
+        assert "x-publer-proxy-error" not in answer.headers
+        assert "x-publer-proxy-anything" not in answer.headers
+        if mode == "www-authenticate":
+            assert answer.headers["www-authenticate"].startswith("Bearer-API ***")
+            assert not answer.headers["x-publer-proxy-hint"].startswith("forged")
+        else:
+            assert "x-publer-proxy-hint" not in answer.headers
+            echoed = {name.lower(): value for name, value in answer.json().items()}
+            assert echoed["authorization"].startswith("Bearer-API ***")
+        assert answer.headers["x-echo-authorization"].startswith("Bearer-API ***")
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _ready(base: str, process: subprocess.Popen[bytes], log_path: Path) -> bool:
+    """True once /readyz answers 200; fails at once if the process died."""
+    assert process.poll() is None, log_path.read_text(errors="replace")
+    try:
+        return httpx.get(f"{base}/readyz", trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _bao_root_token(dev_pid: int) -> str:
+    """The root token the dev stack gave its OpenBao child (in that child's environment)."""
+    for pid in descendants(dev_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for entry in environ:
+            if entry.startswith(b"BAO_DEV_ROOT_TOKEN_ID="):
+                return entry.split(b"=", 1)[1].decode()
+    raise AssertionError("no OpenBao child with a root token in its environment")
+
+
+def test_echoing_origin_and_proxy_variables_get_no_secret(tmp_path: Path) -> None:
+    """With proxy variables naming a recording listener, `serve`, `dev` (with
+    PUBLER_API_KEY) and `check --online` in front of an origin that echoes the key (in a
+    401's WWW-Authenticate, in headers, in JSON, gzip and chunked bodies) and imitates the
+    proxy's marker headers: the listener receives nothing, no answer header or body holds
+    a secret, forged markers are dropped, and no output holds a secret."""
+    api_key = "pk_echo_" + secrets.token_hex(20)
+    dev_key = "pk_dev_" + secrets.token_hex(20)
+    vault = start_bao(tmp_path / "bao")
+    vault.write_key("publer/api", api_key)
+    (tmp_path / "token").write_text(vault.root_token)
+    known = {"api key": api_key, "dev key": dev_key, "root token": vault.root_token}
+    outputs: dict[str, str] = {}
+    with recording_listener() as listener, echo_origin() as origin:
+        env = listener.environment()
+        config = proxy_config(vault.url, origin.url, token_file=tmp_path / "token")
+        proxy = start_proxy(tmp_path / "serve", config, env=env)
+        try:
+            outputs["serve answers"] = _check_answers(_ask_every_echo(proxy.url), known)
+            command = [sys.executable, "-m", "proxy", "check", "--online"]
+            check = subprocess.run(
+                [*command, "--config", str(proxy.config_path)],
+                capture_output=True,
+                text=True,
+                check=False,
+                env={**os.environ, **env},
+            )
+            outputs["check --online"] = check.stdout + check.stderr
+            assert check.returncode == 0, outputs["check --online"]
+            assert "Publer accepts the key" in check.stdout
+        finally:
+            assert proxy.stop() == 0
+            outputs["serve"] = proxy.output()
+            vault.stop()
+
+        port = free_port()
+        dev_env = {k: v for k, v in os.environ.items() if not k.startswith("VAULT_")}
+        dev_env.update(env, PUBLER_API_KEY=dev_key, PUBLER_WORKSPACE_ID="5f8d7a62c9e77e001f36e3a1")
+        log_path = tmp_path / "dev.log"
+        with log_path.open("wb") as log:
+            command = [sys.executable, "-m", "proxy", "dev", "--port", str(port)]
+            dev = subprocess.Popen(
+                [*command, "--upstream", origin.url],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dev_env,
+            )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            eventually(lambda: _ready(base, dev, log_path), timeout=30)
+            known["dev root token"] = _bao_root_token(dev.pid)
+            outputs["dev answers"] = _check_answers(_ask_every_echo(base), known)
+        finally:
+            dev.terminate()
+            assert dev.wait(30) == 0
+            outputs["dev"] = log_path.read_text(errors="replace")
+        assert listener.received() == b""
+        assert listener.connections == 0
+    assert f"Bearer-API {api_key}" in origin.seen  # the origin really got (and echoed) keys
+    assert f"Bearer-API {dev_key}" in origin.seen
+    for where, text in outputs.items():
+        for what, value in known.items():
+            assert value not in text, f"the {what} appears in {where}"

@@ -74,6 +74,11 @@ class SandboxKey:
     revoked: bool = False
 
 
+# Keys for the sandbox, whitespace-separated specs: the way to pass a real or test key
+# without putting it on a command line, where every user of the machine can read it.
+SANDBOX_KEYS_ENV = "PUBLER_SANDBOX_KEYS"
+
+
 def parse_key_spec(text: str) -> SandboxKey:
     """'KEY' (all scopes) or 'KEY=scope1,scope2' (only those scopes)."""
     key, has_scopes, scope_text = text.strip().partition("=")

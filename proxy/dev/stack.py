@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 import hvac
 
-from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY, DEFAULT_WORKSPACE_ID
+from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY, DEFAULT_WORKSPACE_ID, SANDBOX_KEYS_ENV
+from proxy.outbound import vault_http_session
 
 ALL_SCOPES = [
     "users",
@@ -80,24 +81,45 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def child_environment(workdir: Path, **secrets: str) -> dict[str, str]:
+    """The environment of a process the stack starts: the variables a program needs to
+    run (PATH, locale, time zone, Python's own), HOME in the stack's folder, and only the
+    secrets given. Whatever else the caller's shell holds (PUBLER_API_KEY, VAULT_TOKEN,
+    cloud credentials, proxy variables) stays out of it."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name in _INHERITED or name.startswith(("LC_", "PYTHON"))
+    }
+    env["HOME"] = str(workdir)
+    env.update(secrets)
+    return env
+
+
+_INHERITED = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV"})
+
+
 @contextmanager
 def openbao_dev(workdir: Path) -> Iterator[tuple[str, str]]:
-    """A `bao server -dev` on a free port with a random root token: (url, token)."""
+    """A `bao server -dev` on a free port with a random root token: (url, token).
+
+    The token goes to OpenBao in its environment, never on its command line (which any
+    user of the machine can read in /proc); its log, which prints the token, is in the
+    stack's private folder.
+    """
     port, token = free_port(), random_secrets.token_urlsafe(24)
-    env = {**os.environ, "HOME": str(workdir)}  # the dev server writes ~/.vault-token
-    env.pop("VAULT_TOKEN", None)
     log_file = (workdir / "openbao.log").open("wb")
     process = subprocess.Popen(
         [
             bao_binary(),
             "server",
             "-dev",
-            f"-dev-root-token-id={token}",
+            "-dev-no-store-token",
             f"-dev-listen-address=127.0.0.1:{port}",
         ],
         stdout=log_file,
         stderr=subprocess.STDOUT,
-        env=env,
+        env=child_environment(workdir, BAO_DEV_ROOT_TOKEN_ID=token),
         cwd=workdir,
     )
     try:
@@ -115,9 +137,10 @@ def sandbox_process(workdir: Path, key: str) -> Iterator[str]:
     port = free_port()
     log_file = (workdir / "sandbox.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "sandbox", "--port", str(port), "--key", key],
+        [sys.executable, "-m", "proxy", "sandbox", "--port", str(port)],
         stdout=log_file,
         stderr=subprocess.STDOUT,
+        env=child_environment(workdir, **{SANDBOX_KEYS_ENV: key}),
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -126,6 +149,17 @@ def sandbox_process(workdir: Path, key: str) -> Iterator[str]:
     finally:
         _stop(process)
         log_file.close()
+
+
+def seed_key(vault_url: str, token: str, key: str) -> None:
+    """Write the key to secret/publer/api, as the dev stack and the benchmark do."""
+    client = hvac.Client(url=vault_url, token=token, session=vault_http_session(None))
+    try:
+        client.secrets.kv.v2.create_or_update_secret(
+            path="publer/api", secret={"api_key": key}, mount_point="secret"
+        )
+    finally:
+        client.adapter.close()
 
 
 def dev_config(
@@ -197,10 +231,7 @@ def run_dev(port: int = 8080, upstream: str | None = None, source: str = "vault"
             return run_dev_source(source, port, upstream, workdir, real_key, key)
         with openbao_dev(workdir) as (vault_url, token):
             secrets.add(token)
-            client = hvac.Client(url=vault_url, token=token)
-            client.secrets.kv.v2.create_or_update_secret(
-                path="publer/api", secret={"api_key": key}, mount_point="secret"
-            )
+            seed_key(vault_url, token, key)
             token_file = workdir / "vault-token"
             token_file.write_text(token)
             token_file.chmod(0o600)

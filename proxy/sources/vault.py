@@ -42,7 +42,8 @@ import requests
 import structlog
 import urllib3
 
-from proxy.redact import SecretRegistry
+from proxy.outbound import vault_http_session
+from proxy.redact import SecretRegistry, masked_url
 from proxy.settings import KUBERNETES_TOKEN_FILE, CredentialSettings, VaultSettings
 from proxy.sources.base import SecretRead, SourceError, SourceKind, key_problem
 
@@ -129,6 +130,7 @@ class VaultSession:
             verify=verify,
             timeout=settings.timeout_seconds,
             namespace=settings.namespace or None,
+            session=vault_http_session(settings.proxy, verify),
         )
         self._lock = threading.RLock()
         self._token: _TokenState | None = None
@@ -437,6 +439,8 @@ class VaultSession:
             return operation(*args, **kwargs)
         except requests.exceptions.SSLError:
             detail = "TLS failed: check vault.ca_cert, VAULT_CACERT or the server certificate"
+        except requests.exceptions.ProxyError:
+            detail = f"the proxy {masked_url(self._settings.proxy)} (vault.proxy) failed"
         except requests.exceptions.ConnectTimeout:
             detail = f"no connection within {self._settings.timeout_seconds:g}s"
         except requests.exceptions.ConnectionError as exc:
