@@ -15,7 +15,7 @@ from proxy.scopes import (
     unknown_scope_problems,
 )
 from proxy.settings import ConfigError, Settings, config_path, load_settings
-from proxy.sources import sdk_problems
+from proxy.sources import describe, sdk_problems
 
 EXIT_OK, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -103,6 +103,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     for line in describe_routes(settings, scope_map):
         print(line)
+    for name, credential in settings.credentials_in_use().items():
+        print(f"credential {name}\n  source:     {describe(credential)}")
     if not args.online:
         return EXIT_OK
     from proxy.online import check_online

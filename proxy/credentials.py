@@ -159,9 +159,9 @@ class CredentialStore:
         self._tasks.clear()
 
     async def _first_reads(self) -> None:
-        if self._session is not None:
-            await self._login()
-        await asyncio.gather(*(self._read(slot) for slot in self._slots.values()))
+        logged_in = self._session is None or await self._login()
+        slots = [s for s in self._slots.values() if logged_in or s.source.kind != "vault"]
+        await asyncio.gather(*(self._read(slot) for slot in slots))
 
     def _vault_slots(self) -> list[_Slot]:
         return [slot for slot in self._slots.values() if slot.source.kind == "vault"]

@@ -14,7 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
+from proxy.cli import main
 from proxy.redact import SecretRegistry
 from proxy.settings import (
     ConfigError,
@@ -104,6 +106,37 @@ def test_env_and_readable_files_are_warned() -> None:
         found
     )
     assert any(w.startswith("credentials.other.readable_by: anyone") for w in found), found
+
+
+def test_check_names_each_credentials_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` (offline) prints where each credential's key is read, reading none."""
+    routes = [
+        {**ROUTE, "name": name, "prefix": f"/{name}", "credential": name}
+        for name in ("v", "a", "f", "e")
+    ]
+    config = {
+        "credentials": {
+            "v": {"path": "publer/api"},
+            "a": {
+                "source": "aws_secrets_manager",
+                "secret_id": "publer/api",
+                "region": "eu-west-1",
+            },
+            "f": {"source": "file", "path": str(tmp_path / "missing")},
+            "e": {"source": "env", "variable": "PUBLER_CHECK_KEY"},
+        },
+        "routes": routes,
+    }
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "source:     vault secret/publer/api field api_key (KV v2)" in out
+    assert "source:     aws_secrets_manager publer/api in eu-west-1" in out
+    assert f"source:     file {tmp_path / 'missing'} (readable by owner)" in out
+    assert "source:     env $PUBLER_CHECK_KEY" in out
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,21 @@ def sdk_problems(credentials: Mapping[str, AnyCredential]) -> list[str]:
     return problems
 
 
+def describe(credential: AnyCredential) -> str:
+    """Where a credential's key is read, from its settings alone (nothing is read)."""
+    if isinstance(credential, AwsCredentialSettings):
+        field = f" field {credential.field}" if credential.field else ""
+        region = f" in {credential.region}" if credential.region else ""
+        return f"aws_secrets_manager {credential.secret_id}{field}{region}"
+    if isinstance(credential, FileCredentialSettings):
+        return f"file {credential.path} (readable by {credential.readable_by})"
+    if isinstance(credential, EnvCredentialSettings):
+        dotenv = f", else {credential.env_file}" if credential.env_file else ""
+        return f"env ${credential.variable}{dotenv}"
+    version = f"KV v{credential.kv_version}"
+    return f"vault {credential.mount}/{credential.path} field {credential.field} ({version})"
+
+
 def make_source(
     credential: AnyCredential, secrets: SecretRegistry, vault: Callable[[], object]
 ) -> KeySource:
