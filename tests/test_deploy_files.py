@@ -889,3 +889,26 @@ def test_kubernetes_proxy_runs_locked_down(kube: dict[str, dict[str, Any]], tmp_
         shlex.join(c.get("command", []) + c.get("args", [])) for c in pod["spec"]["containers"]
     )
     assert f"http://127.0.0.1:{settings.listen.port}/api/v1/" in app_commands
+
+
+def test_image_requirements_follow_the_extras_build_argument() -> None:
+    """The image installs the core dependencies, plus an extra's only when EXTRAS names
+    it (`--build-arg EXTRAS=aws` adds boto3 for AWS Secrets Manager)."""
+    [run] = [i.args for i in dockerfile() if "tomllib" in i.args]
+    found = re.search(r"python3 -c '([^']+)'", run)
+    assert found is not None, run
+    listed = {}
+    for extras in ("", "aws"):
+        result = subprocess.run(
+            [sys.executable, "-c", found.group(1)],
+            cwd=ROOT,
+            env={**os.environ, "EXTRAS": extras},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        listed[extras] = result.stdout.split()
+    assert not any(line.startswith("boto3") for line in listed[""])
+    assert any(line.startswith("boto3") for line in listed["aws"])
+    assert any(line.startswith("hvac") for line in listed[""])
+    assert "ARG" in {i.keyword for i in dockerfile() if i.args.startswith("EXTRAS")}
