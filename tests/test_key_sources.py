@@ -407,3 +407,39 @@ def test_env_source_proxy_warns_and_serves(tmp_path: Path, sandbox: Sandbox, api
     finally:
         proxy.stop()
     assert api_key not in proxy.output()
+
+
+def test_check_online_reads_file_and_env_sources(
+    tmp_path: Path, sandbox: Sandbox, api_key: str
+) -> None:
+    """`check --online` reads a key file and a .env file without any Vault, prints each
+    key masked with its source, version and age, and Publer's verdict; exit 0."""
+    key_file = tmp_path / "api_key"
+    write_key(key_file, api_key + "\n")
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"PUBLER_API_KEY={api_key}\n")
+    config = proxy_config("http://127.0.0.1:9", sandbox.url)
+    config["credentials"] = {
+        "publer": {"source": "file", "path": str(key_file)},
+        "local": {"source": "env", "env_file": str(dotenv)},
+    }
+    config["routes"].append({**ROUTE, "name": "local", "prefix": "/local", "credential": "local"})
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "PUBLER_API_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "--online", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    masked = "***" + api_key[-4:]
+    assert f"credential publer: key {masked} from file {key_file}, version 1, written" in (
+        result.stdout
+    )
+    assert f"credential local: key {masked} from env $PUBLER_API_KEY or {dotenv}" in (result.stdout)
+    assert result.stdout.count("Publer accepts the key") == 2
+    assert "vault:" not in result.stdout
+    assert api_key not in result.stdout + result.stderr
