@@ -395,9 +395,13 @@ def test_file_source_gone_serves_stale_then_503_then_recovers(
 
 def test_env_source_proxy_warns_and_serves(tmp_path: Path, sandbox: Sandbox, api_key: str) -> None:
     """A key in PUBLER_API_KEY is served; the start log warns that a vault is the better
-    home; /readyz names the source; the log never holds the key."""
+    home; /readyz names the source; neither the log nor the process's /proc environ (the
+    block it started with) holds the key any more."""
     proxy = source_proxy(tmp_path, sandbox, {"source": "env"}, env={"PUBLER_API_KEY": api_key})
     try:
+        environ = Path(f"/proc/{proxy.process.pid}/environ").read_bytes()
+        assert api_key.encode() not in environ
+        assert b"PUBLER_API_KEY=" in environ  # the name stays, the value is gone
         sandbox.clear()
         assert httpx.get(f"{proxy.url}/api/v1/posts").status_code == 200
         assert _seen_keys(sandbox) == [api_key]

@@ -1,10 +1,12 @@
 """A key in an environment variable, or in a `.env` file for local development.
 
 The variable is read once, when the source is made at start, and removed from the
-process environment at once, so that no child process can inherit it. The copy the
-kernel keeps of the environment the process started with (/proc/PID/environ, readable by
-the same user and root) cannot be cleared from inside: that, inheritance before the
-proxy starts, and crash reports are why a vault or a mounted file is the better home.
+process environment at once, so that no child process can inherit it. Removing it does
+not touch the block of memory the process started with, which the kernel shows as
+/proc/PID/environ (to the same user and root): its value is overwritten there too,
+through /proc/self/mem, where the kernel allows it. What happened before the proxy
+started (the shell, a parent that still holds it, crash reports) is out of its reach,
+which is why a vault or a mounted file is the better home.
 
 A `.env` file is parsed by python-dotenv (quotes, `export`, comments and escapes as every
 other tool reads them), without interpolation, so a key holding `$` arrives as written,
@@ -15,10 +17,39 @@ from __future__ import annotations
 
 import os
 from io import StringIO
+from pathlib import Path
+
+import structlog
 
 from proxy.redact import SecretRegistry
 from proxy.settings import EnvCredentialSettings
 from proxy.sources.base import SecretRead, SourceError, SourceKind, key_problem
+
+log = structlog.get_logger(__name__)
+
+ENV_START_FIELD = 50
+
+
+def scrub_initial_environment(name: str) -> bool:
+    """Overwrite the value of `name` with NUL bytes in the environment block the process
+    started with; True when done or when the block does not hold it."""
+    prefix = name.encode() + b"="
+    try:
+        # Fields 50 and 51 of /proc/self/stat (counted from 1) are env_start and env_end.
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start, end = int(fields[ENV_START_FIELD - 3]), int(fields[ENV_START_FIELD - 2])
+        with open("/proc/self/mem", "r+b", buffering=0) as memory:
+            memory.seek(start)
+            block = memory.read(end - start)
+            offset = 0
+            for entry in block.split(b"\0"):
+                if entry.startswith(prefix):
+                    memory.seek(start + offset + len(prefix))
+                    memory.write(b"\0" * (len(entry) - len(prefix)))
+                offset += len(entry) + 1
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
 
 
 class EnvKeySource:
@@ -33,6 +64,8 @@ class EnvKeySource:
         self._value: str | None = None
         self._error: SourceError | None = None
         raw = os.environ.pop(name, None)  # pop also unsets it for child processes
+        if raw is not None and not scrub_initial_environment(name):
+            log.warning("env_key_visible_in_proc_environ", variable=name)
         origin = f"${name}"
         if raw is None and settings.env_file is not None:
             raw, origin = self._from_file(settings, secrets), f"{name} in {settings.env_file}"
