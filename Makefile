@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
-TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman
+TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman curl:curl nodejs:node
 BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
 
 .PHONY: run test lint typecheck container-test bench fuzz clean

@@ -133,9 +133,21 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("sandbox: --tls-cert and --tls-key go together", file=sys.stderr)
         return EXIT_INVALID
+    if args.auth_errors not in ("docs", "live"):
+        print(
+            f"sandbox: --auth-errors (or $PUBLER_SANDBOX_AUTH_ERRORS) is {args.auth_errors!r};"
+            " use docs or live",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
     specs = [*(args.key or []), *os.environ.get(SANDBOX_KEYS_ENV, "").split()]
     keys = [parse_key_spec(k) for k in (specs or [DEFAULT_SANDBOX_KEY])]
-    app = create_app(keys, rate_limit=args.rate_limit, rate_period_seconds=args.rate_period)
+    app = create_app(
+        keys,
+        rate_limit=args.rate_limit,
+        rate_period_seconds=args.rate_period,
+        auth_errors=args.auth_errors,
+    )
     scheme = "https" if args.tls_cert else "http"
     print(f"Publer sandbox on {scheme}://{args.host}:{args.port}/api/v1", flush=True)
     uvicorn.run(
@@ -219,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (with --tls-key)"
     )
     sandbox.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    sandbox.add_argument(
+        "--auth-errors",
+        choices=("docs", "live"),
+        default=os.environ.get("PUBLER_SANDBOX_AUTH_ERRORS", "docs"),
+        help="401/403 as Publer's docs say (default), or as the live API answers;"
+        " default $PUBLER_SANDBOX_AUTH_ERRORS",
+    )
     sandbox.set_defaults(func=cmd_sandbox)
     hash_cmd = sub.add_parser(
         "hash-token", help="print the sha256 digest of a client token read on stdin"

@@ -51,6 +51,24 @@ RATE_LIMIT_MESSAGE = "Rate limit exceeded. Retry later."
 
 
 @dataclass(frozen=True)
+class RateLimitHeaders:
+    """The `X-RateLimit-*` headers Publer sends with its 429, which clients read to wait:
+    the budget, what is left of it, and the UNIX time (seconds) the window resets."""
+
+    limit: int
+    remaining: int
+    reset: int
+
+    def raw(self) -> list[tuple[bytes, bytes]]:
+        """The three headers as raw ASGI pairs."""
+        return [
+            (b"x-ratelimit-limit", str(self.limit).encode()),
+            (b"x-ratelimit-remaining", str(self.remaining).encode()),
+            (b"x-ratelimit-reset", str(self.reset).encode()),
+        ]
+
+
+@dataclass(frozen=True)
 class Refusal:
     """An answer of the proxy's own: a refusal code and a sentence for the client."""
 
@@ -58,11 +76,19 @@ class Refusal:
     message: str
     status: int
     retry_after: int | None = None
+    rate_limit: RateLimitHeaders | None = None
 
     @classmethod
-    def of(cls, code: Code, message: str, *, retry_after: int | None = None) -> Refusal:
+    def of(
+        cls,
+        code: Code,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        rate_limit: RateLimitHeaders | None = None,
+    ) -> Refusal:
         """A refusal with the status that the refusal table gives its code."""
-        return cls(code, message, STATUS[code], retry_after)
+        return cls(code, message, STATUS[code], retry_after, rate_limit)
 
     def body(self, request_id: str) -> bytes:
         """The JSON envelope: Publer's `errors` list plus `code` and `request_id`."""
@@ -85,6 +111,8 @@ class Refusal:
         ]
         if self.retry_after is not None:
             headers.append((b"retry-after", str(self.retry_after).encode()))
+        if self.rate_limit is not None:
+            headers += self.rate_limit.raw()
         return headers
 
 

@@ -2,12 +2,14 @@
 
 A pure ASGI app, because every decision is made on the raw request (`raw_path`, the raw
 header list) and both bodies stream: nothing here reads a whole body into memory, except
-small request bodies kept so that a request can be replayed once after a 401.
+small request bodies kept so that a request can be replayed once after Publer rejects
+the key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -19,10 +21,17 @@ from prometheus_client import Counter
 from starlette.types import Message, Receive, Scope, Send
 
 from proxy.credentials import CredentialStore, HeldKey
-from proxy.errors import STATUS, ProxyError, Refusal
+from proxy.errors import STATUS, ProxyError, RateLimitHeaders, Refusal
 from proxy.headers import downstream_headers, header_values, upstream_headers
 from proxy.metrics import Metrics, method_label
 from proxy.policy import Located, Route, Verdict, decide
+from proxy.publer import (
+    MAX_MESSAGE_BYTES,
+    REJECTION_STATUSES,
+    Rejection,
+    rejection,
+    rejection_hint,
+)
 from proxy.ratelimit import Budget, retry_after_header, spend
 from proxy.redact import SecretRegistry
 from proxy.requestid import REQUEST_ID_KEY
@@ -33,7 +42,8 @@ from proxy.upstream import Answer, Upstream
 
 log = structlog.get_logger("proxy.access")
 
-# Bodies up to this size are kept in memory so the request can be replayed after a 401.
+# Bodies up to this size are kept in memory so the request can be replayed after Publer
+# rejects the key.
 REPLAYABLE_BODY_BYTES = 256 * 1024
 RETRY_STATUSES = frozenset({502, 503, 504})
 ABSOLUTE_FORM_KEY = "publer_proxy.absolute_form"
@@ -60,6 +70,7 @@ class Outcome:
     upstream_status: int | None = None
     key: HeldKey | None = None
     attempts: int = 0
+    rejection: Rejection | None = None
 
 
 @dataclass(frozen=True)
@@ -125,23 +136,6 @@ async def _read_small_body(receive: Receive, limit: int) -> bytes:
 
 def _backoff(attempt: int) -> float:
     return random.uniform(0, 0.1 * 2**attempt)
-
-
-def auth_hint(status: int, verdict: Verdict, credential: str) -> str | None:
-    """A short reason for an upstream 401/403, in the words of Publer's key guide."""
-    if status == 401:
-        return (
-            f"key rejected: Publer does not accept the key of credential '{credential}'"
-            " (revoked, expired or mistyped); ask the proxy operator to check it"
-        )
-    if status == 403:
-        if verdict.workspace is None and verdict.needs_workspace:
-            return "missing workspace: the route sets no Publer-Workspace-Id for this endpoint"
-        return (
-            f"missing scope or workspace: the key of credential '{credential}' may lack"
-            f" scope '{verdict.scope}' or access to workspace '{verdict.workspace}'"
-        )
-    return None
 
 
 class Forwarder:
@@ -224,6 +218,11 @@ class Forwarder:
                     f"the rate budget of credential '{credential}' ({settings.requests} requests"
                     f" per {settings.per_seconds:g} s) is spent; retry later",
                     retry_after=retry_after_header(grant),
+                    rate_limit=RateLimitHeaders(
+                        limit=settings.requests,
+                        remaining=max(0, grant.remaining),
+                        reset=math.ceil(time.time() + grant.retry_after),
+                    ),
                 )
             )
 
@@ -276,7 +275,10 @@ class Forwarder:
                 await response.aclose()
                 await asyncio.sleep(_backoff(attempt))
                 continue
-            if response.status_code == 401 and replayable and not reread_done:
+            outcome.rejection = None
+            if response.status_code in REJECTION_STATUSES:
+                response, outcome.rejection = await _read_rejection(response)
+            if outcome.rejection is Rejection.KEY and replayable and not reread_done:
                 reread_done = True
                 try:
                     fresh = await self.s.credentials.reread(credential, key)
@@ -288,7 +290,7 @@ class Forwarder:
                     key = fresh
                     outcome.key = fresh
                     log.info(
-                        "key_reread_after_401",
+                        "key_reread_after_rejection",
                         credential=credential,
                         key=fresh.masked,
                         key_version=fresh.version,
@@ -323,8 +325,14 @@ class Forwarder:
                 # still a clean 502.
                 body, read = await _read_small(chunks, SMALL_ANSWER_BYTES)
             headers, body = screen_answer(headers, body, self.s.secrets.redact_bytes)
-            hint = auth_hint(response.status_code, verdict, verdict.route.settings.credential)
-            if hint is not None:
+            if outcome.rejection is not None:
+                hint = rejection_hint(
+                    outcome.rejection,
+                    credential=verdict.route.settings.credential,
+                    scope=verdict.scope,
+                    workspace=verdict.workspace,
+                    needs_workspace=verdict.needs_workspace,
+                )
                 headers.append((b"x-publer-proxy-hint", hint.encode("latin-1", "replace")))
                 log.warning(
                     "upstream_auth_failed",
@@ -332,6 +340,7 @@ class Forwarder:
                     credential=verdict.route.settings.credential,
                     key=outcome.key.masked if outcome.key else None,
                     key_version=outcome.key.version if outcome.key else None,
+                    rejected=outcome.rejection.value,
                     hint=hint,
                 )
             start = {
@@ -420,6 +429,48 @@ class Forwarder:
         counter.inc()
         if outcome.decision in STATUS:
             metrics.refusals.labels(outcome.decision).inc()
+
+
+class _ReadAnswer:
+    """An answer whose first bytes were read to decide what it means, then replayed."""
+
+    def __init__(self, answer: Answer, head: bytes, rest: AsyncIterator[bytes] | None) -> None:
+        self.status_code = answer.status_code
+        self.raw_headers = answer.raw_headers
+        self._answer = answer
+        self._head = head
+        self._rest = rest
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        if self._head:
+            yield self._head
+        if self._rest is not None:
+            async for chunk in self._rest:
+                yield chunk
+
+    async def aclose(self) -> None:
+        await self._answer.aclose()
+
+
+async def _read_rejection(answer: Answer) -> tuple[Answer, Rejection | None]:
+    """Read the message of a 401/403 (it is short) and say what Publer rejected."""
+    chunks = answer.aiter_raw()
+    head = b""
+    rest: AsyncIterator[bytes] | None = chunks
+    try:
+        while len(head) <= MAX_MESSAGE_BYTES:
+            head += await anext(chunks)
+    except StopAsyncIteration:
+        rest = None
+    except httpx.HTTPError as exc:
+        await answer.aclose()
+        raise ProxyError(
+            Refusal.of("upstream_unreachable", f"Publer's answer broke off ({type(exc).__name__})")
+        ) from None
+    except BaseException:
+        await answer.aclose()
+        raise
+    return _ReadAnswer(answer, head, rest), rejection(answer.status_code, head)
 
 
 async def _read_small(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes | None, list[bytes]]:

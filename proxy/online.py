@@ -1,12 +1,18 @@
 """`check --online`: read every key from its source and ask Publer if it works.
 
-Publer's key guide says what a 401 or 403 means; this turns the answer into those words,
-so whoever runs the check learns whether to rotate the key or fix its scopes.
+Each key is asked about an endpoint its routes allow (a least-privilege key without the
+`workspaces` scope is still alive), and Publer's 401 or 403 is read from status and
+message together (`proxy.publer`), so whoever runs the check learns whether to rotate
+the key, fix a workspace, or add a scope. Publer unreachable, a TLS failure or a 5xx is
+a failed check: nothing was verified.
 """
 
 from __future__ import annotations
 
+import ssl
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -15,39 +21,119 @@ import httpx
 from proxy.credentials import vault_session_maker
 from proxy.logs import configure_logging
 from proxy.outbound import publer_http_client
+from proxy.publer import Rejection, rejection
 from proxy.redact import SecretRegistry, mask
-from proxy.settings import CredentialSettings, LoggingSettings, Settings, UpstreamSettings
+from proxy.settings import (
+    CredentialSettings,
+    LoggingSettings,
+    RouteSettings,
+    Settings,
+    UpstreamSettings,
+)
 from proxy.sources import make_source
 from proxy.sources.base import SecretRead, SourceError
 
-PROBE_PATH = "/api/v1/workspaces"
+# What to ask Publer, per scope, cheapest first: (path, whether it takes the workspace).
+# Any answer but a rejected key or workspace proves the key alive, so a job id that does
+# not exist (404) is as good a probe as a listing.
+PROBES: tuple[tuple[str, str, bool], ...] = (
+    ("users", "/api/v1/users/me", False),
+    ("workspaces", "/api/v1/workspaces", False),
+    ("accounts", "/api/v1/accounts", True),
+    ("analytics", "/api/v1/analytics/charts", True),
+    ("locations", "/api/v1/locations?q=a", True),
+    ("posts", "/api/v1/posts?page=0", True),
+    ("media", "/api/v1/media?page=0", True),
+    ("job_status", "/api/v1/job_status/000000000000000000000000", True),
+)
 
 
-def probe_key(upstream: UpstreamSettings, key: str) -> tuple[bool | None, str]:
-    """Ask Publer whether `key` works: (True/False, sentence), or (None, why unknown)."""
+@dataclass(frozen=True)
+class Probe:
+    """Where to ask Publer about a key: a path within a route's scopes, and its workspace."""
+
+    scope: str
+    path: str
+    workspace: str | None
+
+
+def choose_probe(routes: Sequence[RouteSettings]) -> Probe:
+    """The cheapest endpoint that one of `routes` allows, so that a least-privilege key is
+    asked only what it is meant to do."""
+    for scope, path, takes_workspace in PROBES:
+        for route in routes:
+            if scope in route.scopes:
+                workspaces = route.allowed_workspaces
+                workspace = workspaces[0] if takes_workspace and workspaces else None
+                return Probe(scope, path, workspace)
+    # Every route has at least one scope of the scope map; an operator's own map may
+    # hold scopes this list does not know, and the account's identity works for any key.
+    return Probe("users", "/api/v1/users/me", None)
+
+
+def probe_key(upstream: UpstreamSettings, key: str, probe: Probe) -> tuple[bool, str]:
+    """Ask Publer whether `key` works: (True, sentence) when the key is alive, else
+    (False, why not, or why Publer could not be asked)."""
+    headers = {"Authorization": f"Bearer-API {key}"}
+    if probe.workspace is not None:
+        headers["Publer-Workspace-Id"] = probe.workspace
     try:
         with publer_http_client(upstream) as client:
-            response = client.get(
-                upstream.url + PROBE_PATH, headers={"Authorization": f"Bearer-API {key}"}
-            )
+            response = client.get(upstream.url + probe.path, headers=headers)
     except httpx.HTTPError as exc:
-        return None, f"could not ask Publer at {upstream.url} ({type(exc).__name__})"
-    status = response.status_code
-    if status == 200:
-        return True, "Publer accepts the key"
-    if status == 401:
-        return False, (
-            "Publer rejects the key (401): it was revoked, has expired, or was mistyped;"
-            " create a new key in Publer and put it where the credential's source reads it"
+        return False, _unreachable(upstream.url, exc)
+    return _verdict(response.status_code, response.content, probe)
+
+
+def _unreachable(url: str, exc: httpx.HTTPError) -> str:
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (
+            f"cannot ask Publer at {url}: TLS certificate verification failed"
+            f" ({cause.verify_message}); trust the CA that signed it with upstream.ca_file,"
+            " or check that upstream.url names the host the certificate is for"
         )
-    if status == 403:
+    if isinstance(cause, ssl.SSLError):
+        return f"cannot ask Publer at {url}: the TLS handshake failed ({cause.reason})"
+    return (
+        f"cannot ask Publer at {url}: {type(exc).__name__}; check upstream.url and that"
+        " this machine can reach it"
+    )
+
+
+def _verdict(status: int, body: bytes, probe: Probe) -> tuple[bool, str]:
+    asked = f"GET {probe.path.partition('?')[0]}"
+    found = rejection(status, body)
+    if found is Rejection.KEY:
         return False, (
-            "Publer refuses the key (403): it lacks a scope (workspaces) or access to the"
-            " workspace; give the key the scopes its routes need"
+            f"Publer rejects the key ({status} to {asked}): it was revoked, has expired, was"
+            " mistyped or is not active; create a new key in Publer and put it where the"
+            " credential's source reads it"
+        )
+    if found is Rejection.WORKSPACE and probe.workspace is None:
+        return False, (
+            f"Publer wants a workspace for {asked} ({status}) and the route sets none:"
+            " set the route's workspace_id"
+        )
+    if found is Rejection.WORKSPACE:
+        return False, (
+            f"Publer accepts the key but not workspace '{probe.workspace}' ({status} to"
+            f" {asked}): give the key's user access to it, or fix the route's workspace_id"
+        )
+    if found is Rejection.SCOPE:
+        return True, (
+            f"Publer accepts the key; it lacks scope '{probe.scope}' ({status} to {asked}):"
+            " give the key the scopes its routes need"
         )
     if status == 429:
-        return None, "Publer's rate limit is spent right now (429); try again in two minutes"
-    return None, f"Publer answered {status}"
+        return True, f"Publer accepts the key; its rate limit is spent right now (429 to {asked})"
+    if status >= 500:
+        return False, f"Publer could not answer ({status} to {asked}); try again later"
+    if 300 <= status < 400:
+        return False, f"Publer answered a redirect ({status} to {asked}); check upstream.url"
+    return True, f"Publer accepts the key ({status} to {asked})"
 
 
 def check_online(settings: Settings, out: TextIO | None = None) -> bool:
@@ -89,9 +175,10 @@ def check_online(settings: Settings, out: TextIO | None = None) -> bool:
             f"credential {name}: key {mask(read.value)} from {source.kind} {source.where}"
             + _version_and_age(read, source.kind, credential.rotate_after_days)
         )
-        works, sentence = probe_key(settings.upstream, read.value)
+        routes = [route for route in settings.routes if route.credential == name]
+        works, sentence = probe_key(settings.upstream, read.value, choose_probe(routes))
         say(f"credential {name}: {sentence}")
-        if works is False:
+        if not works:
             ok = False
     session_made = made_vault()
     if session_made is not None:

@@ -108,8 +108,12 @@ def authenticate(route: Route, authorization: str | None) -> str | Refusal | Non
 
 
 def choose_workspace(route: Route, requested: Sequence[str]) -> str | Refusal | None:
-    """The workspace id to send: the route's, or the client's choice among the route's."""
+    """The workspace id to send: the route's, or the client's choice among the route's.
+
+    An empty header is a client that chose no workspace: it counts as absent.
+    """
     allowed = route.settings.allowed_workspaces
+    requested = [value for value in requested if value.strip()]
     if len(requested) > 1:
         return Refusal.of("workspace_denied", "send at most one Publer-Workspace-Id header")
     if not requested:
@@ -178,8 +182,13 @@ def decide(request: Located, routes: Sequence[Route], scope_map: ScopeMap) -> Ve
     if route.settings.read_only and request.method not in READ_METHODS:
         text = f"route '{route.name}' is read-only: only GET and HEAD pass"
         return Verdict(Refusal.of("method_denied", text), route, client, scope)
-    workspace = choose_workspace(route, request.workspace_headers)
-    if isinstance(workspace, Refusal):
-        return Verdict(workspace, route, client, scope)
+    workspace: str | None = None
+    if found.endpoint.needs_workspace:
+        chosen = choose_workspace(route, request.workspace_headers)
+        if isinstance(chosen, Refusal):
+            return Verdict(chosen, route, client, scope)
+        workspace = chosen
+    # Else the endpoint takes no workspace (/users/me, /workspaces): whatever the client
+    # sent is dropped with its other workspace headers, and none is sent.
     target = API_ROOT + rest + ("?" + query if query else "")
     return Verdict(None, route, client, scope, workspace, target, found.endpoint.needs_workspace)

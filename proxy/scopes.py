@@ -75,7 +75,7 @@ class ScopeMap:
         """
         best: Endpoint | None = self._literal.get(path)
         if best is not None:
-            return self._allowed(best, method)
+            return self._allowed(best, method, names_in_params=False)
         parts = path.split("/")[1:]
         best_rank: tuple[int, ...] = ()
         for endpoint in self.endpoints:
@@ -84,12 +84,20 @@ class ScopeMap:
                 best, best_rank = endpoint, rank
         if best is None:
             return Miss("unknown_endpoint")
-        return self._allowed(best, method)
+        names = any(
+            expected is None and not _looks_like_id(actual)
+            for expected, actual in zip(best.segments, parts, strict=True)
+        )
+        return self._allowed(best, method, names_in_params=names)
 
     @staticmethod
-    def _allowed(best: Endpoint, method: str) -> Match | Miss:
+    def _allowed(best: Endpoint, method: str, *, names_in_params: bool) -> Match | Miss:
         allowed = best.methods | ({"HEAD"} if "GET" in best.methods else set())
         if method not in allowed:
+            # `POST /posts/recurring` is not the post "recurring" with a method Publer does
+            # not document there: it is a path Publer does not document at all.
+            if names_in_params:
+                return Miss("unknown_endpoint")
             return Miss("method_denied", frozenset(allowed))
         return Match(best)
 
@@ -103,6 +111,12 @@ class ScopeMap:
                 if "GET" in endpoint.methods:
                     methods.add("HEAD")
         return frozenset(methods)
+
+
+def _looks_like_id(segment: str) -> bool:
+    """Publer ids (ObjectIds, numbers, UUIDs, job ids) hold a digit; names such as
+    `recurring` or `auto-schedule` do not."""
+    return any(char.isdigit() for char in segment)
 
 
 def _match_rank(template: tuple[str | None, ...], parts: list[str]) -> tuple[int, ...] | None:

@@ -107,16 +107,38 @@ PUBLER_ENDPOINTS: tuple[tuple[str, str, str], ...] = (
     ("POST", "/media/from-url", "media"),
     ("GET", "/locations", "locations"),
     ("GET", "/analytics/charts", "analytics"),
+    ("GET", "/analytics/chart_data", "analytics"),
+    ("GET", "/analytics/post_insights", "analytics"),
+    ("GET", "/analytics/best_times", "analytics"),
+    ("GET", "/analytics/hashtag_insights", "analytics"),
+    ("GET", "/analytics/hashtag_performing_posts", "analytics"),
     ("GET", "/analytics/{id}/chart_data", "analytics"),
     ("GET", "/analytics/{id}/post_insights", "analytics"),
     ("GET", "/analytics/{id}/best_times", "analytics"),
     ("GET", "/analytics/{id}/hashtag_insights", "analytics"),
     ("GET", "/analytics/{id}/hashtag_performing_posts", "analytics"),
     ("GET", "/analytics/members", "analytics"),
+    ("GET", "/competitors", "analytics"),
+    ("GET", "/competitors/analytics", "analytics"),
     ("GET", "/competitors/{id}", "analytics"),
     ("GET", "/competitors/{id}/analytics", "analytics"),
 )
+# The endpoints that take no Publer-Workspace-Id: a client's header there is dropped.
+NO_WORKSPACE = ("/users/me", "/workspaces", "/workspaces/{id}/media_options")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def spec_takes_workspace(path: str) -> bool:
+    """Whether Publer takes a workspace on `path` (below /api/v1)."""
+    parts = path.split("/")[1:]
+    return not any(
+        len(template.split("/")[1:]) == len(parts)
+        and all(
+            e == p or (e == "{id}" and _ID.fullmatch(p))
+            for e, p in zip(template.split("/")[1:], parts, strict=True)
+        )
+        for template in NO_WORKSPACE
+    )
 
 
 def spec_scope(method: str, path: str) -> str | None:
@@ -223,10 +245,18 @@ def check_allowed(request: Located, verdict: Verdict) -> None:
             verdict,
         )
     allowed = route.settings.allowed_workspaces
-    if request.workspace_headers:
+    chosen = [value for value in request.workspace_headers if value.strip()]
+    if not spec_takes_workspace(target_path.removeprefix("/api/v1")):
         _expect(
-            len(request.workspace_headers) == 1
-            and verdict.workspace == request.workspace_headers[0].strip()
+            verdict.workspace is None,
+            "a workspace is sent to an endpoint that takes none",
+            request,
+            verdict,
+        )
+    elif chosen:
+        _expect(
+            len(chosen) == 1
+            and verdict.workspace == chosen[0].strip()
             and verdict.workspace in allowed,
             "the client chose a workspace that the route does not allow",
             request,

@@ -101,6 +101,10 @@ class Sandbox(Process):
         """Replace the keys the sandbox accepts."""
         self._control("PUT", "keys", json={"keys": list(keys)})
 
+    def set_auth_errors(self, mode: str) -> None:
+        """Answer 401/403 as Publer's docs say ("docs") or as the live API does ("live")."""
+        self._control("PUT", "auth-errors", json={"mode": mode})
+
     def fault(self, **fault: Any) -> None:
         """Make the next requests fail the way `fault` says."""
         self._control("PUT", "faults", json=fault)
@@ -128,14 +132,21 @@ def make_tls(workdir: Path) -> Tls:
 
 
 def start_sandbox(
-    workdir: Path, *keys: str, rate_limit: int = 100000, tls: Tls | None = None
+    workdir: Path,
+    *keys: str,
+    rate_limit: int = 100000,
+    tls: Tls | None = None,
+    auth_errors: str = "docs",
 ) -> Sandbox:
-    """`publer-proxy sandbox` on a free port, accepting `keys` (over HTTPS with `tls`)."""
+    """`publer-proxy sandbox` on a free port, accepting `keys` (over HTTPS with `tls`),
+    answering 401/403 as Publer's docs say or as the live API does (`auth_errors`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / f"sandbox-{port}.log"
     args = [sys.executable, "-m", "proxy", "sandbox", "--port", str(port)]
     args += ["--rate-limit", str(rate_limit)]
+    if auth_errors != "docs":
+        args += ["--auth-errors", auth_errors]
     if tls is not None:
         args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
     # The keys go in the environment: a command line is readable by every user.

@@ -58,6 +58,11 @@ def test_local_429_before_publer(
         assert refused.json()["error"] == "Rate limit exceeded. Retry later."
         assert 1 <= int(refused.headers["retry-after"]) <= 60
         assert refused.headers["x-publer-proxy-error"] == "rate_limited"
+        # The headers clients read from Publer's own 429 to know when to come back.
+        assert refused.headers["x-ratelimit-limit"] == "10"
+        assert refused.headers["x-ratelimit-remaining"] == "0"
+        reset = int(refused.headers["x-ratelimit-reset"])
+        assert time.time() <= reset <= time.time() + 61
         assert len(sandbox.requests()) == 10
         assert metric(proxy, "publer_proxy_requests_total", status="200") == 10
         assert metric(proxy, "publer_proxy_requests_total", status="429") == 5

@@ -125,7 +125,7 @@ def judging_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbo
     [
         ("pk_good_0123456789", 0, "Publer accepts the key"),
         ("pk_revoked_0123456789", 2, "revoked"),
-        ("pk_narrow_0123456789", 2, "lacks a scope"),
+        ("pk_narrow_0123456789", 0, "lacks scope 'users'"),
     ],
 )
 def test_check_online_tells_good_revoked_and_underscoped_keys(

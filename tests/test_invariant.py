@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from proxy.policy import hash_token
 from tests.bao import Bao
 from tests.conftest import WORKSPACE
-from tests.fuzz_paths import PUBLER_ENDPOINTS, spec_scope
+from tests.fuzz_paths import PUBLER_ENDPOINTS, spec_scope, spec_takes_workspace
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy
 from tests.test_hostile import Upstream, exchange, values
 
@@ -225,11 +225,17 @@ def route_of(path: str) -> RouteModel | None:
     return None
 
 
-def expected_workspace(route: RouteModel, asked: tuple[str, ...]) -> str | None:
-    """The workspace Publer must get, or None when the proxy must refuse the request."""
+def expected_workspace(
+    route: RouteModel, asked: tuple[str, ...], takes_workspace: bool
+) -> list[str] | None:
+    """The workspace headers Publer must get, or None when the proxy must refuse the request.
+    An empty header is no choice; where Publer takes no workspace, none is sent."""
+    if not takes_workspace:
+        return []
+    asked = tuple(value for value in asked if value.strip())
     if not asked:
-        return route.workspaces[0]
-    return asked[0] if len(asked) == 1 and asked[0] in route.workspaces else None
+        return [route.workspaces[0]]
+    return [asked[0]] if len(asked) == 1 and asked[0] in route.workspaces else None
 
 
 def allowed_by_the_rules(request: Generated) -> bool:
@@ -244,7 +250,7 @@ def allowed_by_the_rules(request: Generated) -> bool:
         and (not route.read_only or request.method in ("GET", "HEAD"))
         and (not route.needs_token or request.authorization != "Bearer-API nope")
         and (not route.needs_token or request.authorization is not None)
-        and expected_workspace(route, request.workspaces) is not None
+        and expected_workspace(route, request.workspaces, spec_takes_workspace(below)) is not None
     )
 
 
@@ -295,8 +301,9 @@ def test_refused_or_forwarded_once_safely(
         f"Bearer-API {TEAM_B_TOKEN}",
     )
     assert values(record, "authorization") == [f"Bearer-API {api_key}"]
-    assert values(record, "publer-workspace-id") == [
-        expected_workspace(route, tuple(w.strip() for w in request.workspaces))
-    ]
+    takes = spec_takes_workspace(record["path"].removeprefix("/api/v1"))
+    assert values(record, "publer-workspace-id") == expected_workspace(
+        route, tuple(w.strip() for w in request.workspaces), takes
+    )
     names = {name for name, _ in record["headers"]}
     assert not names & {"publer_workspace_id", "x-http-method-override", "x-original-url"}

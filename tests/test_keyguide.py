@@ -102,8 +102,8 @@ def test_least_privilege_example_is_valid() -> None:
     ("sandbox_key", "status", "hint"),
     [
         ({"revoked": True}, 401, "key rejected"),
-        ({"scopes": ["users"]}, 403, "missing scope or workspace"),
-        ({"workspaces": ["aaaaaaaaaaaaaaaaaaaaaaaa"]}, 403, "missing scope or workspace"),
+        ({"scopes": ["users"]}, 403, "missing scope"),
+        ({"workspaces": ["aaaaaaaaaaaaaaaaaaaaaaaa"]}, 403, "workspace rejected"),
     ],
 )
 def test_publer_auth_failures_are_explained(

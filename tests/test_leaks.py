@@ -41,6 +41,7 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path, proxy_variables:
 def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
     api_key = "pk_leak_" + secrets.token_hex(20)
     rotated_key = "pk_leak_rotated_" + secrets.token_hex(20)
+    live_key = "pk_leak_live_" + secrets.token_hex(20)
     client_token = "client-" + secrets.token_hex(16)
     vault = start_bao(tmp_path / "bao")
     sandbox = start_sandbox(tmp_path / "sandbox", api_key)
@@ -57,6 +58,7 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
     known = {
         "api key": api_key,
         "rotated key": rotated_key,
+        "live key": live_key,
         "client token": client_token,
         "secret id": secret_id,
         "root token": vault.root_token,
@@ -126,6 +128,27 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
         for proxy in proxies:
             answer = httpx.post(f"{proxy.url}/api/v1/posts", json={"text": api_key})
             bodies.append(answer.text + str(answer.headers))
+        # The live API's way of rejecting a key: 403 "Invalid API key or not active for
+        # this account.", read with its message, then the re-read and the next key.
+        sandbox.set_auth_errors("live")
+        sandbox.set_keys({"key": live_key})
+        vault.write_key("publer/api", live_key)
+        for proxy in proxies:
+            answer = httpx.post(f"{proxy.url}/api/v1/posts", json={"text": rotated_key})
+            bodies.append(answer.text + str(answer.headers))
+        # And check --online asking Publer about a key it rejects, the live way.
+        sandbox.set_keys({"key": api_key})
+        config_path = str(proxies[0].config_path)
+        check = subprocess.run(
+            [sys.executable, "-m", "proxy", "check", "--online", "--config", config_path],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, **env},
+        )
+        outputs["check --online, key rejected"] = check.stdout + check.stderr
+        assert "Publer rejects the key" in check.stdout
+        sandbox.set_keys({"key": live_key})
         time.sleep(4)  # token renewals and AppRole re-logins happen
         vault.seal()
         time.sleep(1.5)

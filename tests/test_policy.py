@@ -171,7 +171,8 @@ def test_scope_lookup_matches_spec_table(
         ("GET", "/job_status/a.b", "unknown_endpoint"),
         ("PATCH", "/posts", "method_denied"),
         ("GET", "/posts/schedule", "method_denied"),
-        ("GET", "/posts/abc", "method_denied"),
+        ("GET", "/posts/5f8d7a62c9e77e001f36e3a1", "method_denied"),
+        ("GET", "/posts/abc", "unknown_endpoint"),  # a name, not an id
         ("DELETE", "/users/me", "method_denied"),
     ],
 )
@@ -336,3 +337,26 @@ def test_check_path_never_raises_and_accepts_only_ascii(raw: bytes) -> None:
     if not isinstance(result, UnsafePath):
         assert all(0x21 <= b < 0x7F for b in raw)
         assert result.encode() == raw
+
+
+@pytest.mark.parametrize("sent", [("",), ("  ",), ("", "")])
+def test_empty_workspace_header_counts_as_absent(sent: tuple[str, ...]) -> None:
+    """A client that chose no workspace (an empty header) gets the route's default,
+    exactly as if it had sent no header."""
+    verdict = _decide("GET", b"/api/v1/posts", workspaces=sent)
+    assert verdict.refusal is None
+    assert verdict.workspace == WS
+
+
+@pytest.mark.parametrize("target", [b"/api/v1/users/me", b"/api/v1/workspaces"])
+@pytest.mark.parametrize("sent", [(), ("other-workspace",), (WS,), (WS, "x")])
+def test_workspace_header_is_dropped_where_publer_takes_none(
+    target: bytes, sent: tuple[str, ...]
+) -> None:
+    """On endpoints that take no workspace the client's header is dropped, never refused,
+    and the proxy sends none."""
+    [route] = build_routes([_route(scopes=["users", "workspaces"])])
+    path, _, query = target.partition(b"?")
+    verdict = decide(Located("GET", path, query, None, sent), [route], SCOPES)
+    assert verdict.refusal is None
+    assert verdict.workspace is None

@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -277,14 +278,26 @@ async def test_malformed_fault_is_400(client: httpx.AsyncClient, body: object) -
 # --- endpoints -----------------------------------------------------------------------------
 
 
+async def _poll(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
+    answers = []
+    for _ in range(3):
+        answer = await client.get(f"/api/v1/job_status/{job_id}", headers=WORKSPACE)
+        assert answer.status_code == 200
+        answers.append(answer.json())
+    return answers
+
+
 async def test_schedule_returns_a_job_that_completes(client: httpx.AsyncClient) -> None:
-    """POST /posts/schedule answers a job_id that /job_status reports complete."""
+    """POST /posts/schedule answers a job_id that /job_status reports working, then
+    complete (the word live clients poll for), with the posts made."""
     bulk = {"bulk": {"state": "scheduled", "posts": [{"text": "hello"}]}}
     accepted = await client.post("/api/v1/posts/schedule", headers=WORKSPACE, json=bulk)
-    assert accepted.status_code == 202
-    job = await client.get(f"/api/v1/job_status/{accepted.json()['job_id']}", headers=WORKSPACE)
-    assert job.json()["status"] == "complete"
-    [post] = job.json()["payload"]["posts"]
+    assert accepted.status_code == 200
+    working, done, again = await _poll(client, accepted.json()["job_id"])
+    assert working["status"] == "working" and "payload" not in working
+    assert done == again
+    assert done["status"] == "complete"
+    [post] = done["payload"]["posts"]
     listed = (await client.get("/api/v1/posts", headers=WORKSPACE)).json()
     assert [p["text"] for p in listed["posts"]] == ["hello"]
     deleted = await client.delete(f"/api/v1/posts/{post['id']}", headers=WORKSPACE)
@@ -307,10 +320,22 @@ async def test_media_upload_reports_the_file_size(client: httpx.AsyncClient) -> 
 async def test_media_upload_over_the_limit_is_413(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A file over Publer's limit answers 413, yet the whole body is still recorded."""
+    """A streamed (chunked) file over Publer's limit answers 413, yet the whole body is
+    still recorded."""
     monkeypatch.setattr(sandbox, "MAX_MEDIA_BYTES", 1000)
-    files = {"file": ("big.png", b"x" * 5000, "image/png")}
-    response = await client.post("/api/v1/media", headers=WORKSPACE, files=files)
+    boundary = "sandboxboundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"'
+        f"\r\nContent-Type: image/png\r\n\r\n".encode()
+        + b"x" * 5000
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield body
+
+    headers = {**WORKSPACE, "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    response = await client.post("/api/v1/media", headers=headers, content=chunked())
     assert (response.status_code, list(response.json())) == (413, ["errors"])
     [record] = (await client.get("/__sandbox/requests")).json()["requests"]
     assert record["body_bytes"] > 5000
@@ -350,8 +375,15 @@ async def test_users_me_sets_two_distinct_cookies(client: httpx.AsyncClient) -> 
         "/accounts",
         "/locations?q=Tirana",
         "/analytics/charts",
-        "/analytics/members",
-        "/analytics/6120c1f3a1b2c3d4e5f60001/best_times",
+        "/analytics/members?from=2025-01-01&to=2025-02-01",
+        "/analytics/6120c1f3a1b2c3d4e5f60001/best_times?from=2025-01-01&to=2025-02-01",
+        "/analytics/best_times?from=2025-01-01&to=2025-02-01",
+        "/analytics/post_insights?from=2025-01-01&to=2025-02-01",
+        "/analytics/chart_data?chart_ids[]=reach",
+        "/analytics/hashtag_insights",
+        "/analytics/hashtag_performing_posts?hashtag=%23sandbox",
+        "/competitors",
+        "/competitors/analytics",
         "/competitors/6120c1f3a1b2c3d4e5f60001/analytics",
     ],
 )
@@ -369,5 +401,6 @@ async def test_media_from_url_returns_a_job(client: httpx.AsyncClient) -> None:
     """POST /media/from-url answers a job whose payload names the media."""
     body = {"media": [{"url": "https://example.com/cat.png"}], "type": "single"}
     accepted = await client.post("/api/v1/media/from-url", headers=WORKSPACE, json=body)
-    job = await client.get(f"/api/v1/job_status/{accepted.json()['job_id']}", headers=WORKSPACE)
-    assert [media["name"] for media in job.json()["payload"]] == ["cat.png"]
+    _, job, _ = await _poll(client, accepted.json()["job_id"])
+    assert job["status"] == "complete"
+    assert [media["name"] for media in job["payload"]] == ["cat.png"]

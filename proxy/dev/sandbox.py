@@ -1,17 +1,27 @@
 """The Publer sandbox: a stand-in for Publer's REST API for the endpoints Publer documents.
 
 It is a test double of Publer, not of the proxy, so it follows Publer's documented behaviour
-(https://publer.com/docs): `Authorization: Bearer-API <key>` or 401, the key's scopes and
-`Publer-Workspace-Id` or 403, 100 requests per 2 minutes or 429 with `X-RateLimit-*`, errors
-as `{"errors": [...]}` (the 429 body is `{"error": "Rate limit exceeded. Retry later."}`),
-multipart uploads of at most 200 MB, and `job_id`s that `/job_status/{job_id}` completes.
+(https://publer.com/docs): `Authorization: Bearer-API <key>`, the key's scopes and
+`Publer-Workspace-Id`, 100 requests per 2 minutes per account (all its keys together) or
+429 with `X-RateLimit-*`, errors as `{"errors": [...]}` (the 429 body is
+`{"error": "Rate limit exceeded. Retry later."}`), multipart uploads of at most 200 MB (a
+larger declared Content-Length is answered 413 before the body is read), `job_id`s that
+`/job_status/{job_id}` reports `working`, then `complete` (or `failed`), list answers with
+`page`, `per_page` and `total_pages`, and each analytics report in its own shape.
+
+Where the live API has been recorded answering differently from the docs, `auth_errors`
+chooses: "docs" answers a rejected key 401 and a workspace problem 403; "live" answers a
+rejected key 403 "Invalid API key or not active for this account." and a workspace
+problem 401 "You don't have access on this workspace". A missing scope is 403 in both.
 
 Every request under /api/v1 is recorded before any check, its body hashed as it streams, and
 its answer carries `X-Sandbox-Request-Index`. Control endpoints, for tests, never recorded:
 
     GET    /__sandbox/requests   {"requests": [...]} in arrival order
     DELETE /__sandbox/requests   forgets them
-    PUT    /__sandbox/keys       {"keys": [{"key", "scopes"?, "workspaces"?, "revoked"?}]}
+    PUT    /__sandbox/keys       {"keys": [{"key", "scopes"?, "workspaces"?, "revoked"?,
+                                            "account"?}]}
+    PUT    /__sandbox/auth-errors {"mode": "docs" | "live"}
     PUT    /__sandbox/faults     {"status": 503 | "drop": true | "delay_seconds": x, "count": n}
     GET    /__sandbox/stats      {"active_requests": n, "total": n}
     GET    /__sandbox/health     {"status": "ok"}
@@ -47,17 +57,27 @@ ALL_SCOPES: frozenset[str] = frozenset(
 )
 DEFAULT_SANDBOX_KEY: str = "sandbox-key-0123456789abcdef"
 DEFAULT_WORKSPACE_ID: str = "5f8d7a62c9e77e001f36e3a1"
+DEFAULT_ACCOUNT: str = "sandbox-user"
+AUTH_ERROR_MODES = ("docs", "live")
+AUTH_ERRORS_ENV = "PUBLER_SANDBOX_AUTH_ERRORS"
+LIVE_KEY_REJECTED = "Invalid API key or not active for this account."
+LIVE_WORKSPACE_REJECTED = "You don't have access on this workspace"
 API_PREFIX = "/api/v1"
 MAX_MEDIA_BYTES = 200 * 1000 * 1000
 DOWNLOAD_CHUNK_BYTES = 64 * 1024
 RATE_LIMITED_BODY = b'{"error":"Rate limit exceeded. Retry later."}'
+# Set in the ASGI scope by a handler that answers without reading the body on purpose.
+UNREAD_BODY_KEY = "sandbox.unread_body"
 
 _JSON_BODY_LIMIT = 1024 * 1024
 _PAGE_SIZE = 20
+_INSIGHTS_PAGE_SIZE = 10
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _PART_HEADERS_LIMIT = 64 * 1024
 _FILLER = b"a" * DOWNLOAD_CHUNK_BYTES
 _DOWNLOAD_HEAD = b'{"media":[],"total":0,"padding":"'
 _DOWNLOAD_TAIL = b'"}'
+_SANDBOX_USER = {"id": "5f8d7a62c9e77e001f36e000", "name": "Sandbox User", "picture": None}
 _ACCOUNTS = (
     ("6120c1f3a1b2c3d4e5f60001", "Sandbox Page", "facebook"),
     ("6120c1f3a1b2c3d4e5f60002", "sandbox.gram", "instagram"),
@@ -72,6 +92,7 @@ class SandboxKey:
     scopes: frozenset[str] = ALL_SCOPES
     workspaces: frozenset[str] = frozenset()  # empty: any workspace id is accepted
     revoked: bool = False
+    account: str = DEFAULT_ACCOUNT  # the user account whose rate budget the key spends
 
 
 # Keys for the sandbox, whitespace-separated specs: the way to pass a real or test key
@@ -106,19 +127,26 @@ def _check_scopes(scopes: frozenset[str]) -> None:
 
 
 def create_app(
-    keys: Sequence[SandboxKey], *, rate_limit: int = 100, rate_period_seconds: float = 120.0
+    keys: Sequence[SandboxKey],
+    *,
+    rate_limit: int = 100,
+    rate_period_seconds: float = 120.0,
+    auth_errors: str = "docs",
 ) -> Starlette:
-    """Build a sandbox accepting `keys`, each key its own account of `rate_limit` requests
-    per fixed window of `rate_period_seconds`."""
+    """Build a sandbox accepting `keys`; each key's account has `rate_limit` requests per
+    fixed window of `rate_period_seconds`. `auth_errors` is "docs" or "live" (see above)."""
     if rate_limit < 1 or rate_period_seconds <= 0:
         raise ValueError("the sandbox rate limit needs at least 1 request per positive period")
+    if auth_errors not in AUTH_ERROR_MODES:
+        raise ValueError(f"auth_errors must be one of {', '.join(AUTH_ERROR_MODES)}")
     state = _State(keys, rate_limit, rate_period_seconds)
+    state.auth_errors = auth_errors
 
     async def api(request: Request) -> Response:
         key = state.authenticate(request.headers.getlist("authorization"))
         if isinstance(key, str):
-            return _errors(401, key)
-        allowed, limit_headers = state.spend(key.key)
+            return state.key_rejected(key)
+        allowed, limit_headers = state.spend(key.account)
         response = await _answer(state, key, request) if allowed else _rate_limited()
         response.headers.update(limit_headers)
         return response
@@ -139,6 +167,13 @@ def create_app(
         state.keys = {key.key: key for key in new_keys}
         return JSONResponse({"keys": len(state.keys)})
 
+    async def put_auth_errors(request: Request) -> Response:
+        try:
+            state.auth_errors = _AuthErrorsIn.model_validate_json(await request.body()).mode
+        except ValueError as exc:
+            return _errors(400, _problem(exc))
+        return JSONResponse({"mode": state.auth_errors})
+
     async def put_faults(request: Request) -> Response:
         try:
             fault = _Fault.model_validate_json(await request.body())
@@ -158,6 +193,7 @@ def create_app(
             Route("/__sandbox/requests", requests, methods=["GET", "DELETE"]),
             Route("/__sandbox/keys", put_keys, methods=["PUT"]),
             Route("/__sandbox/faults", put_faults, methods=["PUT"]),
+            Route("/__sandbox/auth-errors", put_auth_errors, methods=["PUT"]),
             Route("/__sandbox/stats", stats, methods=["GET"]),
             Route("/__sandbox/health", health, methods=["GET"]),
             Route(
@@ -213,13 +249,25 @@ class _KeyIn(BaseModel):
     scopes: list[str] = Field(default_factory=lambda: sorted(ALL_SCOPES))
     workspaces: list[str] = Field(default_factory=list)
     revoked: bool = False
+    account: str = DEFAULT_ACCOUNT
 
     def to_key(self) -> SandboxKey:
         _check_key(self.key)
         _check_scopes(frozenset(self.scopes))
         return SandboxKey(
-            self.key, frozenset(self.scopes), frozenset(self.workspaces), self.revoked
+            self.key, frozenset(self.scopes), frozenset(self.workspaces), self.revoked, self.account
         )
+
+
+class _AuthErrorsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    mode: str
+
+    @model_validator(mode="after")
+    def _known(self) -> _AuthErrorsIn:
+        if self.mode not in AUTH_ERROR_MODES:
+            raise ValueError(f"mode must be one of {', '.join(AUTH_ERROR_MODES)}")
+        return self
 
 
 class _KeysIn(BaseModel):
@@ -263,7 +311,8 @@ class _State:
         self.fault: _Fault | None = None
         self.active = 0
         self.total = 0
-        self.jobs: dict[str, Any] = {}
+        self.auth_errors = "docs"
+        self.jobs: dict[str, _Job] = {}
         self.posts: dict[str, dict[str, Any]] = {}
         self.media: list[dict[str, Any]] = []
 
@@ -311,10 +360,31 @@ class _State:
             headers["Retry-After"] = str(max(1, math.ceil(left)))
         return allowed, headers
 
-    def new_job(self, payload: Any) -> JSONResponse:
+    def key_rejected(self, message: str) -> JSONResponse:
+        """A key Publer does not accept: 401 by the docs, 403 as recorded live."""
+        if self.auth_errors == "live":
+            return _errors(403, LIVE_KEY_REJECTED)
+        return _errors(401, message)
+
+    def workspace_rejected(self, message: str) -> JSONResponse:
+        """A missing or foreign workspace: 403 by the docs, 401 as recorded live."""
+        if self.auth_errors == "live":
+            return _errors(401, LIVE_WORKSPACE_REJECTED)
+        return _errors(403, message)
+
+    def new_job(self, payload: Any, failure: str | None = None) -> JSONResponse:
         job_id = _object_id()
-        self.jobs[job_id] = payload
-        return JSONResponse({"job_id": job_id}, 202)
+        self.jobs[job_id] = _Job(payload, failure)
+        return JSONResponse({"job_id": job_id})
+
+
+@dataclass
+class _Job:
+    """A background job: `working` on its first poll, then `complete` or `failed`."""
+
+    payload: Any
+    failure: str | None
+    polls: int = 0
 
 
 # --- recording, faults ---------------------------------------------------------------------
@@ -355,8 +425,10 @@ class _Exchange:
         self._send = send
         self.body_done = False
         self.client_gone = False
+        self.scope: Scope = {}
 
     async def run(self, app: ASGIApp, scope: Scope) -> None:
+        self.scope = scope
         if self.fault is not None and self.fault.status is not None:
             status = self.fault.status
             fault_answer = (
@@ -383,7 +455,7 @@ class _Exchange:
         if message["type"] == "http.response.start":
             # Servers stop delivering the request body once the answer has started, and the
             # record must count all of it, so what the handler left unread is read here.
-            while not (self.body_done or self.client_gone):
+            while not (self.body_done or self.client_gone or self.scope.get(UNREAD_BODY_KEY)):
                 await self.receive()
             if self.fault is not None and self.fault.delay_seconds > 0:
                 await self._pause(self.fault.delay_seconds)
@@ -448,10 +520,10 @@ async def _answer(state: _State, key: SandboxKey, request: Request) -> Response:
         return _errors(403, f"This API key is missing the '{endpoint.scope}' scope.")
     workspace = request.headers.get("publer-workspace-id") if endpoint.needs_workspace else None
     if endpoint.needs_workspace and not workspace:
-        return _errors(403, "This endpoint needs the Publer-Workspace-Id header.")
+        return state.workspace_rejected("This endpoint needs the Publer-Workspace-Id header.")
     wanted = workspace or params.get("workspace_id")
     if wanted and key.workspaces and wanted not in key.workspaces:
-        return _errors(403, "This API key has no access to that workspace.")
+        return state.workspace_rejected("This API key has no access to that workspace.")
     return await endpoint.handler(state, _Call(request, key, workspace, params))
 
 
@@ -483,7 +555,8 @@ async def _workspaces(state: _State, call: _Call) -> Response:
     ids = [DEFAULT_WORKSPACE_ID, *sorted(call.key.workspaces - {DEFAULT_WORKSPACE_ID})]
     return JSONResponse(
         [{"id": ws, "name": f"Sandbox Workspace {n}", "plan": "business", "role": "owner",
-          "picture": None} for n, ws in enumerate(ids, 1)]
+          "picture": None, "owner": _SANDBOX_USER, "members": [_SANDBOX_USER]}
+         for n, ws in enumerate(ids, 1)]
     )  # fmt: skip
 
 
@@ -496,12 +569,29 @@ async def _accounts(state: _State, call: _Call) -> Response:
 
 
 def _account(account_id: str, name: str, provider: str) -> dict[str, Any]:
-    return {"id": account_id, "name": name, "provider": provider, "type": "page", "picture": None}
+    return {"id": account_id, "name": name, "provider": provider, "type": "page", "picture": None,
+            "social_id": "1" + account_id[-14:]}  # fmt: skip
 
 
 async def _posts_list(state: _State, call: _Call) -> Response:
-    posts = [post for post in state.posts.values() if post["workspace_id"] == call.workspace]
-    return JSONResponse({"posts": _page(posts, call.request), "total": len(posts)})
+    query = call.request.query_params
+    states = set(_many(query, "state"))
+    accounts = set(_many(query, "account_ids"))
+    text = query.get("query", "").lower()
+    post_type = query.get("postType")
+    since, until = query.get("from"), query.get("to")
+    posts = [
+        post
+        for post in state.posts.values()
+        if post["workspace_id"] == call.workspace
+        and (not states or "all" in states or post["state"] in states)
+        and (not accounts or post["account_id"] in accounts)
+        and (not text or text in post["text"].lower())
+        and (post_type is None or post["type"] == post_type)
+        and (since is None or (post["scheduled_at"] or "") >= since)
+        and (until is None or (post["scheduled_at"] or "")[:10] <= until)
+    ]
+    return JSONResponse(_paged("posts", posts, call.request, _PAGE_SIZE))
 
 
 async def _posts_create(state: _State, call: _Call) -> Response:
@@ -511,33 +601,78 @@ async def _posts_create(state: _State, call: _Call) -> Response:
     drafts = drafts if isinstance(drafts, list) else [{}]
     publish = call.request.scope["path"].endswith("/publish")
     post_state = "published" if publish else str(bulk.get("state", "scheduled"))
-    created = [_store_post(state, call, _object_id(), post_state, draft) for draft in drafts]
-    return state.new_job({"failures": {}, "posts": created})
+    known = {account[0] for account in _ACCOUNTS}
+    created: list[dict[str, Any]] = []
+    failures: dict[str, list[str]] = {}
+    for draft in drafts:
+        targets = _draft_accounts(draft)
+        for account_id, scheduled_at in targets or [(_ACCOUNTS[0][0], None)]:
+            if account_id not in known:
+                failures.setdefault(account_id, []).append("This account is not in the workspace.")
+                continue
+            created.append(
+                _store_post(state, call, _object_id(), post_state, draft, account_id, scheduled_at)
+            )
+    # Publer fails the whole job when no post could be made (every account unknown).
+    failure = "No post could be created for the accounts given." if not created else None
+    return state.new_job({"failures": failures, "posts": created}, failure)
 
 
 async def _post_update(state: _State, call: _Call) -> Response:
     body = await _small_json(call.request)
-    post_state = state.posts.get(call.params["id"], {}).get("state", "scheduled")
-    return JSONResponse(_store_post(state, call, call.params["id"], post_state, body))
+    draft = body.get("post", body)
+    old = state.posts.get(call.params["id"], {})
+    post = _store_post(
+        state,
+        call,
+        call.params["id"],
+        old.get("state", "scheduled"),
+        draft,
+        old.get("account_id", _ACCOUNTS[0][0]),
+        old.get("scheduled_at"),
+    )
+    return JSONResponse(post)
 
 
 async def _posts_delete(state: _State, call: _Call) -> Response:
-    ids = [call.params["id"]] if "id" in call.params else []
-    ids = ids or call.request.query_params.getlist("post_ids[]")
+    # One id in the path, or many as post_ids=A&post_ids=B (Publer's form) or post_ids[]=.
+    ids = (
+        [call.params["id"]] if "id" in call.params else _many(call.request.query_params, "post_ids")
+    )
     deleted = [post_id for post_id in ids if state.posts.pop(post_id, None) is not None]
     return JSONResponse({"deleted_ids": deleted})
 
 
 async def _job_status(state: _State, call: _Call) -> Response:
-    if call.params["job_id"] not in state.jobs:
+    job = state.jobs.get(call.params["job_id"])
+    if job is None:
         return _errors(404, "Job not found.")
-    return JSONResponse({"status": "complete", "payload": state.jobs[call.params["job_id"]]})
+    job.polls += 1
+    plan = {"rate": "business", "locked": False}
+    if job.polls == 1:
+        return JSONResponse({"status": "working", "plan": plan})
+    if job.failure is not None:
+        return JSONResponse(
+            {"status": "failed", "error": job.failure, "payload": job.payload, "plan": plan}
+        )
+    return JSONResponse({"status": "complete", "payload": job.payload, "plan": plan})
 
 
 async def _media_list(state: _State, call: _Call) -> Response:
-    size = call.request.query_params.get("sandbox_bytes")
+    query = call.request.query_params
+    size = query.get("sandbox_bytes")
     if size is None:
-        return JSONResponse({"media": _page(state.media, call.request), "total": len(state.media)})
+        ids = set(_many(query, "ids"))
+        types = set(_many(query, "types"))
+        search = query.get("search", "").lower()
+        media = [
+            item
+            for item in state.media
+            if (not ids or item["id"] in ids)
+            and (not types or item["type"] in types)
+            and (not search or search in item["name"].lower())
+        ]
+        return JSONResponse(_paged("media", media, call.request, _PAGE_SIZE))
     if not re.fullmatch(r"[0-9]{1,12}", size):
         return _errors(400, "sandbox_bytes must be a whole number of bytes.")
     filler = max(0, int(size) - len(_DOWNLOAD_HEAD) - len(_DOWNLOAD_TAIL))
@@ -557,6 +692,12 @@ async def _padded_body(filler: int) -> AsyncIterator[bytes]:
 
 
 async def _media_upload(state: _State, call: _Call) -> Response:
+    declared = call.request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_MEDIA_BYTES:
+        # Refused on the declared length, before a byte of the body is read (an
+        # `Expect: 100-continue` client never sends it).
+        call.request.scope[UNREAD_BODY_KEY] = True
+        return _errors(413, "The file is larger than 200 MB, Publer's upload limit.")
     boundary = _multipart_boundary(call.request.headers.get("content-type", ""))
     if boundary is None:
         return _errors(400, "Upload the file as multipart/form-data in the field 'file'.")
@@ -576,10 +717,19 @@ async def _media_upload(state: _State, call: _Call) -> Response:
 async def _media_from_url(state: _State, call: _Call) -> Response:
     items = (await _small_json(call.request)).get("media")
     items = items if isinstance(items, list) else []
-    urls = [str(item.get("url", "")) for item in items if isinstance(item, dict)]
-    media = [_media_json(url.rsplit("/", 1)[-1] or "media", "photo", url) for url in urls]
+    media: list[dict[str, Any]] = []
+    failures: dict[str, str] = {}
+    for item in items:
+        url = str(item.get("url", "")) if isinstance(item, dict) else ""
+        if not re.match(r"https?://[^/\s]+", url):
+            failures[url] = "The media could not be downloaded from this URL."
+            continue
+        name = str(item.get("name") or url.rsplit("/", 1)[-1] or "media")
+        media.append(_media_json(name, "photo", url))
     state.media.extend(media)
-    return state.new_job(media)
+    # A URL Publer cannot download fails the job (the documented failure of an upload).
+    failure = "Some media could not be downloaded." if failures or not items else None
+    return state.new_job(media if failure is None else {"failures": failures}, failure)
 
 
 async def _locations(state: _State, call: _Call) -> Response:
@@ -587,17 +737,77 @@ async def _locations(state: _State, call: _Call) -> Response:
     return JSONResponse([{"id": "110000000000001", "name": f"{query} City", "country": "AL"}])
 
 
-async def _analytics(state: _State, call: _Call) -> Response:
-    path = call.request.scope["path"]
-    if path.endswith("/charts"):
-        return JSONResponse(
-            [{"id": "reach", "title": "Reach"}, {"id": "followers", "title": "Followers"}]
-        )
-    if path.endswith("/members"):
-        return JSONResponse(
-            {"members": [{"id": "5f8d7a62c9e77e001f36e000", "name": "Sandbox User"}]}
-        )
-    return JSONResponse({"account_id": call.params["account_id"], "data": [], "total": 0})
+def _needs_dates(call: _Call) -> Response | None:
+    query = call.request.query_params
+    if query.get("from") and query.get("to"):
+        return None
+    return _errors(400, "The 'from' and 'to' dates (YYYY-MM-DD) are required.")
+
+
+async def _charts(state: _State, call: _Call) -> Response:
+    return JSONResponse(
+        [{"id": chart, "title": chart.title(), "group_id": group, "tooltip": "",
+          "type": "vertical", "last_value": False, "show_percentage": False}
+         for chart, group in (("followers", "growth"), ("reach", "insights"))]
+    )  # fmt: skip
+
+
+async def _chart_data(state: _State, call: _Call) -> Response:
+    charts = _many(call.request.query_params, "chart_ids") or ["followers"]
+    return JSONResponse(
+        {"current": {chart: {"value": 0} for chart in charts},
+         "previous": {chart: {"value": 0} for chart in charts}}
+    )  # fmt: skip
+
+
+async def _post_insights(state: _State, call: _Call) -> Response:
+    query = call.request.query_params
+    if not (query.get("from") and query.get("to")):
+        # Recorded live: without its required dates the report fails inside Publer.
+        return _errors(500, "Internal Server Error")
+    account = call.params.get("account_id")
+    posts = [
+        {"id": post["id"], "text": post["text"], "title": "", "scheduled_at": post["scheduled_at"],
+         "post_type": post["type"], "account_id": post["account_id"], "details": {"labels": []},
+         "analytics": {"reach": 0, "engagement": 0, "engagement_rate": 0.0, "likes": 0}}
+        for post in state.posts.values()
+        if post["workspace_id"] == call.workspace and account in (None, post["account_id"])
+    ]  # fmt: skip
+    return JSONResponse(_paged("posts", posts, call.request, _INSIGHTS_PAGE_SIZE))
+
+
+async def _best_times(state: _State, call: _Call) -> Response:
+    return _needs_dates(call) or JSONResponse({day: [0] * 24 for day in _DAYS})
+
+
+async def _hashtag_insights(state: _State, call: _Call) -> Response:
+    return JSONResponse({"records": [], "total": 0})
+
+
+async def _hashtag_performing_posts(state: _State, call: _Call) -> Response:
+    if not call.request.query_params.get("hashtag"):
+        return _errors(400, "The 'hashtag' parameter is required.")
+    return JSONResponse([])
+
+
+async def _members(state: _State, call: _Call) -> Response:
+    return _needs_dates(call) or JSONResponse(
+        [{"engagements": 0, "posts": len(state.posts), "reach": 0,
+          "account_ids": [account[0] for account in _ACCOUNTS],
+          "user": {"id": "5f8d7a62c9e77e001f36e000", "name": "Sandbox User", "picture": None}}]
+    )  # fmt: skip
+
+
+async def _competitors(state: _State, call: _Call) -> Response:
+    return JSONResponse(
+        [{"provider": "instagram", "name": "Rival Studio", "social_id": "17841400000000001",
+          "picture": None, "type": "business", "competitor_sync_in_queue": False,
+          "username": "rival.studio", "verified": False}]
+    )  # fmt: skip
+
+
+async def _competitors_analytics(state: _State, call: _Call) -> Response:
+    return JSONResponse({"insights": [], "total": 0})
 
 
 def _endpoint(
@@ -607,7 +817,15 @@ def _endpoint(
     return _Endpoint(frozenset(methods.split()), re.compile(pattern), scope, workspace, handler)
 
 
-_ANALYTICS_KINDS = "chart_data|post_insights|best_times|hashtag_insights|hashtag_performing_posts"
+def _analytics(kind: str, handler: _Handler) -> tuple[_Endpoint, _Endpoint]:
+    """A report for one account (`/analytics/{account_id}/kind`) and for all (`/analytics/kind`)."""
+    return (
+        _endpoint("GET", f"/analytics/{kind}", "analytics", handler),
+        _endpoint("GET", f"/analytics/{{account_id}}/{kind}", "analytics", handler),
+    )
+
+
+# Literal paths come before templates: the first match wins.
 _ENDPOINTS = (
     _endpoint("GET", "/users/me", "users", _users_me, workspace=False),
     _endpoint("GET", "/workspaces", "workspaces", _workspaces, workspace=False),
@@ -631,11 +849,17 @@ _ENDPOINTS = (
     _endpoint("POST", "/media", "media", _media_upload),
     _endpoint("POST", "/media/from-url", "media", _media_from_url),
     _endpoint("GET", "/locations", "locations", _locations),
-    _endpoint("GET", "/analytics/charts", "analytics", _analytics),
-    _endpoint("GET", "/analytics/members", "analytics", _analytics),
-    _endpoint("GET", "/analytics/{account_id}/(" + _ANALYTICS_KINDS + ")", "analytics", _analytics),
-    _endpoint("GET", "/competitors/{account_id}", "analytics", _analytics),
-    _endpoint("GET", "/competitors/{account_id}/analytics", "analytics", _analytics),
+    _endpoint("GET", "/analytics/charts", "analytics", _charts),
+    _endpoint("GET", "/analytics/members", "analytics", _members),
+    *_analytics("chart_data", _chart_data),
+    *_analytics("post_insights", _post_insights),
+    *_analytics("best_times", _best_times),
+    *_analytics("hashtag_insights", _hashtag_insights),
+    *_analytics("hashtag_performing_posts", _hashtag_performing_posts),
+    _endpoint("GET", "/competitors", "analytics", _competitors),
+    _endpoint("GET", "/competitors/analytics", "analytics", _competitors_analytics),
+    _endpoint("GET", "/competitors/{account_id}", "analytics", _competitors),
+    _endpoint("GET", "/competitors/{account_id}/analytics", "analytics", _competitors_analytics),
 )
 
 
@@ -697,13 +921,55 @@ def _multipart_boundary(content_type: str) -> bytes | None:
 
 
 def _store_post(
-    state: _State, call: _Call, post_id: str, post_state: str, draft: Any
+    state: _State,
+    call: _Call,
+    post_id: str,
+    post_state: str,
+    draft: Any,
+    account_id: str,
+    scheduled_at: str | None,
 ) -> dict[str, Any]:
-    text = draft.get("text", "") if isinstance(draft, dict) else ""
-    post = {"id": post_id, "state": post_state, "text": text, "workspace_id": call.workspace,
-            "account_id": _ACCOUNTS[0][0], "scheduled_at": None}  # fmt: skip
+    text, kind = _draft_text(draft)
+    post = {"id": post_id, "state": post_state, "text": text, "type": kind, "url": None,
+            "account_id": account_id, "user": _SANDBOX_USER, "scheduled_at": scheduled_at,
+            "post_link": None, "has_media": False, "network": _network_of(account_id),
+            "workspace_id": call.workspace}  # fmt: skip
     state.posts[post_id] = post
     return post
+
+
+def _draft_text(draft: Any) -> tuple[str, str]:
+    """The text and type of a post: `networks.<provider>` (Publer's shape) first, else a
+    top-level `text`."""
+    if not isinstance(draft, dict):
+        return "", "status"
+    networks = draft.get("networks")
+    if isinstance(networks, dict):
+        for content in networks.values():
+            if isinstance(content, dict) and isinstance(content.get("text"), str):
+                return content["text"], str(content.get("type", "status"))
+    text = draft.get("text")
+    return (text if isinstance(text, str) else ""), str(draft.get("type", "status"))
+
+
+def _draft_accounts(draft: Any) -> list[tuple[str, str | None]]:
+    accounts = draft.get("accounts") if isinstance(draft, dict) else None
+    found: list[tuple[str, str | None]] = []
+    for account in accounts if isinstance(accounts, list) else []:
+        if isinstance(account, dict) and isinstance(account.get("id"), str):
+            when = account.get("scheduled_at")
+            found.append((account["id"], when if isinstance(when, str) else None))
+    return found
+
+
+def _network_of(account_id: str) -> str:
+    return next((provider for aid, _, provider in _ACCOUNTS if aid == account_id), "facebook")
+
+
+def _many(query: Any, name: str) -> list[str]:
+    """A list parameter in any form clients send: `name=a&name=b`, `name[]=a`, `name=a,b`."""
+    values = [*query.getlist(name), *query.getlist(name + "[]")]
+    return [part for value in values for part in value.split(",") if part]
 
 
 def _media_json(name: str, kind: str, url: str | None = None) -> dict[str, Any]:
@@ -713,10 +979,19 @@ def _media_json(name: str, kind: str, url: str | None = None) -> dict[str, Any]:
             "caption": None, "width": None, "height": None, "validity": {}}  # fmt: skip
 
 
-def _page(items: list[dict[str, Any]], request: Request) -> list[dict[str, Any]]:
-    page = request.query_params.get("page", "0")
-    start = int(page) * _PAGE_SIZE if page.isdecimal() else 0
-    return items[start : start + _PAGE_SIZE]
+def _paged(
+    name: str, items: list[dict[str, Any]], request: Request, per_page: int
+) -> dict[str, Any]:
+    """One page (0-based `page`) of `items` with Publer's paging fields."""
+    page_text = request.query_params.get("page", "0")
+    page = int(page_text) if page_text.isdecimal() else 0
+    return {
+        name: items[page * per_page : (page + 1) * per_page],
+        "total": len(items),
+        "page": page,
+        "per_page": per_page,
+        "total_pages": math.ceil(len(items) / per_page),
+    }
 
 
 async def _small_json(request: Request) -> dict[str, Any]:

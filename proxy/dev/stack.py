@@ -23,7 +23,12 @@ from pathlib import Path
 import httpx
 import hvac
 
-from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY, DEFAULT_WORKSPACE_ID, SANDBOX_KEYS_ENV
+from proxy.dev.sandbox import (
+    AUTH_ERRORS_ENV,
+    DEFAULT_SANDBOX_KEY,
+    DEFAULT_WORKSPACE_ID,
+    SANDBOX_KEYS_ENV,
+)
 from proxy.outbound import vault_http_session
 
 ALL_SCOPES = [
@@ -136,8 +141,10 @@ def sandbox_process(workdir: Path, key: str) -> Iterator[str]:
     """The Publer sandbox as a child process: its origin URL."""
     port = free_port()
     log_file = (workdir / "sandbox.log").open("wb")
+    # PUBLER_SANDBOX_AUTH_ERRORS=live makes `make run` answer 401/403 as the live API.
+    mode = os.environ.get(AUTH_ERRORS_ENV, "docs")
     process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "sandbox", "--port", str(port)],
+        [sys.executable, "-m", "proxy", "sandbox", "--port", str(port), "--auth-errors", mode],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=child_environment(workdir, **{SANDBOX_KEYS_ENV: key}),
