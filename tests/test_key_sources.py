@@ -427,7 +427,8 @@ def test_check_online_reads_file_and_env_sources(
         "publer": {"source": "file", "path": str(key_file)},
         "local": {"source": "env", "env_file": str(dotenv)},
     }
-    config["routes"].append({**ROUTE, "name": "local", "prefix": "/local", "credential": "local"})
+    local = {**ROUTE, "name": "local", "prefix": "/local", "credential": "local"}
+    config["routes"].append({**local, "workspace_id": "5f8d7a62c9e77e001f36e3a1"})
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k != "PUBLER_API_KEY"}
