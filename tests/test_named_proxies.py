@@ -80,7 +80,7 @@ def test_upstream_proxy_carries_the_online_check(
         assert online.returncode == 0, online.stdout + online.stderr
         assert "Publer accepts the key" in online.stdout
         assert [line for line, _ in named.requests] == [
-            f"GET {sandbox.url}/api/v1/workspaces HTTP/1.1"
+            f"GET {sandbox.url}/api/v1/users/me HTTP/1.1"  # the cheapest probe its scopes allow
         ]
 
 
