@@ -174,7 +174,8 @@ def write_key(path: Path, value: str, mode: int = 0o600) -> None:
 
 def test_file_source_reads_strips_and_refuses(tmp_path: Path, api_key: str) -> None:
     """A trailing newline is stripped; a world-readable file is refused with the mode and
-    the fixes; an empty or missing file is a clear error; none shows the key."""
+    the fixes; an empty or missing file, or a FIFO, is a clear error (never a hang);
+    none shows the key."""
     path = tmp_path / "api_key"
     write_key(path, api_key + "\n")
     source = file_source(path)
@@ -190,6 +191,10 @@ def test_file_source_reads_strips_and_refuses(tmp_path: Path, api_key: str) -> N
     assert file_source(path, readable_by="anyone").read().value == api_key
     write_key(path, "\n")
     with pytest.raises(SourceError, match="does not hold an API key"):
+        source.read()
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    with pytest.raises(SourceError, match="is not a regular file"):
         source.read()
     path.unlink()
     with pytest.raises(SourceError) as missing:

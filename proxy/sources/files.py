@@ -97,7 +97,8 @@ class FileKeySource:
     def _read_locked(self) -> SecretRead:
         path = self._path
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOCTTY)
+            # O_NONBLOCK: a FIFO put at the path must not hang the reading thread forever.
+            fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise SourceError(f"the key file {path} does not exist", kind="not_found") from None
         except OSError as exc:
