@@ -52,13 +52,16 @@ LABEL org.opencontainers.image.title="publer-proxy" \
       org.opencontainers.image.licenses="MIT"
 
 # ca-certificates: the upstream and Vault clients verify TLS against the system CA store.
+# /run/publer-proxy-ca: where the forward proxy writes its CA certificate; a volume mounted
+# there starts out owned by the proxy's user.
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
     && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/* \
     && groupadd --gid 10001 publer-proxy \
     && useradd --uid 10001 --gid 10001 --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin publer-proxy
+        --home-dir /nonexistent --shell /usr/sbin/nologin publer-proxy \
+    && install -d -o 10001 -g 10001 -m 0755 /run/publer-proxy-ca
 
 COPY --from=builder /opt/venv /opt/venv
 COPY deploy/proxy.image.yaml /etc/publer-proxy/proxy.yaml

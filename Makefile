@@ -4,16 +4,25 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
-TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman curl:curl nodejs:node
+TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman curl:curl nodejs:node \
+	chromium:chromium
 BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
 
-.PHONY: run test lint typecheck container-test bench fuzz clean
+NODE_CLIENTS := tests/clients/node_modules/.installed
+
+.PHONY: run test lint typecheck container-test bench bench-scale fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# Node packages the forward-proxy tests run real clients with (undici's environment proxy).
+$(NODE_CLIENTS): tests/clients/package.json tests/clients/package-lock.json
+	scripts/system-deps.sh nodejs:node npm:npm
+	npm ci --prefix tests/clients --no-audit --no-fund --silent
+	touch $(NODE_CLIENTS)
 
 run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/publer-proxy dev --port $(PORT)
@@ -25,7 +34,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_CLIENTS)
 	scripts/system-deps.sh $(TEST_TOOLS)
 	$(MAKE) lint typecheck
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
@@ -37,9 +46,14 @@ container-test: $(STAMP)
 bench: $(STAMP)
 	scripts/system-deps.sh $(BENCH_TOOLS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/tunnel.py
+
+bench-scale: $(STAMP)
+	scripts/system-deps.sh $(BENCH_TOOLS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/scale.py $(BENCH_ARGS)
 
 fuzz: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.fuzz_paths --seconds 60
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/clients/node_modules

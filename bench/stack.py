@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,13 +307,20 @@ def publer_config(vault: Vault, upstream: str, port: int) -> dict[str, Any]:
 
 
 def spawn_publer(
-    workdir: Path, vault: Vault, upstream: str, cpus: str | None, variant: str = "shipped"
+    workdir: Path,
+    vault: Vault,
+    upstream: str,
+    cpus: str | None,
+    variant: str = "shipped",
+    config: Callable[[int], dict[str, Any]] | None = None,
 ) -> Server:
-    """`publer-proxy serve` (through bench/launch.py for another transport), not waited for."""
+    """`publer-proxy serve` (through bench/launch.py for another transport), not waited for;
+    `config` makes the config for a port, instead of `publer_config`."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config_path = workdir / f"proxy-{port}.yaml"
-    config_path.write_text(yaml.safe_dump(publer_config(vault, upstream, port)))
+    made = config(port) if config else publer_config(vault, upstream, port)
+    config_path.write_text(yaml.safe_dump(made))
     if variant == "shipped":
         command = [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)]
     else:

@@ -1,7 +1,8 @@
-"""The proxy as one ASGI app: its lifespan, its own three endpoints, and the forwarder.
+"""The proxy as one ASGI app: its lifespan, its own endpoints, and the forwarder.
 
-Dispatch is on the raw path: `/healthz`, `/readyz` and `/metrics` exactly, everything else
-goes to the forwarder, which routes by prefix and answers `no_route` itself. Starlette
+Dispatch is on the raw path: `/healthz`, `/readyz`, `/metrics` and the status page
+exactly, everything else goes to the forwarder of the config generation in service
+(`proxy/reload.py`), which routes by prefix and answers `no_route` itself. Starlette
 serves the operational endpoints and runs the lifespan that builds every shared part.
 """
 
@@ -19,29 +20,34 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxy.activity import Activity
+from proxy.configfile import LoadedConfig, in_code
 from proxy.credentials import CredentialStore
 from proxy.forward import Forwarder, Services
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.policy import build_routes
 from proxy.ratelimit import make_budget
 from proxy.redact import SecretRegistry, masked_url
+from proxy.reload import Generation, Live, Reloader
 from proxy.requestid import RequestContext
 from proxy.scopes import ScopeMap
 from proxy.settings import Settings
+from proxy.status import STATUS_HTML_PATH, STATUS_JSON_PATH, status_html, status_json
 from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from proxy.sources.vault import VaultSession
 
 log = structlog.get_logger(__name__)
-SERVICES_KEY = "services"
-FORWARDER_KEY = "forwarder"
-OPS_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
+LIVE_KEY = "live"
+OPS_PATHS = frozenset(
+    {b"/healthz", b"/readyz", b"/metrics", STATUS_HTML_PATH.encode(), STATUS_JSON_PATH.encode()}
+)
 
 
 def _services(request: Request) -> Services:
-    services: Services = request.state.services
-    return services
+    live: Live = request.state.live
+    return live.current.services
 
 
 async def healthz(_request: Request) -> Response:
@@ -56,8 +62,10 @@ async def readyz(request: Request) -> Response:
     states = store.status()
     degraded = any(entry["state"] == "stale" for entry in states.values())
     status = "ready" if ready and not degraded else "degraded" if ready else "unavailable"
+    live: Live = request.state.live
     return JSONResponse(
-        {"status": status, "credentials": states}, status_code=200 if ready else 503
+        {"status": status, "credentials": states, "config": live.describe()},
+        status_code=200 if ready else 503,
     )
 
 
@@ -75,8 +83,13 @@ def create_app(
     *,
     vault: VaultSession | None = None,
     upstream: Upstream | None = None,
+    loaded: LoadedConfig | None = None,
 ) -> ASGIApp:
-    """Build the proxy app; the lifespan reads the keys and opens the upstream pool."""
+    """Build the proxy app; the lifespan reads the keys and opens the upstream pool.
+
+    With `loaded` (a config read from its file) the file is reloaded on SIGHUP and, when
+    configured, when it changes.
+    """
 
     for value in settings.secret_values():
         secrets.add(value)
@@ -84,8 +97,12 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
         registry = Metrics()
-        store = CredentialStore.from_settings(
-            settings.credentials_in_use(), settings.vault, secrets, registry, vault
+        store = CredentialStore(
+            settings.credentials_in_use(),
+            registry,
+            secrets=secrets,
+            vault_settings=settings.vault,
+            vault=vault,
         )
         services = Services(
             settings=settings,
@@ -96,7 +113,11 @@ def create_app(
             budget=make_budget(settings.rate_limit),
             metrics=registry,
             secrets=secrets,
+            activity=Activity(settings.rate_limit.per_seconds),
         )
+        config = loaded or in_code(settings, scope_map)
+        live = Live(Generation(1, config, services, Forwarder(services)))
+        reloader = Reloader(live, config.path) if config.path is not None else None
         for warning in settings.warnings():
             log.warning("insecure_setting", detail=warning)
         await store.start()
@@ -113,13 +134,17 @@ def create_app(
         # every request for about 25 ms; it now walks only what requests left behind.
         gc.collect()
         gc.freeze()
+        if reloader is not None:
+            await reloader.start()
         try:
-            yield {SERVICES_KEY: services, FORWARDER_KEY: Forwarder(services)}
+            yield {LIVE_KEY: live}
         finally:
+            if reloader is not None:
+                await reloader.stop()
             await store.stop()
             store.close()
             await services.upstream.aclose()
-            await services.budget.close()
+            await live.current.services.budget.close()
             log.info("proxy_stopped")
 
     ops = Starlette(
@@ -127,13 +152,15 @@ def create_app(
             StarletteRoute("/healthz", healthz, methods=["GET", "HEAD"]),
             StarletteRoute("/readyz", readyz, methods=["GET", "HEAD"]),
             StarletteRoute("/metrics", metrics, methods=["GET", "HEAD"]),
+            StarletteRoute(STATUS_HTML_PATH, status_html, methods=["GET", "HEAD"]),
+            StarletteRoute(STATUS_JSON_PATH, status_json, methods=["GET", "HEAD"]),
         ],
         lifespan=lifespan,
     )
 
     async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("raw_path", b"") not in OPS_PATHS:
-            await scope["state"][FORWARDER_KEY](scope, receive, send)
+            await scope["state"][LIVE_KEY](scope, receive, send)
         else:
             await ops(scope, receive, send)
 

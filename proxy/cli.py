@@ -7,34 +7,18 @@ import os
 import sys
 from collections.abc import Sequence
 
-from proxy.scopes import (
-    READ_METHODS,
-    ScopeMap,
-    ScopeMapError,
-    load_scope_map,
-    unknown_scope_problems,
-)
-from proxy.settings import ConfigError, Settings, config_path, load_settings
-from proxy.sources import describe, sdk_problems
+from proxy.configfile import load_config
+from proxy.scopes import READ_METHODS, ScopeMap
+from proxy.settings import ConfigError, Settings, config_path
+from proxy.sources import describe
 
 EXIT_OK, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2
 
 
 def load_all(explicit: str | None) -> tuple[Settings, ScopeMap]:
     """The config and its scope map, checked against each other; raises ConfigError."""
-    path = config_path(explicit)
-    settings = load_settings(path)
-    try:
-        scope_map = load_scope_map(settings.scope_map)
-    except ScopeMapError as exc:
-        raise ConfigError([f"scope_map: {exc}"]) from None
-    problems = unknown_scope_problems(
-        ((i, r.name, r.scopes) for i, r in enumerate(settings.routes)), scope_map
-    )
-    problems += sdk_problems(settings.credentials_in_use())
-    if problems:
-        raise ConfigError([f"{path}: {line}" for line in problems])
-    return settings, scope_map
+    loaded = load_config(config_path(explicit))
+    return loaded.settings, loaded.scope_map
 
 
 def _print_problems(error: ConfigError) -> int:
@@ -75,8 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.server import serve
 
     try:
-        settings, scope_map = load_all(args.config)
-        if settings.upstream.proxy:
+        loaded = load_config(config_path(args.config))
+        if loaded.settings.upstream.proxy:
             # The forwarding hop of this version dials Publer itself; going direct when the
             # operator named a proxy would be a silent surprise, so it does not start.
             raise ConfigError(
@@ -88,23 +72,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _print_problems(exc)
     secrets = SecretRegistry()
-    configure_logging(settings.logging, secrets)
-    return serve(settings, create_app(settings, scope_map, secrets))
+    configure_logging(loaded.settings.logging, secrets)
+    return serve(
+        loaded.settings,
+        create_app(loaded.settings, loaded.scope_map, secrets, loaded=loaded),
+        secrets,
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config, print the effective routes, and with --online try the keys."""
     try:
-        settings, scope_map = load_all(args.config)
+        loaded = load_config(config_path(args.config))
     except ConfigError as exc:
         return _print_problems(exc)
-    print(f"configuration {config_path(args.config)} is valid")
+    settings, scope_map = loaded.settings, loaded.scope_map
+    # The digest /readyz shows once this file is loaded: compare before and after a reload.
+    print(f"configuration {config_path(args.config)} is valid (sha256 {loaded.sha256})")
     for warning in settings.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     for line in describe_routes(settings, scope_map):
         print(line)
     for name, credential in settings.credentials_in_use().items():
         print(f"credential {name}\n  source:     {describe(credential)}")
+    if settings.forward_proxy is not None:
+        from proxy.forward_proxy import describe_forward_proxy
+
+        print("\n".join(describe_forward_proxy(settings)))
     if not args.online:
         return EXIT_OK
     from proxy.online import check_online

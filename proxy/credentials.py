@@ -13,10 +13,11 @@ then, and nothing is ever forwarded without a key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
@@ -59,6 +60,20 @@ class HeldKey:
 
 
 @dataclass
+class Staged:
+    """A new set of credentials, read and ready to be committed by `CredentialStore.commit`.
+
+    `problems` names each added or moved credential whose key could not be read; a reload
+    with problems is not applied.
+    """
+
+    slots: dict[str, _Slot]
+    added: list[str]
+    removed: list[str]
+    problems: list[str]
+
+
+@dataclass
 class _Slot:
     name: str
     settings: KeyLifeSettings
@@ -93,43 +108,42 @@ class CredentialStore:
 
     def __init__(
         self,
-        credentials: Mapping[str, tuple[KeyLifeSettings, KeySource]],
+        credentials: Mapping[str, AnyCredential],
         metrics: Metrics,
         *,
+        secrets: SecretRegistry,
+        vault_settings: VaultSettings,
         vault: VaultSession | None = None,
     ) -> None:
-        self._slots = {
-            name: _Slot(name, cred, source) for name, (cred, source) in credentials.items()
-        }
-        self._session = vault
+        """Make each credential's source (an environment source takes its variable out of
+        the environment here); `vault` is a ready session to use instead of a new one."""
+        self._secrets = secrets
+        self._make_vault, self._made_vault = vault_session_maker(vault_settings, secrets, vault)
+        self._slots = {name: self._new_slot(name, cred) for name, cred in credentials.items()}
         self._metrics = metrics
         self._tasks: list[asyncio.Task[None]] = []
+        self._token_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._refreshers: dict[str, tuple[_Slot, asyncio.Task[None]]] = {}
         self._logged_in = False
 
-    @classmethod
-    def from_settings(
-        cls,
-        credentials: Mapping[str, AnyCredential],
-        vault_settings: VaultSettings,
-        secrets: SecretRegistry,
-        metrics: Metrics,
-        vault: VaultSession | None = None,
-    ) -> CredentialStore:
-        """A store with each credential's source made from its settings. An environment
-        source takes its variable out of the environment here."""
-        make_vault, made_vault = vault_session_maker(vault_settings, secrets, vault)
-        sources = {
-            name: (cred, make_source(cred, secrets, make_vault))
-            for name, cred in credentials.items()
-        }
-        return cls(sources, metrics, vault=made_vault() if _uses_vault(sources) else None)
+    def _new_slot(self, name: str, credential: AnyCredential) -> _Slot:
+        return _Slot(name, credential, make_source(credential, self._secrets, self._make_vault))
+
+    @property
+    def _session(self) -> VaultSession | None:
+        """The Vault session, when a credential in service is in Vault."""
+        if any(slot.source.kind == "vault" for slot in self._slots.values()):
+            return self._made_vault()
+        return None
 
     def close(self) -> None:
         """Release every source's connections."""
         for slot in self._slots.values():
             slot.source.close()
-        if self._session is not None:
-            self._session.close()
+        session = self._made_vault()
+        if session is not None:
+            session.close()
 
     def sources(self) -> dict[str, KeySource]:
         """Each credential's source."""
@@ -145,18 +159,93 @@ class CredentialStore:
             await asyncio.wait_for(self._first_reads(), initial_timeout)
         except TimeoutError:
             log.warning("key_initial_read_timeout", seconds=initial_timeout)
-        if self._session is not None:
-            self._tasks.append(asyncio.create_task(self._maintain_token(), name="vault-token"))
+        self._started = True
+        self._start_token_upkeep()
         for slot in self._slots.values():
-            task = asyncio.create_task(self._refresh_loop(slot), name=f"refresh-{slot.name}")
-            self._tasks.append(task)
+            self._start_refresh(slot)
+
+    def _start_token_upkeep(self) -> None:
+        if self._session is not None and self._token_task is None:
+            self._token_task = asyncio.create_task(self._maintain_token(), name="vault-token")
+            self._tasks.append(self._token_task)
+
+    def _start_refresh(self, slot: _Slot) -> None:
+        task = asyncio.create_task(self._refresh_loop(slot), name=f"refresh-{slot.name}")
+        self._refreshers[slot.name] = (slot, task)
 
     async def stop(self) -> None:
         """Cancel the background tasks."""
-        for task in self._tasks:
+        tasks = self._tasks + [task for _, task in self._refreshers.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._refreshers.clear()
+        self._token_task = None
+
+    async def stage(
+        self, credentials: Mapping[str, AnyCredential], seconds: float = 10.0
+    ) -> Staged:
+        """Prepare a new set of credentials without touching the one in use.
+
+        A credential whose settings did not change keeps its slot (key and refresh task);
+        one whose place (source and where in it) did not change keeps its source and key
+        under the new settings; every other one gets a new source and is read now, so that
+        the first request after `commit` finds its key held.
+        """
+        slots: dict[str, _Slot] = {}
+        to_read: list[_Slot] = []
+        for name, settings in credentials.items():
+            old = self._slots.get(name)
+            if old is not None and old.settings == settings:
+                slots[name] = old
+            elif old is not None and _location(old.settings) == _location(settings):
+                slots[name] = _Slot(name, settings, old.source, key=old.key)
+            else:
+                slots[name] = self._new_slot(name, settings)
+                to_read.append(slots[name])
+        if to_read:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(self._read(slot) for slot in to_read)), seconds
+                )
+        problems = [
+            f"credentials.{slot.name}: the key could not be read from {slot.source.kind}"
+            f" {slot.source.where}"
+            f" ({slot.last_error or f'no answer within {seconds:g} s'}); check where the"
+            " credential points, and that the proxy may read it there"
+            for slot in to_read
+            if slot.key is None
+        ]
+        staged = Staged(
+            slots=slots,
+            added=[name for name in slots if name not in self._slots],
+            removed=[name for name in self._slots if name not in slots],
+            problems=problems,
+        )
+        if problems:
+            _close_sources(slot for slot in to_read)
+        return staged
+
+    def commit(self, staged: Staged) -> None:
+        """Serve the staged credentials: start refreshing new slots, stop the old ones'."""
+        kept = {id(slot.source) for slot in staged.slots.values()}
+        _close_sources(s for s in self._slots.values() if id(s.source) not in kept)
+        self._slots = staged.slots
+        for name, (slot, task) in list(self._refreshers.items()):
+            if staged.slots.get(name) is not slot:
+                task.cancel()
+                del self._refreshers[name]
+        for name in staged.removed:
+            metrics = self._metrics
+            for gauge in (metrics.key_age, metrics.key_read_age, metrics.budget_left):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(name)
+        if self._started:  # new slots are refreshed from now on
+            self._start_token_upkeep()
+            for name, slot in staged.slots.items():
+                if name not in self._refreshers:
+                    self._start_refresh(slot)
 
     async def _first_reads(self) -> None:
         logged_in = self._session is None or await self._login()
@@ -167,18 +256,19 @@ class CredentialStore:
         return [slot for slot in self._slots.values() if slot.source.kind == "vault"]
 
     async def _login(self) -> bool:
-        assert self._session is not None
+        session = self._made_vault()
+        assert session is not None  # made with the first Vault source
         try:
-            await to_thread.run_sync(self._session.login)
+            await to_thread.run_sync(session.login)
         except SourceError as exc:
             self._metrics.vault_operations.labels("login", exc.kind).inc()
-            log.warning("vault_login_failed", reason=exc.reason, auth=self._session.auth_summary)
+            log.warning("vault_login_failed", reason=exc.reason, auth=session.auth_summary)
             for slot in self._vault_slots():
                 slot.last_error = exc.reason
                 slot.last_attempt_failed = True
             return False
         self._metrics.vault_operations.labels("login", "ok").inc()
-        log.info("vault_logged_in", auth=self._session.auth_summary)
+        log.info("vault_logged_in", auth=session.auth_summary)
         self._logged_in = True
         return True
 
@@ -198,7 +288,7 @@ class CredentialStore:
                 source=source.kind,
                 where=source.where,
                 reason=exc.reason,
-                state=self.state(slot.name),
+                state=_state(slot),
             )
             return None
         self._count_read(slot, "ok")
@@ -288,7 +378,8 @@ class CredentialStore:
                 return
 
     async def _maintain_token(self) -> None:
-        assert self._session is not None
+        session = self._made_vault()
+        assert session is not None
         failures = 0
         while True:
             if not self._logged_in:
@@ -296,12 +387,12 @@ class CredentialStore:
                 await asyncio.sleep(backoff_seconds(failures))
                 await self._login()
                 continue
-            due = self._session.token_maintenance_due_in()
+            due = session.token_maintenance_due_in()
             await asyncio.sleep(min(due, 3600.0))
             if due > 3600.0:
                 continue
             try:
-                await to_thread.run_sync(self._session.maintain_token)
+                await to_thread.run_sync(session.maintain_token)
             except SourceError as exc:
                 failures += 1
                 self._metrics.vault_operations.labels("renew", exc.kind).inc()
@@ -313,20 +404,12 @@ class CredentialStore:
 
     def state(self, name: str) -> State:
         """fresh, stale (usable, last refresh failed or overdue), expired, or missing."""
-        slot = self._slots[name]
-        if slot.key is None:
-            return "missing"
-        age = time.monotonic() - slot.key.read_at
-        if age > slot.settings.refresh_seconds + slot.settings.max_stale_seconds:
-            return "expired"
-        if slot.last_attempt_failed or age > slot.settings.refresh_seconds * 2:
-            return "stale"
-        return "fresh"
+        return _state(self._slots[name])
 
     def current(self, name: str) -> HeldKey:
         """The usable key of a credential, or CredentialUnavailable; never waits on a source."""
-        slot = self._slots[name]
-        state = self.state(name)
+        slot = self._slot(name)
+        state = _state(slot)
         if slot.key is None or state in ("missing", "expired"):
             reason = slot.last_error or f"not read from {slot.source.kind} yet"
             if state == "expired":
@@ -341,7 +424,7 @@ class CredentialStore:
         own so that a client going away cannot cancel it for the others; a request that
         comes after the key already changed gets the new key without another read.
         """
-        slot = self._slots[name]
+        slot = self._slot(name)
         if slot.key is not None and slot.key.value != rejected.value:
             return slot.key
         task = slot.reread
@@ -349,6 +432,12 @@ class CredentialStore:
         if task is None or (task.done() and not recent):
             task = slot.reread = asyncio.create_task(self._reread(slot))
         return await asyncio.shield(task)
+
+    def _slot(self, name: str) -> _Slot:
+        slot = self._slots.get(name)
+        if slot is None:  # a request that started before a reload removed the credential
+            raise CredentialUnavailable(name, "the credential was removed by a config reload")
+        return slot
 
     async def _reread(self, slot: _Slot) -> HeldKey:
         try:
@@ -363,7 +452,7 @@ class CredentialStore:
         now = time.monotonic()
         for name, slot in self._slots.items():
             entry: dict[str, object] = {
-                "state": self.state(name),
+                "state": _state(slot),
                 "source": slot.source.kind,
                 "where": slot.source.where,
             }
@@ -394,7 +483,7 @@ class CredentialStore:
 
     def ready(self) -> bool:
         """True when every credential holds a usable key (fresh or stale in bounds)."""
-        return all(self.state(name) in ("fresh", "stale") for name in self._slots)
+        return all(_state(slot) in ("fresh", "stale") for slot in self._slots.values())
 
     @staticmethod
     def jitter(seconds: float) -> float:
@@ -402,5 +491,22 @@ class CredentialStore:
         return seconds * random.uniform(0.9, 1.1)
 
 
-def _uses_vault(sources: Mapping[str, tuple[KeyLifeSettings, KeySource]]) -> bool:
-    return any(source.kind == "vault" for _, source in sources.values())
+def _state(slot: _Slot) -> State:
+    if slot.key is None:
+        return "missing"
+    age = time.monotonic() - slot.key.read_at
+    if age > slot.settings.refresh_seconds + slot.settings.max_stale_seconds:
+        return "expired"
+    if slot.last_attempt_failed or age > slot.settings.refresh_seconds * 2:
+        return "stale"
+    return "fresh"
+
+
+def _location(settings: KeyLifeSettings) -> dict[str, object]:
+    """Where a credential's key is read: its settings but how often and how long."""
+    return settings.model_dump(exclude=set(KeyLifeSettings.model_fields))
+
+
+def _close_sources(slots: Iterable[_Slot]) -> None:
+    for slot in slots:
+        slot.source.close()

@@ -29,6 +29,9 @@ Code = Literal[
     "upstream_unreachable",
     "credential_unavailable",
     "upstream_timeout",
+    "tunnel_refused",
+    "proxy_unauthenticated",
+    "misdirected_request",
 ]
 
 STATUS: dict[Code, int] = {
@@ -45,6 +48,11 @@ STATUS: dict[Code, int] = {
     "upstream_unreachable": 502,
     "credential_unavailable": 503,
     "upstream_timeout": 504,
+    # The forward proxy: a CONNECT to anything but Publer's origin, a bad Proxy-Authorization,
+    # a request inside a tunnel naming another host (RFC 9110 section 15.5.20).
+    "tunnel_refused": 403,
+    "proxy_unauthenticated": 407,
+    "misdirected_request": 421,
 }
 ERROR_HEADER = "x-publer-proxy-error"
 RATE_LIMIT_MESSAGE = "Rate limit exceeded. Retry later."

@@ -20,11 +20,12 @@ import structlog
 from prometheus_client import Counter
 from starlette.types import Message, Receive, Scope, Send
 
+from proxy.activity import Activity
 from proxy.credentials import CredentialStore, HeldKey
 from proxy.errors import STATUS, ProxyError, RateLimitHeaders, Refusal
 from proxy.headers import downstream_headers, header_values, upstream_headers
 from proxy.metrics import Metrics, method_label
-from proxy.policy import Located, Route, Verdict, decide
+from proxy.policy import Located, RouteTable, Verdict, decide
 from proxy.publer import (
     MAX_MESSAGE_BYTES,
     REJECTION_STATUSES,
@@ -78,13 +79,14 @@ class Services:
     """Everything the forwarder needs, made once in the lifespan."""
 
     settings: Settings
-    routes: tuple[Route, ...]
+    routes: RouteTable
     scope_map: ScopeMap
     credentials: CredentialStore
     upstream: Upstream
     budget: Budget
     metrics: Metrics
     secrets: SecretRegistry  # what answers are screened for before they reach a client
+    activity: Activity
 
 
 async def send_refusal(send: Send, refusal: Refusal, request_id: str, head_only: bool) -> None:
@@ -427,8 +429,14 @@ class Forwarder:
         if counter is None:
             counter = self._counters[labels] = metrics.requests.labels(*labels)
         counter.inc()
+        client = verdict.client if verdict else None
         if outcome.decision in STATUS:
             metrics.refusals.labels(outcome.decision).inc()
+            self.s.activity.refused(
+                outcome.decision, outcome.status, route, client, scope[REQUEST_ID_KEY]
+            )
+        if outcome.attempts and route is not None:
+            self.s.activity.spent(route, client)
 
 
 class _ReadAnswer:

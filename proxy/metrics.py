@@ -72,6 +72,12 @@ class Metrics:
             ["credential"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            "publer_proxy_config_reloads",
+            "Config reloads (SIGHUP or a file change), by result: applied, invalid, refused.",
+            ["result"],
+            registry=r,
+        )
         self.budget_left = Gauge(
             "publer_proxy_rate_limit_remaining",
             "Requests left in the credential's current rate-limit window.",

@@ -35,9 +35,11 @@ class Pool:
         max_connections: int,
         keepalive_expiry: float,
         read_buffer: int,
+        dial: tuple[str, int] | None = None,
     ) -> None:
         self._host = host
         self._port = port
+        self._dial = dial or (host, port)  # where to connect; TLS still checks `host`
         self._ssl = ssl_context
         self._max = max_connections
         self._expiry = keepalive_expiry
@@ -127,8 +129,7 @@ class Pool:
             async with asyncio.timeout(connect_timeout):
                 await self.loop.create_connection(
                     factory,
-                    self._host,
-                    self._port,
+                    *self._dial,
                     ssl=self._ssl,
                     server_hostname=self._host if self._ssl is not None else None,
                 )

@@ -131,6 +131,12 @@ class MemoryBudget:
     async def close(self) -> None:
         return None
 
+    def adopt(self, previous: MemoryBudget) -> None:
+        """Carry on the windows of the budget this one replaces (a config reload), so a
+        changed limit does not forget what was already spent."""
+        self._windows = previous._windows
+        self._ceilings = previous._ceilings
+
 
 _TAKE = """
 local key, ceiling_key = KEYS[1], KEYS[2]

@@ -34,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.errors import Refusal
 from proxy.forward import ABSOLUTE_FORM_KEY
+from proxy.redact import SecretRegistry
 from proxy.settings import Settings
 
 log = structlog.get_logger("proxy.server")
@@ -250,13 +251,22 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     )
 
 
-def serve(settings: Settings, app: Any) -> int:
+def serve(settings: Settings, app: Any, secrets: SecretRegistry | None = None) -> int:
     """Serve until SIGINT/SIGTERM, finishing requests in flight; the exit status.
 
     uvicorn re-raises the signal it caught once it has shut down, which would make a
     graceful SIGTERM exit with -15; the no-op handler it restores turns that into 0.
     """
     signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
-    server = uvicorn.Server(uvicorn_config(settings, app))
+    # SIGHUP reloads the config once the app has started (proxy/reload.py); until then it
+    # must not end the process, its default action. The reloader catches up on a file
+    # changed meanwhile.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    config = uvicorn_config(settings, app)
+    server = uvicorn.Server(config)
+    if settings.forward_proxy is not None:
+        from proxy.forward_proxy import TunnellingServer
+
+        server = TunnellingServer(config, settings, secrets or SecretRegistry())
     server.run()
     return 0 if server.started else 1

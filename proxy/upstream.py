@@ -143,6 +143,13 @@ def _ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
     return context
 
 
+def _dial(connect_to: str | None) -> tuple[str, int] | None:
+    if connect_to is None:
+        return None
+    host, _, port = connect_to.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class PoolTransport(httpx.AsyncBaseTransport):
     """httpx's transport interface over one `Pool` to the configured origin.
 
@@ -172,6 +179,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
             max_connections=settings.max_connections,
             keepalive_expiry=keepalive_expiry,
             read_buffer=read_buffer,
+            dial=_dial(settings.connect_to),
         )
 
     @property

@@ -36,7 +36,7 @@ import proxy.paths
 import proxy.policy
 import proxy.scopes
 from proxy.errors import STATUS
-from proxy.policy import Located, Route, Verdict, build_routes, decide, hash_token
+from proxy.policy import Located, RouteTable, Verdict, build_routes, decide, hash_token
 from proxy.scopes import load_scope_map
 from proxy.settings import RouteSettings
 
@@ -47,7 +47,7 @@ WS_B = ("bbbbbbbbbbbbbbbbbbbbbbbb", "cccccccccccccccccccccccc")
 
 # Prefixes chosen to confuse: one is a prefix of another, one contains a dot, one looks like
 # the API root itself, one route has no workspace at all.
-ROUTES: tuple[Route, ...] = build_routes(
+ROUTES: RouteTable = build_routes(
     [
         RouteSettings.model_validate(route)
         for route in (

@@ -230,12 +230,15 @@ def start_proxy(
     *,
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
+    config_path: Path | None = None,
 ) -> Proxy:
-    """`publer-proxy serve` on the config; waits for /readyz 200 (or /healthz)."""
+    """`publer-proxy serve` on the config; waits for /readyz 200 (or /healthz). With
+    `config_path`, the config is read from there as it is (the caller wrote it)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = config["listen"]["port"]
-    config_path = workdir / f"proxy-{port}.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    if config_path is None:
+        config_path = workdir / f"proxy-{port}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
     log_path = workdir / f"proxy-{port}.log"
     # Neither the developer's Vault nor their AWS identity reaches a test proxy.
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "AWS_"))}

@@ -912,3 +912,85 @@ def test_image_requirements_follow_the_extras_build_argument() -> None:
     assert any(line.startswith("boto3") for line in listed["aws"])
     assert any(line.startswith("hvac") for line in listed[""])
     assert "ARG" in {i.keyword for i in dockerfile() if i.args.startswith("EXTRAS")}
+
+
+# --- the forward proxy: compose and Kubernetes examples --------------------------------
+
+FORWARD_COMPOSE = ROOT / "deploy" / "forward-proxy.compose.yml"
+FORWARD_KUBERNETES = ROOT / "deploy" / "kubernetes-forward-proxy.yaml"
+PUBLER_ORIGIN = "https://app.publer.com"
+
+
+def check_forward_settings(settings: Settings, proxy_env: dict[str, str], ca_variable: str) -> None:
+    """The app's HTTPS_PROXY and CA variable name the forward proxy's port and CA file."""
+    forward = settings.forward_proxy
+    assert forward is not None, "the example must turn the forward proxy on"
+    assert settings.upstream.url == PUBLER_ORIGIN
+    assert is_loopback_host(forward.host)
+    assert is_loopback_host(urlsplit(proxy_env["HTTPS_PROXY"]).hostname or "")
+    assert url_port(proxy_env["HTTPS_PROXY"]) == forward.port
+    assert proxy_env[ca_variable] == str(forward.ca_certificate_file)
+    assert not [name for name in proxy_env if SECRET_NAME.search(name)]
+
+
+def test_forward_compose_app_reaches_publer_through_the_forward_proxy() -> None:
+    """The unchanged app gets HTTPS_PROXY and SSL_CERT_FILE that match the proxy's config,
+    reads the CA file from the volume the proxy writes it to, and holds no Vault material."""
+    services = compose(FORWARD_COMPOSE)["services"]
+    app, proxy = services["app"], services["proxy"]
+    assert proxy["network_mode"] == "service:app"
+    volume, name = source_of(proxy, image_default_config_path())
+    settings = settings_file((FORWARD_COMPOSE.parent / volume).resolve())
+    assert name == ""
+    check_forward_settings(settings, app["environment"], "SSL_CERT_FILE")
+    assert settings.forward_proxy is not None
+    ca_dir = str(settings.forward_proxy.ca_certificate_file.parent)
+    assert mounts(app)[ca_dir] == mounts(proxy)[ca_dir]
+    assert ca_dir in read_only_mounts(app)
+    assert ca_dir not in read_only_mounts(proxy)
+    assert "proxy-credentials" not in mounts(app).values()
+    script = app["entrypoint"][-1]
+    assert (FORWARD_COMPOSE.parent / mounts(app)[script]).is_file()
+    for service in (app, proxy):
+        assert service["read_only"] is True
+        assert service["cap_drop"] == ["ALL"]
+    assert int(proxy["stop_grace_period"].removesuffix("s")) > GRACEFUL_SHUTDOWN_SECONDS
+
+
+def test_forward_image_prepares_the_ca_folder() -> None:
+    """The image holds the CA folder owned by its user, so a fresh volume there is writable."""
+    assert "install -d -o 10001 -g 10001 -m 0755 /run/publer-proxy-ca" in DOCKERFILE.read_text()
+    services = compose(FORWARD_COMPOSE)["services"]
+    assert "/run/publer-proxy-ca" in mounts(services["proxy"])
+
+
+def test_forward_kubernetes_sidecar_agrees_with_its_config(tmp_path: Path) -> None:
+    """The pod's app trusts the CA file the proxy writes to a shared in-memory volume, names
+    the forward proxy's port, and calls Publer's own URL; the proxy runs locked down."""
+    with FORWARD_KUBERNETES.open(encoding="utf-8") as stream:
+        objects = {doc["kind"]: doc for doc in yaml.safe_load_all(stream) if doc}
+    assert set(objects) == {"ServiceAccount", "ConfigMap", "Pod"}
+    settings = settings_text(objects["ConfigMap"]["data"]["proxy.yaml"], tmp_path)
+    spec = objects["Pod"]["spec"]
+    proxy = pod_proxy(objects["Pod"])
+    [app] = spec["containers"]
+    env = {item["name"]: item["value"] for item in app["env"]}
+    check_forward_settings(settings, env, "CURL_CA_BUNDLE")
+    assert settings.forward_proxy is not None
+    ca_dir = str(settings.forward_proxy.ca_certificate_file.parent)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    proxy_mount = {m["mountPath"]: m for m in proxy["volumeMounts"]}[ca_dir]
+    app_mount = {m["mountPath"]: m for m in app["volumeMounts"]}[ca_dir]
+    assert proxy_mount["name"] == app_mount["name"]
+    assert volumes[app_mount["name"]]["emptyDir"]["medium"] == "Memory"
+    assert app_mount["readOnly"] is True and not proxy_mount.get("readOnly")
+    assert f"{PUBLER_ORIGIN}/api/v1/" in " ".join(app["args"])
+    security = proxy["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert f"{security['runAsUser']}:{security['runAsGroup']}" == the("USER")
+    assert spec["securityContext"]["fsGroup"] == security["runAsGroup"]
+    assert health_url(proxy["startupProbe"]["exec"]["command"]) == (
+        settings.listen.port,
+        "/readyz",
+    )
+    assert spec["terminationGracePeriodSeconds"] > GRACEFUL_SHUTDOWN_SECONDS

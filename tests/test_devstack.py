@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,6 +95,17 @@ def test_local_stack_works_then_leaves_nothing(
         while f"curl -s {url}/api/v1/users/me" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
+        # The lines printed for clients that hard-code Publer's origin work as pasted.
+        exports = dict(re.findall(r"export (\w+)=(\S+)", log.read_text()))
+        through_tunnel = subprocess.run(
+            ["curl", "-sS", "--fail-with-body", "https://app.publer.com/api/v1/users/me"],
+            env={"PATH": os.environ["PATH"], **exports},
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert through_tunnel.returncode == 0, through_tunnel.stderr
+        assert b"Sandbox User" in through_tunnel.stdout
         if sig == signal.SIGINT:
             os.killpg(process.pid, sig)  # what Ctrl-C in a terminal does
         else:

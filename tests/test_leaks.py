@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from proxy.policy import hash_token
-from tests.bao import free_port, start_bao
+from tests.bao import Bao, free_port, start_bao
 from tests.moto import REGION, start_moto
 from tests.peers import ECHO_MODES, echo_origin, recording_listener
 from tests.servers import Proxy, proxy_config, start_proxy, start_sandbox
@@ -119,6 +120,8 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
                 ("/elsewhere", {}),
                 ("/readyz", {}),
                 ("/metrics", {}),
+                ("/status", {}),
+                ("/status.json", {}),
             ]:
                 answer = httpx.get(f"{proxy.url}{path}", headers=headers)
                 bodies.append(answer.text + str(answer.headers))
@@ -149,6 +152,9 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
         outputs["check --online, key rejected"] = check.stdout + check.stderr
         assert "Publer rejects the key" in check.stdout
         sandbox.set_keys({"key": live_key})
+        for proxy in proxies:  # a reload reads the config and stages the credentials again
+            proxy.process.send_signal(signal.SIGHUP)
+        eventually(lambda: all("config_reloaded" in proxy.output() for proxy in proxies))
         time.sleep(4)  # token renewals and AppRole re-logins happen
         vault.seal()
         time.sleep(1.5)
@@ -418,3 +424,45 @@ def test_echoing_origin_and_proxy_variables_get_no_secret(tmp_path: Path) -> Non
     for where, text in outputs.items():
         for what, value in known.items():
             assert value not in text, f"the {what} appears in {where}"
+
+
+def test_no_secret_through_the_forward_proxy(
+    tmp_path: Path, bao: Bao, token_file: Path, api_key: str
+) -> None:
+    """Tunnels with the token as proxy password and as "API key", refusals of both, at debug
+    level: neither the key nor the client token is printed or answered, and no private key
+    (the CA's or a leaf's) is written to any file."""
+    from tests.tunnel_stack import PUBLER_HOST, start_tunnel_stack
+
+    stack = start_tunnel_stack(tmp_path, bao, token_file, api_key)
+    me = f"https://{PUBLER_HOST}/api/v1/users/me"
+    answers: list[str] = []
+    try:
+        for proxy_url, authorization in (
+            (stack.forward_url_with_token(), "Bearer-API whatever"),
+            (stack.forward_url, f"Bearer-API {stack.client_token}"),
+            (stack.forward_url, f"Bearer-API {stack.client_token}x"),
+            (f"http://agent:{stack.client_token}x@127.0.0.1:{stack.forward_port}", ""),
+        ):
+            done = subprocess.run(
+                ["curl", "-sS", "-i", "-H", f"Authorization: {authorization}", me],
+                env=stack.env(HTTPS_PROXY=proxy_url, CURL_CA_BUNDLE=str(stack.ca_file)),
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+            answers.append((done.stdout + done.stderr).decode("utf-8", "replace"))
+    finally:
+        stack.proxy.stop()
+        stack.sandbox.stop()
+    assert " 200 " in answers[0] and " 200 " in answers[1]
+    output = stack.proxy.output()
+    for text in [output, *answers]:
+        assert api_key not in text
+    assert stack.client_token not in output
+    assert "***" + api_key[-4:] in output
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix in (".pem", ".yaml", ".log", ".key", ""):
+            content = path.read_bytes()
+            if path.name != "publer-key.pem":  # the stand-in's own certificate key
+                assert b"PRIVATE KEY" not in content, path

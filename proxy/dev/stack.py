@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import hvac
 
+from proxy.dev.forward import add_forward_proxy, sandbox_certificate, stand_in_tls
 from proxy.dev.sandbox import (
     AUTH_ERRORS_ENV,
     DEFAULT_SANDBOX_KEY,
@@ -64,12 +65,12 @@ def bao_binary() -> str:
     return found
 
 
-def wait_http(url: str, timeout: float = START_TIMEOUT) -> None:
+def wait_http(url: str, timeout: float = START_TIMEOUT, verify: str | bool = True) -> None:
     """Poll `url` until it answers at all, or raise TimeoutError."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            httpx.get(url, timeout=1.0, trust_env=False)
+            httpx.get(url, timeout=1.0, trust_env=False, verify=verify)
             return
         except httpx.HTTPError:
             time.sleep(0.1)
@@ -137,21 +138,24 @@ def openbao_dev(workdir: Path) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def sandbox_process(workdir: Path, key: str) -> Iterator[str]:
-    """The Publer sandbox as a child process: its origin URL."""
+def sandbox_process(workdir: Path, key: str, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """The Publer sandbox as a child process (HTTPS with `tls`): its origin URL."""
     port = free_port()
     log_file = (workdir / "sandbox.log").open("wb")
     # PUBLER_SANDBOX_AUTH_ERRORS=live makes `make run` answer 401/403 as the live API.
     mode = os.environ.get(AUTH_ERRORS_ENV, "docs")
+    args = [sys.executable, "-m", "proxy", "sandbox", "--port", str(port), "--auth-errors", mode]
+    if tls is not None:
+        args += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "sandbox", "--port", str(port), "--auth-errors", mode],
+        args,
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=child_environment(workdir, **{SANDBOX_KEYS_ENV: key}),
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/__sandbox/health")
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        wait_http(f"{url}/__sandbox/health", verify=str(tls[0]) if tls else True)
         yield url
     finally:
         _stop(process)
@@ -198,7 +202,7 @@ def dev_config(
     }
 
 
-def _announce_when_ready(port: int, using_sandbox: bool) -> None:
+def _announce_when_ready(port: int, using_sandbox: bool, forward: str) -> None:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/readyz", timeout=30)
@@ -207,7 +211,7 @@ def _announce_when_ready(port: int, using_sandbox: bool) -> None:
     where = "the built-in Publer sandbox" if using_sandbox else "Publer"
     print(
         f"\npubler-proxy is ready on {base}, forwarding to {where} with the key from OpenBao.\n"
-        f"Try it (no key needed):\n\n  curl -s {base}/api/v1/users/me\n\n"
+        f"Try it (no key needed):\n\n  curl -s {base}/api/v1/users/me\n\n{forward}\n"
         "Ctrl-C stops the proxy, OpenBao and the sandbox.\n",
         file=sys.stderr,
         flush=True,
@@ -243,19 +247,20 @@ def run_dev(port: int = 8080, upstream: str | None = None, source: str = "vault"
             token_file.write_text(token)
             token_file.chmod(0o600)
             with _upstream(workdir, real_key, upstream) as upstream_url:
-                settings = parse_settings(
-                    dev_config(vault_url, token_file, upstream_url, workspace, port)
-                )
+                config = dev_config(vault_url, token_file, upstream_url, workspace, port)
+                sandbox_ca = None if real_key or upstream else sandbox_certificate(workdir)
+                forward = add_forward_proxy(config, workdir, sandbox_ca)
+                settings = parse_settings(config)
                 scope_map = load_scope_map(None)
                 configure_logging(settings.logging, secrets, sys.stderr)
                 for line in describe_routes(settings, scope_map):
                     print(line, file=sys.stderr)
                 threading.Thread(
                     target=_announce_when_ready,
-                    args=(port, not real_key and not upstream),
+                    args=(port, not real_key and not upstream, forward),
                     daemon=True,
                 ).start()
-                return serve(settings, create_app(settings, scope_map, secrets))
+                return serve(settings, create_app(settings, scope_map, secrets), secrets)
 
 
 @contextmanager
@@ -265,5 +270,6 @@ def _upstream(workdir: Path, real_key: str, explicit: str | None) -> Iterator[st
     elif real_key:
         yield PUBLER_URL
     else:
-        with sandbox_process(workdir, DEFAULT_SANDBOX_KEY) as url:
+        tls = stand_in_tls(workdir)  # the sandbox is app.publer.com to the forward proxy
+        with sandbox_process(workdir, DEFAULT_SANDBOX_KEY, tls) as url:
             yield url

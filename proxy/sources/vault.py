@@ -29,7 +29,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -353,6 +353,48 @@ class VaultSession:
                 f"permission denied reading {credential.mount}/{credential.path}",
                 kind="denied",
             ) from None
+
+    def read_fields(
+        self, mount: str, path: str, kv_version: int, fields: Sequence[str]
+    ) -> dict[str, str]:
+        """String fields of one KV secret that is not an API key (the forward proxy's CA).
+
+        Every value is remembered as a secret. Raises VaultError naming what is missing.
+        """
+        with self._lock:
+            if self._token is None:
+                self._login_locked()
+        where = f"{mount}/{path}"
+        kv = self._client.secrets.kv
+        try:
+            if kv_version == 2:
+                answer = self._call(
+                    kv.v2.read_secret_version,
+                    path=path,
+                    mount_point=mount,
+                    raise_on_deleted_version=True,
+                )
+                data = _mapping(_mapping(_mapping(answer).get("data")).get("data"))
+            else:
+                answer = self._call(kv.v1.read_secret, path=path, mount_point=mount)
+                data = _mapping(_mapping(answer).get("data"))
+        except hvac.exceptions.Forbidden:
+            raise VaultError(f"permission denied reading {where}", kind="denied") from None
+        except hvac.exceptions.InvalidPath:
+            raise VaultError(f"no secret at {where}", kind="not_found") from None
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.Unauthorized) as exc:
+            raise VaultError(
+                f"Vault refused to read {where}{self._server_says(exc)}", kind="invalid"
+            ) from None
+        found: dict[str, str] = {}
+        for name in fields:
+            value = data.get(name)
+            if isinstance(value, str):
+                self._secrets.add(value)
+            if not isinstance(value, str) or not value.strip():
+                raise VaultError(f"{where} has no text field {name!r}", kind="not_found")
+            found[name] = value
+        return found
 
     def _read_key_once(self, credential: CredentialSettings) -> SecretRead:
         where = f"{credential.mount}/{credential.path}"
