@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 import structlog
 from anyio import to_thread
+from prometheus_client import Counter
 
 from proxy.errors import CredentialUnavailable
 from proxy.metrics import Metrics
@@ -124,6 +125,9 @@ class CredentialStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._token_task: asyncio.Task[None] | None = None
         self._started = False
+        # The label sets of the per-credential counters, to remove a credential's series
+        # when a reload removes the credential.
+        self._counted: set[tuple[Counter, tuple[str, ...]]] = set()
         self._refreshers: dict[str, tuple[_Slot, asyncio.Task[None]]] = {}
         self._logged_in = False
 
@@ -241,6 +245,11 @@ class CredentialStore:
             for gauge in (metrics.key_age, metrics.key_read_age, metrics.budget_left):
                 with contextlib.suppress(KeyError):
                     gauge.remove(name)
+            for counter, labels in list(self._counted):
+                if labels[0] == name:
+                    with contextlib.suppress(KeyError):
+                        counter.remove(*labels)
+                    self._counted.discard((counter, labels))
         if self._started:  # new slots are refreshed from now on
             self._start_token_upkeep()
             for name, slot in staged.slots.items():
@@ -309,7 +318,7 @@ class CredentialStore:
                 "key_refreshed", credential=slot.name, key=held.masked, key_version=held.version
             )
         else:
-            self._metrics.key_rotations.labels(slot.name, source.kind).inc()
+            self._count(self._metrics.key_rotations, slot.name, source.kind)
             log.info(
                 "key_rotated",
                 credential=slot.name,
@@ -322,8 +331,12 @@ class CredentialStore:
         self._warn_if_old(slot, held)
         return held
 
+    def _count(self, counter: Counter, *labels: str) -> None:
+        counter.labels(*labels).inc()
+        self._counted.add((counter, labels))
+
     def _count_read(self, slot: _Slot, outcome: str) -> None:
-        self._metrics.key_reads.labels(slot.name, slot.source.kind, outcome).inc()
+        self._count(self._metrics.key_reads, slot.name, slot.source.kind, outcome)
         if slot.source.kind == "vault":
             self._metrics.vault_operations.labels("read", outcome).inc()
 

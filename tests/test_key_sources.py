@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -453,3 +454,59 @@ def test_check_online_reads_file_and_env_sources(
     assert result.stdout.count("Publer accepts the key") == 2
     assert "vault:" not in result.stdout
     assert api_key not in result.stdout + result.stderr
+
+
+def test_reload_moves_a_file_credential_and_keeps_an_env_one(
+    tmp_path: Path, sandbox: Sandbox, api_key: str
+) -> None:
+    """SIGHUP with a file credential pointed at another file: the new file is read before
+    the reload is applied and its key served; an env credential whose only change is its
+    refresh period keeps the key it took at start (the variable is gone by then); a file
+    credential pointed at a missing file is refused, naming it, and the old key serves."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_key(first, api_key)
+    other = "pk_reloaded_" + secrets.token_hex(16)
+    write_key(second, other)
+    sandbox.set_keys({"key": api_key}, {"key": other})
+    config = proxy_config("http://127.0.0.1:9", sandbox.url)
+    config["credentials"] = {
+        "publer": {"source": "file", "path": str(first)},
+        "local": {"source": "env"},
+    }
+    local = {**ROUTE, "name": "local", "prefix": "/local", "credential": "local"}
+    config["routes"].append({**local, "workspace_id": "5f8d7a62c9e77e001f36e3a1"})
+    proxy = start_proxy(tmp_path, config, env={"PUBLER_API_KEY": api_key})
+
+    def reload(credentials: dict[str, Any]) -> dict[str, Any]:
+        before = httpx.get(f"{proxy.url}/readyz").json()["config"].get("last_reload")
+        proxy.config_path.write_text(yaml.safe_dump({**config, "credentials": credentials}))
+        proxy.process.send_signal(signal.SIGHUP)
+        found: dict[str, Any] = {}
+
+        def reloaded() -> bool:
+            found.update(httpx.get(f"{proxy.url}/readyz").json()["config"])
+            return found.get("last_reload") not in (None, before)
+
+        eventually(reloaded)
+        return found
+
+    try:
+        moved = {
+            "publer": {"source": "file", "path": str(second)},
+            "local": {"source": "env", "refresh_seconds": 60},
+        }
+        assert reload(moved)["last_reload"]["result"] == "applied"
+        sandbox.clear()
+        assert httpx.get(f"{proxy.url}/api/v1/posts").status_code == 200
+        assert httpx.get(f"{proxy.url}/local/api/v1/posts").status_code == 200
+        assert _seen_keys(sandbox) == [other, api_key]
+        assert _state(proxy)["where"] == str(second)
+        missing = {**moved, "publer": {"source": "file", "path": str(tmp_path / "nope")}}
+        assert reload(missing)["last_reload"]["result"] == "refused"
+        [rejected] = [e for e in proxy.events() if e.get("event") == "config_reload_rejected"]
+        problems = " ".join(rejected["problems"])
+        assert "credentials.publer" in problems and "does not exist" in problems, problems
+        assert httpx.get(f"{proxy.url}/api/v1/posts").status_code == 200
+    finally:
+        proxy.stop()
+        sandbox.set_keys({"key": api_key})
