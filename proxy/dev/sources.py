@@ -108,6 +108,7 @@ def run_dev_source(
     """The local stack with the key in a file, the environment or a local AWS."""
     from proxy.app import create_app
     from proxy.cli import describe_routes
+    from proxy.dev.forward import sandbox_certificate
     from proxy.dev.sandbox import DEFAULT_WORKSPACE_ID
     from proxy.dev.stack import _upstream
     from proxy.logs import configure_logging
@@ -126,6 +127,10 @@ def run_dev_source(
         config = dev_config("http://127.0.0.1:8200", Path(), upstream_url, workspace, port)
         del config["vault"]
         config["credentials"] = {"publer": {**credential, "max_stale_seconds": 600}}
+        if not real_key and not upstream:  # the sandbox serves HTTPS with its own certificate
+            upstream_settings = config["upstream"]
+            assert isinstance(upstream_settings, dict)
+            upstream_settings["ca_file"] = str(sandbox_certificate(workdir))
         settings = parse_settings(config)
         scope_map = load_scope_map(None)
         configure_logging(settings.logging, secrets, sys.stderr)
@@ -134,4 +139,4 @@ def run_dev_source(
         threading.Thread(
             target=_announce_when_ready, args=(port, source, rotate), daemon=True
         ).start()
-        return serve(settings, create_app(settings, scope_map, secrets))
+        return serve(settings, create_app(settings, scope_map, secrets), secrets)
