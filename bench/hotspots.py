@@ -17,18 +17,14 @@ from pathlib import Path
 COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("uvicorn + httptools: the client-side HTTP server", ("uvicorn/", "httptools/")),
     (
-        "upstream hop: connection pool, request head, answer parsing (proxy/pool.py,"
-        " proxy/connection.py, proxy/upstream.py; aiohttp in the variant)",
+        "upstream hop: aiohttp's client and proxy/upstream.py",
         (
-            "proxy/pool.py",
-            "proxy/connection.py",
             "proxy/upstream.py",
             "aiohttp/",
             "yarl/",
             "multidict/",
         ),
     ),
-    ("httpx: Request and Response objects (transport variants only)", ("httpx/",)),
     (
         "access log: structlog, orjson, redaction",
         ("structlog/", "proxy/logs.py", "proxy/redact.py"),
@@ -42,7 +38,10 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("rate budget", ("proxy/ratelimit.py",)),
     ("credentials", ("proxy/credentials.py", "proxy/sources/vault.py")),
     ("request id middleware", ("proxy/requestid.py",)),
-    ("forwarder: orchestration, relay and disconnect tasks", ("proxy/forward.py", "proxy/app.py")),
+    (
+        "forwarder: orchestration, relay, disconnect watch",
+        ("proxy/forward.py", "proxy/downstream.py", "proxy/app.py"),
+    ),
     ("server glue (proxy/server.py)", ("proxy/server.py",)),
     ("starlette", ("starlette/",)),
 ]

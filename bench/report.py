@@ -256,9 +256,9 @@ def targets_table(found: Sequence[Target]) -> list[str]:
 
 
 def variants_table(variants: dict[str, ServerResult], naive: ServerResult | None) -> list[str]:
-    """publer-proxy with each upstream transport, same run, same load."""
+    """publer-proxy from each checkout, same run, same load."""
     head = (
-        "| transport | req/s @1 | p50 ms @1 | req/s @50 | p50 ms @50 | p99 ms @50"
+        "| checkout | req/s @1 | p50 ms @1 | req/s @50 | p50 ms @50 | p99 ms @50"
         " | CPU s/1k req | ÷ naive @50 | idle RSS MiB | upload growth MiB | download growth MiB |"
     )
     lines = [head, "|---|" + "---:|" * 10]

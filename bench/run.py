@@ -14,8 +14,8 @@ worker, one uvicorn worker); on a machine with 2+ CPUs the server under test get
 and wrk, the upstream and this script the others.
 
 Results: one table on stdout, and bench/results/latest.md and latest.json (plus a
-timestamped copy of each). `--variants` adds publer-proxy with other upstream transports
-(see bench/launch.py).
+timestamped copy of each). `--variants tree:PATH` adds publer-proxy from another checkout
+(see bench/launch.py), interleaved in the same rounds.
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def render(bench: Bench, found: Results, machine: dict[str, str]) -> str:
     if targets:
         lines += ["", *report.targets_table(targets)]
     if found.variants:
-        lines += ["", "publer-proxy with each upstream transport (same run, same load):", ""]
+        lines += ["", "publer-proxy from other checkouts (same run, same load):", ""]
         lines += report.variants_table(found.variants, results.get(NAIVE))
     if found.profile:
         lines += ["", f"Where publer-proxy's time goes (py-spy, {a.profile} s at 50 connections):"]
@@ -346,8 +346,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default="",
-        help="also measure publer-proxy with these transports (comma list of"
-        " httpx, httpx-nosniffio, httpx-aiohttp, aiohttp), or from another checkout (tree:PATH);"
+        help="also measure publer-proxy from other checkouts (comma list of tree:PATH);"
         " see bench/launch.py",
     )
     parser.add_argument(

@@ -314,7 +314,7 @@ def spawn_publer(
     variant: str = "shipped",
     config: Callable[[int], dict[str, Any]] | None = None,
 ) -> Server:
-    """`publer-proxy serve` (through bench/launch.py for another transport), not waited for;
+    """`publer-proxy serve` (through bench/launch.py for another checkout), not waited for;
     `config` makes the config for a port, instead of `publer_config`."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()

@@ -118,6 +118,7 @@ def create_app(
         config = loaded or in_code(settings, scope_map)
         live = Live(Generation(1, config, services, Forwarder(services)))
         reloader = Reloader(live, config.path) if config.path is not None else None
+        registry.watch_pool(services.upstream.stats)
         for warning in settings.warnings():
             log.warning("insecure_setting", detail=warning)
         await store.start()

@@ -60,15 +60,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         loaded = load_config(config_path(args.config))
-        if loaded.settings.upstream.proxy:
-            # The forwarding hop of this version dials Publer itself; going direct when the
-            # operator named a proxy would be a silent surprise, so it does not start.
-            raise ConfigError(
-                [
-                    "upstream.proxy: the forwarding hop cannot go through a proxy in this"
-                    " version (only check --online does); remove the key to connect directly"
-                ]
-            )
     except ConfigError as exc:
         return _print_problems(exc)
     secrets = SecretRegistry()

@@ -2,7 +2,8 @@
 
     ProxyError                      an exception carrying a Refusal up to the app
     ├── CredentialUnavailable       503 credential_unavailable (no usable key)
-    └── UpstreamFailed              502 upstream_unreachable / 504 upstream_timeout
+    └── UpstreamFailed              502 upstream_unreachable / 503 upstream_busy /
+                                    504 upstream_timeout
 
 Every refusal body is `{"errors": [...], "code": ..., "request_id": ...}` with the header
 `X-Publer-Proxy-Error: <code>`, so a client can tell the proxy's answer from Publer's.
@@ -32,6 +33,7 @@ Code = Literal[
     "tunnel_refused",
     "proxy_unauthenticated",
     "misdirected_request",
+    "upstream_busy",
 ]
 
 STATUS: dict[Code, int] = {
@@ -53,6 +55,7 @@ STATUS: dict[Code, int] = {
     "tunnel_refused": 403,
     "proxy_unauthenticated": 407,
     "misdirected_request": 421,
+    "upstream_busy": 503,
 }
 ERROR_HEADER = "x-publer-proxy-error"
 RATE_LIMIT_MESSAGE = "Rate limit exceeded. Retry later."
@@ -145,4 +148,6 @@ class CredentialUnavailable(ProxyError):
 
 
 class UpstreamFailed(ProxyError):
-    """Publer could not be reached, broke the connection, or did not answer in time."""
+    """Publer could not be reached, broke the connection, did not respond in time, or every
+    connection to it was busy (`upstream_busy`: the proxy's own pool is full; retry shortly
+    or raise `upstream.max_connections`)."""

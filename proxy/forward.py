@@ -15,14 +15,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
 import structlog
 from prometheus_client import Counter
 from starlette.types import Message, Receive, Scope, Send
 
 from proxy.activity import Activity
 from proxy.credentials import CredentialStore, HeldKey
-from proxy.errors import STATUS, ProxyError, RateLimitHeaders, Refusal
+from proxy.downstream import BodyTooLarge, ClientGone, Downstream
+from proxy.errors import STATUS, ProxyError, RateLimitHeaders, Refusal, UpstreamFailed
 from proxy.headers import downstream_headers, header_values, upstream_headers
 from proxy.metrics import Metrics, method_label
 from proxy.policy import Located, RouteTable, Verdict, decide
@@ -39,7 +39,7 @@ from proxy.requestid import REQUEST_ID_KEY
 from proxy.scopes import READ_METHODS, ScopeMap
 from proxy.screening import screen_answer
 from proxy.settings import Settings
-from proxy.upstream import Answer, Upstream
+from proxy.upstream import Response, Upstream
 
 log = structlog.get_logger("proxy.access")
 
@@ -47,18 +47,12 @@ log = structlog.get_logger("proxy.access")
 # rejects the key.
 REPLAYABLE_BODY_BYTES = 256 * 1024
 RETRY_STATUSES = frozenset({502, 503, 504})
+NO_BODY_STATUSES = frozenset({204, 304})
+FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 ABSOLUTE_FORM_KEY = "publer_proxy.absolute_form"
 EPOCH_2001 = 1_000_000_000  # a reset above this is a timestamp, not a number of seconds
-# Answers up to this size (by Content-Length) are read whole and sent in one piece.
-SMALL_ANSWER_BYTES = 64 * 1024
-
-
-class ClientGone(Exception):
-    """The client disconnected before its request was complete."""
-
-
-class BodyTooLarge(Exception):
-    """The request body grew past the configured maximum while streaming."""
+# Responses up to this size (by Content-Length) are read whole and sent in one piece.
+SMALL_RESPONSE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -72,6 +66,7 @@ class Outcome:
     key: HeldKey | None = None
     attempts: int = 0
     rejection: Rejection | None = None
+    head_sent: bool = False  # the status line went out: a later failure truncates the body
 
 
 @dataclass(frozen=True)
@@ -116,26 +111,6 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | Refusal | None:
     return -1 if chunked else None
 
 
-async def _receive_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
-    received = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk: bytes = message.get("body", b"")
-        received += len(chunk)
-        if received > limit:
-            raise BodyTooLarge
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
-
-
-async def _read_small_body(receive: Receive, limit: int) -> bytes:
-    return b"".join([chunk async for chunk in _receive_body(receive, limit)])
-
-
 def _backoff(attempt: int) -> float:
     return random.uniform(0, 0.1 * 2**attempt)
 
@@ -160,7 +135,15 @@ class Forwarder:
             await send_refusal(send, exc.refusal, request_id, method == "HEAD")
         except ClientGone:
             outcome.decision = "client_disconnected"
-            outcome.status = 499
+            if not outcome.head_sent:
+                outcome.status = 499
+        except Exception as exc:
+            # A fault of the proxy's own: uvicorn answers 500 (or cuts the body short).
+            outcome.decision = "internal_error"
+            if not outcome.head_sent:
+                outcome.status = 500
+            log.error("forward_failed", error=type(exc).__name__, head_sent=outcome.head_sent)
+            raise
         finally:
             self._record(scope, outcome, time.perf_counter() - started)
 
@@ -194,20 +177,30 @@ class Forwarder:
         credential = verdict.route.settings.credential
         key = self.s.credentials.current(credential)
         outcome.key = key
-        await self._spend(credential)
-
-        body: bytes | AsyncIterator[bytes] | None
-        if length is None or length == 0:
-            body = None
-        elif 0 < length <= REPLAYABLE_BODY_BYTES:
+        downstream = Downstream(receive, limit)
+        # Everything awaited inside the block is cancelled when the client leaves.
+        async with downstream:
+            await self._spend(credential)
+            body: bytes | AsyncIterator[bytes] | None
+            if length is None or length == 0:
+                body = None
+                downstream.no_body()
+            elif 0 < length <= REPLAYABLE_BODY_BYTES:
+                try:
+                    body = await downstream.read_body()
+                except BodyTooLarge:
+                    raise ProxyError(_too_large(limit)) from None
+            else:
+                body = downstream.body()
+            response = await self._exchange(scope, verdict, key, body, length, outcome)
             try:
-                body = await _read_small_body(receive, limit)
-            except BodyTooLarge:
-                raise ProxyError(_too_large(limit)) from None
-        else:
-            body = _receive_body(receive, limit)
-        response = await self._exchange(scope, verdict, key, body, length, outcome)
-        await self._stream_back(scope, receive, send, verdict, response, outcome)
+                last = await self._stream_back(scope, send, verdict, response, outcome)
+            finally:
+                await response.aclose()
+        if last is not None:
+            # After the block: once the response is complete, ASGI reports the client as
+            # gone, which must not cancel anything.
+            await send(last)
 
     async def _spend(self, credential: str) -> None:
         settings = self.s.settings.rate_limit
@@ -236,7 +229,7 @@ class Forwarder:
         body: bytes | AsyncIterator[bytes] | None,
         length: int | None,
         outcome: Outcome,
-    ) -> Answer:
+    ) -> Response:
         """Send upstream, retrying idempotent requests, replaying once after a rejected key."""
         assert verdict.route is not None
         method: str = scope["method"]
@@ -303,82 +296,72 @@ class Forwarder:
     async def _stream_back(
         self,
         scope: Scope,
-        receive: Receive,
         send: Send,
         verdict: Verdict,
-        response: Answer,
+        response: Response,
         outcome: Outcome,
-    ) -> None:
-        """Pass Publer's answer back as it comes, and stop at once if the client leaves."""
+    ) -> Message | None:
+        """Pass Publer's response back as it comes; return the last message to send.
+
+        A failure before the status line went out is a refusal (502/504); after it, the
+        client sees a truncated body and the access record says `upstream_broken`.
+        """
         assert verdict.route is not None
         outcome.status = outcome.upstream_status = response.status_code
+        headers = downstream_headers(response.raw_headers)
+        if response.status_code in NO_BODY_STATUSES:
+            # A 204 or 304 has no body whatever its framing says (RFC 9110 15.3.5, 15.4.5).
+            headers = [(n, v) for n, v in headers if n not in FRAMING_HEADERS]
+        await self._resync_budget(verdict.route.settings.credential, headers)
+        # No body goes back for HEAD, 204 or 304, whatever Publer sent.
+        head_only = scope["method"] == "HEAD" or response.status_code in NO_BODY_STATUSES
+        length = _declared_length(headers)
+        chunks = response.aiter_raw()
+        body: bytes | None = None
+        read: list[bytes] = []
+        if not head_only and (length is None or length <= SMALL_RESPONSE_BYTES):
+            # A small response (by Content-Length, or chunked and ending within the limit)
+            # is read whole before the status line goes out: it is screened for secrets,
+            # and one that breaks off is still a clean 502.
+            body, read = await _read_small(chunks, SMALL_RESPONSE_BYTES)
+        headers, body = screen_answer(headers, body, self.s.secrets.redact_bytes)
+        if outcome.rejection is not None:
+            hint = rejection_hint(
+                outcome.rejection,
+                credential=verdict.route.settings.credential,
+                scope=verdict.scope,
+                workspace=verdict.workspace,
+                needs_workspace=verdict.needs_workspace,
+            )
+            headers.append((b"x-publer-proxy-hint", hint.encode("latin-1", "replace")))
+            log.warning(
+                "upstream_auth_failed",
+                status=response.status_code,
+                credential=verdict.route.settings.credential,
+                key=outcome.key.masked if outcome.key else None,
+                key_version=outcome.key.version if outcome.key else None,
+                rejected=outcome.rejection.value,
+                hint=hint,
+            )
+        start = {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": headers,
+        }
+        outcome.head_sent = True
+        await send(start)
+        if head_only or body is not None:
+            return {"type": "http.response.body", "body": body or b""}
         try:
-            headers = downstream_headers(response.raw_headers)
-            await self._resync_budget(verdict.route.settings.credential, headers)
-            head_only = scope["method"] == "HEAD"
-            length = _declared_length(headers)
-            chunks = response.aiter_raw()
-            body: bytes | None = None
-            read: list[bytes] = []
-            if not head_only and (length is None or length <= SMALL_ANSWER_BYTES):
-                # A small answer (by Content-Length, or chunked and ending within the
-                # limit) is read whole before the status line goes out: it is screened
-                # for secrets, needs no relay and watch tasks, and one that breaks off is
-                # still a clean 502.
-                body, read = await _read_small(chunks, SMALL_ANSWER_BYTES)
-            headers, body = screen_answer(headers, body, self.s.secrets.redact_bytes)
-            if outcome.rejection is not None:
-                hint = rejection_hint(
-                    outcome.rejection,
-                    credential=verdict.route.settings.credential,
-                    scope=verdict.scope,
-                    workspace=verdict.workspace,
-                    needs_workspace=verdict.needs_workspace,
-                )
-                headers.append((b"x-publer-proxy-hint", hint.encode("latin-1", "replace")))
-                log.warning(
-                    "upstream_auth_failed",
-                    status=response.status_code,
-                    credential=verdict.route.settings.credential,
-                    key=outcome.key.masked if outcome.key else None,
-                    key_version=outcome.key.version if outcome.key else None,
-                    rejected=outcome.rejection.value,
-                    hint=hint,
-                )
-            start = {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": headers,
-            }
-            if head_only or body is not None:
-                await send(start)
-                await send({"type": "http.response.body", "body": body or b""})
-                return
-            await send(start)
-            relay = asyncio.create_task(self._relay(send, read, chunks))
-            watch = asyncio.create_task(_wait_disconnect(receive))
-            done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (relay, watch):
-                if task not in done:
-                    task.cancel()
-            await asyncio.gather(relay, watch, return_exceptions=True)
-            if relay not in done:
-                outcome.decision = "client_disconnected"
-                return
-            error = relay.exception()
-            if error is not None:
-                # The status line is gone already: the client sees a truncated body.
-                outcome.decision = "upstream_broken"
-                log.warning("upstream_body_failed", error=type(error).__name__)
-        finally:
-            await response.aclose()
-
-    async def _relay(self, send: Send, read: list[bytes], chunks: AsyncIterator[bytes]) -> None:
-        for chunk in read:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        async for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+            for chunk in read:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamFailed as exc:
+            outcome.decision = "upstream_broken"
+            log.warning("upstream_body_failed", reason=exc.refusal.message)
+            return None  # uvicorn closes the connection: the client sees the cut
+        return {"type": "http.response.body", "body": b""}
 
     async def _resync_budget(self, credential: str, headers: list[tuple[bytes, bytes]]) -> None:
         remaining = reset = None
@@ -442,7 +425,7 @@ class Forwarder:
 class _ReadAnswer:
     """An answer whose first bytes were read to decide what it means, then replayed."""
 
-    def __init__(self, answer: Answer, head: bytes, rest: AsyncIterator[bytes] | None) -> None:
+    def __init__(self, answer: Response, head: bytes, rest: AsyncIterator[bytes] | None) -> None:
         self.status_code = answer.status_code
         self.raw_headers = answer.raw_headers
         self._answer = answer
@@ -460,7 +443,7 @@ class _ReadAnswer:
         await self._answer.aclose()
 
 
-async def _read_rejection(answer: Answer) -> tuple[Answer, Rejection | None]:
+async def _read_rejection(answer: Response) -> tuple[Response, Rejection | None]:
     """Read the message of a 401/403 (it is short) and say what Publer rejected."""
     chunks = answer.aiter_raw()
     head = b""
@@ -470,12 +453,7 @@ async def _read_rejection(answer: Answer) -> tuple[Answer, Rejection | None]:
             head += await anext(chunks)
     except StopAsyncIteration:
         rest = None
-    except httpx.HTTPError as exc:
-        await answer.aclose()
-        raise ProxyError(
-            Refusal.of("upstream_unreachable", f"Publer's answer broke off ({type(exc).__name__})")
-        ) from None
-    except BaseException:
+    except BaseException:  # UpstreamFailed when it broke off
         await answer.aclose()
         raise
     return _ReadAnswer(answer, head, rest), rejection(answer.status_code, head)
@@ -483,19 +461,15 @@ async def _read_rejection(answer: Answer) -> tuple[Answer, Rejection | None]:
 
 async def _read_small(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes | None, list[bytes]]:
     """(the whole body, []) when it ends within `limit` bytes, else (None, the chunks read
-    so far, the last one past the limit). Raises ProxyError when the answer breaks off."""
+    so far, the last one past the limit). Raises UpstreamFailed when the response breaks
+    off."""
     read: list[bytes] = []
     size = 0
-    try:
-        async for chunk in chunks:
-            read.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                return None, read
-    except httpx.HTTPError as exc:
-        raise ProxyError(
-            Refusal.of("upstream_unreachable", f"Publer's answer broke off ({type(exc).__name__})")
-        ) from None
+    async for chunk in chunks:
+        read.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None, read
     return b"".join(read), []
 
 
@@ -504,13 +478,6 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
         if name == b"content-length":
             return int(value) if value.isdigit() else None
     return None
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def _too_large(limit: int) -> Refusal:

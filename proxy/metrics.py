@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from proxy.scopes import KNOWN_METHODS
+
+if TYPE_CHECKING:
+    from proxy.upstream import PoolStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -84,6 +89,24 @@ class Metrics:
             ["credential"],
             registry=r,
         )
+
+        self.upstream_connections = Gauge(
+            "publer_proxy_upstream_connections",
+            "Connections to Publer: in_use (held by a request) or idle (kept for reuse).",
+            ["state"],
+            registry=r,
+        )
+        self.upstream_waiting = Gauge(
+            "publer_proxy_upstream_waiting_requests",
+            "Requests waiting for a connection to Publer (all max_connections in use).",
+            registry=r,
+        )
+
+    def watch_pool(self, stats: Callable[[], PoolStats]) -> None:
+        """Read the upstream pool's gauges from `stats` at every scrape."""
+        self.upstream_connections.labels("in_use").set_function(lambda: stats().in_use)
+        self.upstream_connections.labels("idle").set_function(lambda: stats().idle)
+        self.upstream_waiting.set_function(lambda: stats().waiting)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

@@ -230,10 +230,14 @@ def start_proxy(
     *,
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
+    module: str = "proxy",
     config_path: Path | None = None,
 ) -> Proxy:
     """`publer-proxy serve` on the config; waits for /readyz 200 (or /healthz). With
-    `config_path`, the config is read from there as it is (the caller wrote it)."""
+    `config_path`, the config is read from there as it is (the caller wrote it).
+
+    `module` is what `python -m` runs (tests.asyncio_proxy: the same on asyncio's loop).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port = config["listen"]["port"]
     if config_path is None:
@@ -246,7 +250,7 @@ def start_proxy(
     child_env.update(env or {})
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)],
+            [sys.executable, "-m", module, "serve", "--config", str(config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=child_env,

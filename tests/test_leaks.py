@@ -17,6 +17,7 @@ import pytest
 from proxy.policy import hash_token
 from tests.bao import Bao, free_port, start_bao
 from tests.moto import REGION, start_moto
+from tests.origins import Origin, Request, Reset, Step, Write
 from tests.peers import ECHO_MODES, echo_origin, recording_listener
 from tests.servers import Proxy, proxy_config, start_proxy, start_sandbox
 from tests.test_devstack import descendants
@@ -466,3 +467,54 @@ def test_no_secret_through_the_forward_proxy(
             content = path.read_bytes()
             if path.name != "publer-key.pem":  # the stand-in's own certificate key
                 assert b"PRIVATE KEY" not in content, path
+
+
+def _echo_key(request: Request) -> list[Step]:
+    """An origin that puts the Authorization it got into responses HTTP does not allow."""
+    key = request.headers.get("authorization", "").encode()
+    case = request.query.get("case")
+    if case == "status":
+        return [Write(b"HTTP/1.1 600 " + key + b"\r\nContent-Length: 0\r\n\r\n")]
+    if case == "status-line":
+        return [Write(b"XTTP/1.1 200 " + key + b"\r\n\r\n")]
+    if case == "control":
+        return [Write(b"HTTP/1.1 200 OK\r\nX-Echo: " + key + b"\x01\r\nContent-Length: 0\r\n\r\n")]
+    if case == "switch":
+        return [Write(b"HTTP/1.1 101 Switching\r\nUpgrade: x\r\nX-Echo: " + key + b"\r\n\r\n")]
+    if case == "field":
+        return [Write(b"HTTP/1.1 200 OK\r\nX-Echo: " + key * 400 + b"\r\n\r\n")]
+    return [Write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + key[:20]), Reset()]
+
+
+def test_no_key_in_any_output_when_the_origin_echoes_it_in_broken_responses(
+    tmp_path: Path,
+) -> None:
+    """An origin that echoes the key inside responses the hop refuses (a status of 600, a
+    garbage status line, control bytes, a 101, a header field over the limit, a body cut
+    by a reset), at debug level: the key is in no log line and in no response."""
+    api_key = "pk_leak_" + secrets.token_hex(20)
+    vault = start_bao(tmp_path / "bao")
+    vault.write_key("publer/api", api_key)
+    (tmp_path / "token").write_text(vault.root_token)
+    with Origin(_echo_key) as origin:
+        config = proxy_config(origin.url, origin.url, token_file=tmp_path / "token")
+        config["vault"]["url"] = vault.url
+        config["upstream"] = {"url": origin.url, "retries": 1}
+        proxy = start_proxy(tmp_path / "proxy", config)
+        bodies = []
+        try:
+            for case in ("status", "status-line", "control", "switch", "field", "cut"):
+                try:
+                    answer = httpx.get(f"{proxy.url}/api/v1/posts?case={case}", timeout=10)
+                    bodies.append(answer.text + str(answer.headers))
+                except httpx.HTTPError as exc:
+                    bodies.append(repr(exc))
+        finally:
+            proxy.stop()
+            vault.stop()
+    assert len(origin.requests) >= 6  # every case reached the origin with the key
+    output = proxy.output()
+    assert '"level":"debug"' in output
+    assert "upstream_unreachable" in "\n".join(bodies)
+    for where, text in (("the proxy's output", output), ("a response", "\n".join(bodies))):
+        assert api_key not in text, f"the key appears in {where}"

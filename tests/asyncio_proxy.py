@@ -1,0 +1,28 @@
+"""`python -m tests.asyncio_proxy serve --config PATH`: the proxy on asyncio's own loop.
+
+Production runs on uvloop; tests that must hold on both loops start the proxy through this
+module, which changes nothing but the loop uvicorn is told to use.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import uvicorn
+
+import proxy.server
+from proxy.cli import main
+
+_uvicorn_config = proxy.server.uvicorn_config
+
+
+def _on_asyncio(settings: Any, app: Any) -> uvicorn.Config:
+    config = _uvicorn_config(settings, app)
+    config.loop = "asyncio"
+    return config
+
+
+if __name__ == "__main__":
+    proxy.server.uvicorn_config = _on_asyncio
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,146 @@
+"""The hooks proxy/server.py takes in uvicorn's httptools protocol are still called.
+
+`StrictHttpToolsProtocol` overrides methods of uvicorn's internal protocol class; a
+uvicorn release that renamed or stopped calling one would silently drop a limit (a
+slow-client timer, the head bound, the raw target). pyproject pins uvicorn to the tested
+range; these tests fail loudly when a hook stops working, each one through a real socket
+against uvicorn serving on uvloop, with the timeouts shortened.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+from structlog.testing import capture_logs
+
+import proxy.server
+from proxy.forward import ABSOLUTE_FORM_KEY
+from proxy.server import MAX_HEADER_BYTES, StrictHttpToolsProtocol
+from tests.bao import free_port
+
+SEEN: list[dict[str, Any]] = []
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """Records the scope; streams 64 MiB for /big, else a short body."""
+    if scope["type"] != "http":
+        return
+    SEEN.append(dict(scope))
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    if scope["path"] == "/big":
+        chunk = b"x" * (1024 * 1024)
+        for _ in range(64):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, int]]:
+    """uvicorn with the strict protocol on uvloop, in a thread, short timeouts."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(proxy.server, "HEADER_TIMEOUT_SECONDS", 0.5)
+    patch.setattr(proxy.server, "BODY_IDLE_TIMEOUT_SECONDS", 0.5)
+    patch.setattr(proxy.server, "SEND_TIMEOUT_SECONDS", 0.5)
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=StrictHttpToolsProtocol,
+        loop="uvloop",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+    )
+    uvicorn_server = uvicorn.Server(config)
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uvicorn_server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield "127.0.0.1", port
+    uvicorn_server.should_exit = True
+    thread.join(10)
+    patch.undo()
+
+
+def exchange(address: tuple[str, int], data: bytes, wait: float = 3.0) -> bytes:
+    """Send `data`, return everything received until the server closes (or `wait`)."""
+    with socket.create_connection(address, timeout=wait) as sock:
+        sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+        return received
+
+
+def closed_within(address: tuple[str, int], data: bytes, seconds: float) -> bool:
+    """Whether the server closes the connection within `seconds` after `data`."""
+    with socket.create_connection(address, timeout=seconds) as sock:
+        sock.sendall(data)
+        try:
+            while sock.recv(65536):
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        return True
+
+
+def test_head_timer_still_closes_a_slow_client(server: tuple[str, int]) -> None:
+    """connection_made and data_received: a head that never ends is closed at its timer."""
+    with capture_logs() as logs:
+        assert closed_within(server, b"GET / HTTP/1.1\r\nHost: x\r\n", 3.0)
+    assert any(e["event"] == "client_timed_out" and e["phase"] == "head" for e in logs)
+
+
+def test_body_idle_timer_still_closes_a_stalled_upload(server: tuple[str, int]) -> None:
+    """on_headers_complete arms the body timer: an upload that stops is closed."""
+    with capture_logs() as logs:
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"
+        assert closed_within(server, head, 3.0)
+    assert any(e["event"] == "client_timed_out" and e["phase"] == "body" for e in logs)
+
+
+def test_send_timer_still_drops_a_client_that_reads_nothing(server: tuple[str, int]) -> None:
+    """pause_writing: a client that reads nothing of a large response is dropped."""
+    with capture_logs() as logs:
+        sock = socket.create_connection(server)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        deadline = time.monotonic() + 5
+        while not any(e["event"] == "client_not_reading" for e in logs):
+            assert time.monotonic() < deadline, "the send timer never fired"
+            time.sleep(0.05)
+        sock.close()
+
+
+def test_raw_target_and_absolute_form_still_reach_the_scope(server: tuple[str, int]) -> None:
+    """on_headers_complete puts the target back as sent (fragment included) and marks an
+    absolute-form target."""
+    SEEN.clear()
+    exchange(server, b"GET /a/b#frag?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    exchange(server, b"GET http://evil.test/p HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    first, second = SEEN
+    assert first["raw_path"] == b"/a/b#frag" and first["query_string"] == b"x=1"
+    assert first[ABSOLUTE_FORM_KEY] is False and second[ABSOLUTE_FORM_KEY] is True
+
+
+def test_oversized_and_malformed_heads_get_the_refusal_envelope(server: tuple[str, int]) -> None:
+    """data_received bounds the head and send_400_response answers in the proxy's envelope."""
+    big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 1024) + b"\r\n\r\n"
+    for data in (big, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n"):
+        answer = exchange(server, data)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b"x-publer-proxy-error: bad_request" in answer
