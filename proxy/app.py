@@ -21,17 +21,19 @@ from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.activity import Activity
+from proxy.audit import AuditLog
 from proxy.configfile import LoadedConfig, in_code
 from proxy.credentials import CredentialStore
 from proxy.forward import Forwarder, Services
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.policy import build_routes
-from proxy.ratelimit import make_budget
+from proxy.ratelimit import make_budget, window_use
 from proxy.redact import SecretRegistry, masked_url
 from proxy.reload import Generation, Live, Reloader
 from proxy.requestid import RequestContext
 from proxy.scopes import ScopeMap
 from proxy.settings import Settings
+from proxy.shares import SharePlan
 from proxy.status import STATUS_HTML_PATH, STATUS_JSON_PATH, status_html, status_json
 from proxy.upstream import Upstream
 
@@ -73,7 +75,21 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     services = _services(request)
     services.credentials.update_metrics()
+    await update_share_metrics(services)
     return Response(services.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def update_share_metrics(services: Services) -> None:
+    """Set each client's use of its credential's current window, as /metrics shows it."""
+    uses = await window_use(services.budget, services.shares, services.settings.rate_limit)
+    # Only the clients of the config now serving: a reload may have removed some.
+    services.metrics.share_used.clear()
+    services.metrics.share_nominal.clear()
+    for window in uses:
+        for use in window.shares:
+            labels = (window.credential, use.route, use.client)
+            services.metrics.share_used.labels(*labels).set(use.used)
+            services.metrics.share_nominal.labels(*labels).set(use.share)
 
 
 def create_app(
@@ -88,15 +104,19 @@ def create_app(
     """Build the proxy app; the lifespan reads the keys and opens the upstream pool.
 
     With `loaded` (a config read from its file) the file is reloaded on SIGHUP and, when
-    configured, when it changes.
+    configured, when it changes. The audit sink is opened here, before serving:
+    AuditSinkError if it cannot be used (a reload keeps the sink the process started with).
     """
+    metrics_registry = Metrics()
+    audit = AuditLog(settings.audit, secrets, metrics_registry, settings.rate_limit.redis_url)
+    audit.open()
 
     for value in settings.secret_values():
         secrets.add(value)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        registry = Metrics()
+        registry = metrics_registry
         store = CredentialStore(
             settings.credentials_in_use(),
             registry,
@@ -114,6 +134,8 @@ def create_app(
             metrics=registry,
             secrets=secrets,
             activity=Activity(settings.rate_limit.per_seconds),
+            shares=SharePlan.of(settings.routes),
+            audit=audit,
         )
         config = loaded or in_code(settings, scope_map)
         live = Live(Generation(1, config, services, Forwarder(services)))
@@ -122,6 +144,7 @@ def create_app(
         for warning in settings.warnings():
             log.warning("insecure_setting", detail=warning)
         await store.start()
+        await audit.start()
         log.info(
             "proxy_started",
             routes=[r.name for r in settings.routes],
@@ -146,6 +169,7 @@ def create_app(
             store.close()
             await services.upstream.aclose()
             await live.current.services.budget.close()
+            await audit.close()
             log.info("proxy_stopped")
 
     ops = Starlette(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from proxy.configfile import load_config
 from proxy.scopes import READ_METHODS, ScopeMap
-from proxy.settings import ConfigError, Settings, config_path
+from proxy.settings import ConfigError, Settings, config_path, load_settings
 from proxy.sources import describe
 
 EXIT_OK, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2
@@ -28,6 +28,13 @@ def _print_problems(error: ConfigError) -> int:
     return EXIT_INVALID
 
 
+def _share_terms(weight: float, cap: int | None) -> str:
+    terms = ([f"weight {weight:g}"] if weight != 1 else []) + (
+        [f"at most {cap} per window"] if cap is not None else []
+    )
+    return f" ({', '.join(terms)})" if terms else ""
+
+
 def describe_routes(settings: Settings, scope_map: ScopeMap) -> list[str]:
     """The effective routes, one block each, as `check` prints them."""
     lines: list[str] = []
@@ -37,7 +44,9 @@ def describe_routes(settings: Settings, scope_map: ScopeMap) -> list[str]:
             methods &= READ_METHODS
         workspaces = ", ".join(route.allowed_workspaces) or "(none)"
         clients = (
-            ", ".join(c.name for c in route.clients) if route.clients else "(open: no client auth)"
+            ", ".join(c.name + _share_terms(c.weight, c.max_requests) for c in route.clients)
+            if route.clients
+            else "(open: no client auth)"
         )
         lines += [
             f"route {route.name}",
@@ -47,6 +56,7 @@ def describe_routes(settings: Settings, scope_map: ScopeMap) -> list[str]:
             f"  scopes:     {', '.join(route.scopes)}",
             f"  methods:    {', '.join(sorted(methods))}",
             f"  clients:    {clients}",
+            f"  budget:     {route.credential}{_share_terms(route.weight, route.max_requests)}",
         ]
     return lines
 
@@ -62,13 +72,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loaded = load_config(config_path(args.config))
     except ConfigError as exc:
         return _print_problems(exc)
+    from proxy.audit import AuditSinkError
+
     secrets = SecretRegistry()
     configure_logging(loaded.settings.logging, secrets)
-    return serve(
-        loaded.settings,
-        create_app(loaded.settings, loaded.scope_map, secrets, loaded=loaded),
-        secrets,
-    )
+    try:
+        app = create_app(loaded.settings, loaded.scope_map, secrets, loaded=loaded)
+    except AuditSinkError as exc:
+        print(f"publer-proxy: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    return serve(loaded.settings, app, secrets)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -161,6 +174,33 @@ def cmd_hash_token(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Check an audit file's hash chain, against the published head when known."""
+    from pathlib import Path
+
+    from proxy.audit import verify_file
+
+    settings = None
+    if args.config:
+        try:
+            settings = load_settings(config_path(args.config))
+        except ConfigError as exc:
+            return _print_problems(exc)
+    audit = settings.audit if settings else None
+    status, lines = verify_file(
+        Path(args.file),
+        head=args.head,
+        redis_url=args.redis_url
+        or (audit.redis_url if audit else None)
+        or (settings.rate_limit.redis_url if settings else None),
+        key=args.head_key,
+        settings=audit,
+    )
+    for line in lines:
+        print(line, file=sys.stderr if status == EXIT_UNREACHABLE else sys.stdout)
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `publer-proxy`."""
     parser = argparse.ArgumentParser(
@@ -228,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
         "hash-token", help="print the sha256 digest of a client token read on stdin"
     )
     hash_cmd.set_defaults(func=cmd_hash_token)
+    audit = sub.add_parser("audit", help="the audit log of mutating calls")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify",
+        help="report the first line of an audit file that was altered, removed or reordered",
+    )
+    verify.add_argument("file", help="the audit file")
+    verify.add_argument("--head", metavar="LINES:HASH", help="the published head to check against")
+    verify.add_argument("--redis-url", help="read the published head from this Redis")
+    verify.add_argument("--head-key", help="its key (default: the config's, or this host's)")
+    verify.add_argument("--config", help="take the Redis URL and key from this config")
+    verify.set_defaults(func=cmd_audit_verify)
     return parser
 
 

@@ -88,6 +88,7 @@ class Refusal:
     status: int
     retry_after: int | None = None
     rate_limit: RateLimitHeaders | None = None
+    limit: str | None = None  # rate_limited: which limit refused (`limit` in the body)
 
     @classmethod
     def of(
@@ -97,9 +98,10 @@ class Refusal:
         *,
         retry_after: int | None = None,
         rate_limit: RateLimitHeaders | None = None,
+        limit: str | None = None,
     ) -> Refusal:
         """A refusal with the status that the refusal table gives its code."""
-        return cls(code, message, STATUS[code], retry_after, rate_limit)
+        return cls(code, message, STATUS[code], retry_after, rate_limit, limit)
 
     def body(self, request_id: str) -> bytes:
         """The JSON envelope: Publer's `errors` list plus `code` and `request_id`."""
@@ -110,6 +112,8 @@ class Refusal:
         }
         if self.code == "rate_limited":
             payload["error"] = RATE_LIMIT_MESSAGE
+        if self.limit is not None:
+            payload["limit"] = self.limit
         return orjson.dumps(payload)
 
     def headers(self, body_length: int) -> list[tuple[bytes, bytes]]:

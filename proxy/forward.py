@@ -20,6 +20,7 @@ from prometheus_client import Counter
 from starlette.types import Message, Receive, Scope, Send
 
 from proxy.activity import Activity
+from proxy.audit import AuditLog
 from proxy.credentials import CredentialStore, HeldKey
 from proxy.downstream import BodyTooLarge, ClientGone, Downstream
 from proxy.errors import STATUS, ProxyError, RateLimitHeaders, Refusal, UpstreamFailed
@@ -33,12 +34,13 @@ from proxy.publer import (
     rejection,
     rejection_hint,
 )
-from proxy.ratelimit import Budget, retry_after_header, spend
+from proxy.ratelimit import Budget, Queue, retry_after_header
 from proxy.redact import SecretRegistry
 from proxy.requestid import REQUEST_ID_KEY
 from proxy.scopes import READ_METHODS, ScopeMap
 from proxy.screening import screen_answer
-from proxy.settings import Settings
+from proxy.settings import ANONYMOUS_CLIENT, Settings
+from proxy.shares import SharePlan, limit_requests, refusal_text
 from proxy.upstream import Response, Upstream
 
 log = structlog.get_logger("proxy.access")
@@ -67,6 +69,7 @@ class Outcome:
     attempts: int = 0
     rejection: Rejection | None = None
     head_sent: bool = False  # the status line went out: a later failure truncates the body
+    answer: bytes | None = None  # Publer's response, when small enough to be read whole
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class Services:
     metrics: Metrics
     secrets: SecretRegistry  # what answers are screened for before they reach a client
     activity: Activity
+    shares: SharePlan
+    audit: AuditLog
 
 
 async def send_refusal(send: Send, refusal: Refusal, request_id: str, head_only: bool) -> None:
@@ -121,6 +126,8 @@ class Forwarder:
     def __init__(self, services: Services) -> None:
         self.s = services
         self._counters: dict[tuple[str, str, str, str], Counter] = {}  # labelled children
+        self._client_counters: dict[tuple[str, str, str], Counter] = {}
+        self._queue = Queue()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -180,7 +187,7 @@ class Forwarder:
         downstream = Downstream(receive, limit)
         # Everything awaited inside the block is cancelled when the client leaves.
         async with downstream:
-            await self._spend(credential)
+            await self._spend(verdict)
             body: bytes | AsyncIterator[bytes] | None
             if length is None or length == 0:
                 body = None
@@ -202,20 +209,26 @@ class Forwarder:
             # gone, which must not cancel anything.
             await send(last)
 
-    async def _spend(self, credential: str) -> None:
+    async def _spend(self, verdict: Verdict) -> None:
+        assert verdict.route is not None
         settings = self.s.settings.rate_limit
-        grant = await spend(self.s.budget, credential, settings.max_wait_seconds)
-        self.s.metrics.budget_left.labels(credential).set(grant.remaining)
+        share = self.s.shares.share(verdict.route.name, verdict.client)
+        grant = await self._queue.spend(self.s.budget, share, settings.max_wait_seconds)
+        self.s.metrics.budget_left.labels(share.credential).set(grant.remaining)
         if not grant.allowed:
+            limit = grant.limit or "credential"
+            retry_after = retry_after_header(grant)
+            ceiling = limit_requests(share, limit, settings.requests)
+            self.s.metrics.rate_limited.labels(share.route, share.client, limit).inc()
             raise ProxyError(
                 Refusal.of(
                     "rate_limited",
-                    f"the rate budget of credential '{credential}' ({settings.requests} requests"
-                    f" per {settings.per_seconds:g} s) is spent; retry later",
-                    retry_after=retry_after_header(grant),
+                    refusal_text(share, limit, settings.requests, settings.per_seconds),
+                    retry_after=retry_after,
+                    limit=limit,
                     rate_limit=RateLimitHeaders(
-                        limit=settings.requests,
-                        remaining=max(0, grant.remaining),
+                        limit=ceiling,
+                        remaining=0,
                         reset=math.ceil(time.time() + grant.retry_after),
                     ),
                 )
@@ -325,6 +338,7 @@ class Forwarder:
             # and one that breaks off is still a clean 502.
             body, read = await _read_small(chunks, SMALL_RESPONSE_BYTES)
         headers, body = screen_answer(headers, body, self.s.secrets.redact_bytes)
+        outcome.answer = body
         if outcome.rejection is not None:
             hint = rejection_hint(
                 outcome.rejection,
@@ -384,12 +398,13 @@ class Forwarder:
     def _record(self, scope: Scope, outcome: Outcome, duration: float) -> None:
         verdict = outcome.verdict
         route = verdict.route.name if verdict and verdict.route else None
+        client = (verdict.client if verdict else None) or ANONYMOUS_CLIENT
         method = method_label(scope["method"])
         raw_path: bytes = scope.get("raw_path") or b""
         log.info(
             "request",
             route=route,
-            client=verdict.client if verdict else None,
+            client=client,
             method=method,
             path=raw_path[:256].decode("latin-1"),
             scope=verdict.scope if verdict else None,
@@ -400,6 +415,17 @@ class Forwarder:
             key=outcome.key.masked if outcome.key else None,
             key_version=outcome.key.version if outcome.key else None,
             attempts=outcome.attempts,
+        )
+        self.s.audit.record(
+            request_id=scope[REQUEST_ID_KEY],
+            route=route,
+            client=client,
+            method=scope["method"],
+            path=raw_path[:2048].decode("latin-1"),
+            status=outcome.status,
+            upstream_status=outcome.upstream_status,
+            decision=outcome.decision,
+            answer=outcome.answer,
         )
         metrics = self.s.metrics
         labels = (
@@ -412,14 +438,19 @@ class Forwarder:
         if counter is None:
             counter = self._counters[labels] = metrics.requests.labels(*labels)
         counter.inc()
-        client = verdict.client if verdict else None
+        by_client = (labels[0], client, labels[3])
+        counter = self._client_counters.get(by_client)
+        if counter is None:
+            counter = self._client_counters[by_client] = metrics.client_requests.labels(*by_client)
+        counter.inc()
+        named = verdict.client if verdict else None
         if outcome.decision in STATUS:
             metrics.refusals.labels(outcome.decision).inc()
             self.s.activity.refused(
-                outcome.decision, outcome.status, route, client, scope[REQUEST_ID_KEY]
+                outcome.decision, outcome.status, route, named, scope[REQUEST_ID_KEY]
             )
         if outcome.attempts and route is not None:
-            self.s.activity.spent(route, client)
+            self.s.activity.spent(route, named)
 
 
 class _ReadAnswer:

@@ -90,6 +90,37 @@ class Metrics:
             registry=r,
         )
 
+        # Per client: names come from the config (plus `anonymous`), so series are bounded.
+        self.client_requests = Counter(
+            "publer_proxy_client_requests",
+            "Requests answered, by route, client and status.",
+            ["route", "client", "status"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "publer_proxy_rate_limited",
+            "Requests refused for budget, by route, client and the limit that refused them.",
+            ["route", "client", "limit"],
+            registry=r,
+        )
+        self.share_used = Gauge(
+            "publer_proxy_share_used",
+            "Requests each client spent in its credential's current window.",
+            ["credential", "route", "client"],
+            registry=r,
+        )
+        self.share_nominal = Gauge(
+            "publer_proxy_share_requests",
+            "Each client's weighted share of its credential's window, all clients active.",
+            ["credential", "route", "client"],
+            registry=r,
+        )
+
+        self.audit_lines = Gauge(
+            "publer_proxy_audit_lines",
+            "Lines in the audit log's hash chain: the head's count, for `audit verify`.",
+            registry=r,
+        )
         self.upstream_connections = Gauge(
             "publer_proxy_upstream_connections",
             "Connections to Publer: in_use (held by a request) or idle (kept for reuse).",

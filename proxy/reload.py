@@ -42,6 +42,7 @@ from proxy.forward import Forwarder, Services
 from proxy.policy import build_routes
 from proxy.ratelimit import Budget, MemoryBudget, make_budget
 from proxy.settings import ConfigError, RateLimitSettings, Settings
+from proxy.shares import SharePlan
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +51,7 @@ RESTART_ONLY = {
     "logging": "the log pipeline is set up once, at start",
     "vault": "the Vault session (address, TLS, login) is made once, at start",
     "upstream": "the connection pool to Publer is made once, at start",
+    "audit": "the audit sink is opened and its chain continued once, at start",
     "forward_proxy": "the forward-proxy listener and its CA are made once, at start",
 }
 # Kubernetes updates a mounted ConfigMap by re-pointing this link in the file's directory.
@@ -179,6 +181,7 @@ def next_services(current: Services, config: LoadedConfig) -> Services:
         routes=build_routes(settings.routes),
         scope_map=config.scope_map,
         budget=budget_for(current.budget, current.settings.rate_limit, settings.rate_limit),
+        shares=SharePlan.of(settings.routes),
     )
 
 

@@ -45,6 +45,7 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
@@ -344,9 +345,31 @@ AnyCredential = Annotated[
 ]
 
 
+# The client label of requests that name no configured client (an open route, or a
+# refusal before the client token was checked); no configured client may take it.
+ANONYMOUS_CLIENT = "anonymous"
+
+
 class ClientSettings(_Model):
     name: str
     token_sha256: str
+    # This client's part of its route's share of the credential's budget, and its cap.
+    weight: PositiveFloat = 1.0
+    max_requests: PositiveInt | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                "must be letters, digits, '.', '_' or '-' (it names the client in logs,"
+                " metrics and the audit log)"
+            )
+        if value == ANONYMOUS_CLIENT:
+            raise ValueError(
+                f"{ANONYMOUS_CLIENT!r} is reserved for requests without a client; pick another name"
+            )
+        return value
 
     @field_validator("token_sha256")
     @classmethod
@@ -363,6 +386,9 @@ class RouteSettings(_Model):
     scopes: list[str]
     read_only: bool = False
     clients: list[ClientSettings] | None = None
+    # The route's share of its credential's budget (split among its clients), and its cap.
+    weight: PositiveFloat = 1.0
+    max_requests: PositiveInt | None = None
 
     @field_validator("name")
     @classmethod
@@ -415,6 +441,18 @@ class RouteSettings(_Model):
             raise ValueError("set workspace_id or workspace_ids, not both")
         return self
 
+    @model_validator(mode="after")
+    def _distinct_clients(self) -> RouteSettings:
+        seen: set[str] = set()
+        for client in self.clients or ():
+            if client.name in seen:
+                raise ValueError(
+                    f"client name {client.name!r} is used twice on this route; each client"
+                    " needs its own name (it is how logs, metrics and budgets tell them apart)"
+                )
+            seen.add(client.name)
+        return self
+
     @property
     def allowed_workspaces(self) -> tuple[str, ...]:
         """The workspace ids the route allows, the default first."""
@@ -452,6 +490,22 @@ class RateLimitSettings(_Model):
     redis_url: str | None = None
 
 
+class AuditSettings(_Model):
+    # "stdout", "stderr", or a file the proxy appends to (one file per proxy process).
+    sink: str
+    # Where the chain head (line count and last hash) is published, out of the writer's
+    # reach; default: rate_limit.redis_url when set.
+    redis_url: str | None = None
+    head_key: str | None = None
+
+    @field_validator("sink")
+    @classmethod
+    def _sink(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be stdout, stderr, or the path of a file to append to")
+        return value
+
+
 class LoggingSettings(_Model):
     format: Literal["json", "console", "auto"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -485,6 +539,7 @@ class Settings(_Model):
     routes: list[RouteSettings]
     rate_limit: RateLimitSettings = RateLimitSettings()
     logging: LoggingSettings = LoggingSettings()
+    audit: AuditSettings | None = None
     scope_map: Path | None = None
     forward_proxy: ForwardProxySettings | None = None
     reload: ReloadSettings = ReloadSettings()
@@ -589,12 +644,34 @@ class Settings(_Model):
                 f" proxy {masked_url(self.upstream.proxy)} sees the API key; use https://"
             )
         found += credential_warnings(self.credentials_in_use())
+        found.extend(self._unreachable_caps())
+        return found
+
+    def _unreachable_caps(self) -> list[str]:
+        limit = self.rate_limit.requests
+        found: list[str] = []
+        for index, route in enumerate(self.routes):
+            caps = [(f"routes.{index}.max_requests", route.max_requests)]
+            caps += [
+                (f"routes.{index}.clients.{n}.max_requests", client.max_requests)
+                for n, client in enumerate(route.clients or ())
+            ]
+            found.extend(
+                f"{where}: {cap} is above rate_limit.requests ({limit}), so it never applies"
+                for where, cap in caps
+                if cap is not None and cap > limit
+            )
         return found
 
     def secret_values(self) -> list[str]:
         """Secrets written in the config itself (a password in a proxy or Redis URL), to
         register for redaction before anything is logged."""
-        urls = [self.vault.proxy, self.upstream.proxy, self.rate_limit.redis_url]
+        urls = [
+            self.vault.proxy,
+            self.upstream.proxy,
+            self.rate_limit.redis_url,
+            self.audit.redis_url if self.audit else None,
+        ]
         urls += [c.proxy for c in self.credentials.values() if isinstance(c, AwsCredentialSettings)]
         return [secret for url in urls for secret in url_secrets(url)]
 

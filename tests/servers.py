@@ -285,7 +285,7 @@ def start_redis(workdir: Path) -> Process:
                 client.ping()
                 return server
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
+                if process.poll() is not None or time.monotonic() > deadline:
                     server.stop()
                     raise
                 time.sleep(0.05)

@@ -165,17 +165,21 @@ def test_redis_ceiling_under_a_huge_limit(redis_url: str) -> None:
 
     from proxy.ratelimit import RedisBudget
     from proxy.settings import RateLimitSettings
+    from proxy.shares import Share
 
     settings = RateLimitSettings(requests=1_000_000_000, per_seconds=120, redis_url=redis_url)
 
     async def scenario() -> list[tuple[bool, int, float]]:
         budget = RedisBudget(settings, redis_url)
         try:
-            await budget.take("huge")
+            await budget.take(Share(credential="huge", route="r", client="anonymous"))
             await budget.sync("huge", remaining=50, reset_seconds=30)  # lowers the ceiling
             await budget.sync("huge", remaining=2, reset_seconds=30)
             await budget.sync("huge", remaining=40, reset_seconds=30)  # higher: ignored
-            grants = [await budget.take("huge") for _ in range(3)]
+            grants = [
+                await budget.take(Share(credential="huge", route="r", client="anonymous"))
+                for _ in range(3)
+            ]
             return [(g.allowed, g.remaining, g.retry_after) for g in grants]
         finally:
             await budget.close()

@@ -31,9 +31,10 @@ SOURCES = ("file", "env", "aws")
 def test_no_secret_in_any_output_at_debug_level(tmp_path: Path, proxy_variables: bool) -> None:
     """Traffic, refusals, an upstream 401 with a re-read, Vault sealed and killed, token
     renewal and AppRole login, all at debug level: no API key, Vault token, client token
-    or secret id appears in stdout, stderr, a log line, an error body or check's output;
-    the masked key does appear. A second run exports HTTP_PROXY, HTTPS_PROXY and ALL_PROXY
-    (both spellings) naming a recording listener: it receives nothing."""
+    or secret id appears in stdout, stderr, a log line, the audit log (a file and
+    stdout), an error body or check's output; the masked key does appear. A second run
+    exports HTTP_PROXY, HTTPS_PROXY and ALL_PROXY (both spellings) naming a recording
+    listener: it receives nothing."""
     with recording_listener() as listener:
         _run_everything(tmp_path, listener.environment() if proxy_variables else {})
         assert listener.received() == b""
@@ -100,6 +101,8 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
         routes=routes,
         credential={"refresh_seconds": 1},
     )
+    approle["audit"] = {"sink": str(tmp_path / "audit-approle.jsonl")}
+    by_token["audit"] = {"sink": "stdout"}
     outputs: dict[str, str] = {}
     bodies: list[str] = []
     proxies: list[Proxy] = []
@@ -131,6 +134,15 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
         vault.write_key("publer/api", rotated_key)
         for proxy in proxies:
             answer = httpx.post(f"{proxy.url}/api/v1/posts", json={"text": api_key})
+            bodies.append(answer.text + str(answer.headers))
+            # Mutating calls are audited: a key in the path must not reach the audit sink.
+            answer = httpx.delete(f"{proxy.url}/api/v1/posts/{api_key}")
+            bodies.append(answer.text + str(answer.headers))
+            answer = httpx.put(
+                f"{proxy.url}/team/api/v1/posts/p1",
+                headers={"Authorization": f"Bearer-API {client_token}"},
+                json={"text": "hello"},
+            )
             bodies.append(answer.text + str(answer.headers))
         # The live API's way of rejecting a key: 403 "Invalid API key or not active for
         # this account.", read with its message, then the re-read and the next key.
@@ -189,6 +201,7 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
         sandbox.stop()
         vault.stop()
     outputs["answers"] = "\n".join(bodies)
+    outputs["audit file"] = (tmp_path / "audit-approle.jsonl").read_text()
     for where, text in outputs.items():
         for what, value in known.items():
             assert value not in text, f"the {what} appears in {where}"
@@ -197,6 +210,9 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
     assert "***" + rotated_key[-4:] in everything
     assert '"level":"debug"' in outputs["proxy 0"]
     assert "credential_unavailable" in outputs["answers"]
+    for audited in (outputs["audit file"], outputs["proxy 1"]):
+        assert audited.count('"event":"audit"') >= 3
+        assert '"/api/v1/posts/***' + api_key[-4:] in audited
 
 
 def test_no_secret_in_any_output_for_file_env_and_aws_sources(tmp_path: Path) -> None:

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.ratelimit import MemoryBudget, retry_after_header, spend
+from proxy.ratelimit import MemoryBudget, Queue, retry_after_header
 from proxy.settings import RateLimitSettings
+from proxy.shares import Share
+
+
+def one(credential: str) -> Share:
+    """The only shareholder of `credential`: an open route."""
+    return Share(credential=credential, route="default", client="anonymous")
 
 
 def test_window_spends_then_refuses_with_retry_after() -> None:
@@ -13,12 +19,12 @@ def test_window_spends_then_refuses_with_retry_after() -> None:
 
     async def scenario() -> None:
         budget = MemoryBudget(RateLimitSettings(requests=3, per_seconds=60))
-        grants = [await budget.take("c") for _ in range(4)]
+        grants = [await budget.take(one("c")) for _ in range(4)]
         assert [g.allowed for g in grants] == [True, True, True, False]
         assert [g.remaining for g in grants[:3]] == [2, 1, 0]
         assert 59 < grants[3].retry_after <= 60
         assert retry_after_header(grants[3]) == 60
-        assert (await budget.take("other")).allowed  # budgets are per credential
+        assert (await budget.take(one("other"))).allowed  # budgets are per credential
 
     asyncio.run(scenario())
 
@@ -28,26 +34,26 @@ def test_sync_believes_publer_when_it_counted_more() -> None:
 
     async def scenario() -> None:
         budget = MemoryBudget(RateLimitSettings(requests=10, per_seconds=60))
-        await budget.take("c")
+        await budget.take(one("c"))
         await budget.sync("c", remaining=1, reset_seconds=0.3)
-        assert (await budget.take("c")).allowed
-        assert not (await budget.take("c")).allowed
+        assert (await budget.take(one("c"))).allowed
+        assert not (await budget.take(one("c"))).allowed
         await asyncio.sleep(0.35)
-        assert (await budget.take("c")).allowed
+        assert (await budget.take(one("c"))).allowed
         await budget.sync("c", remaining=50, reset_seconds=10)  # more than ours: ignored
-        assert (await budget.take("c")).remaining == 6
+        assert (await budget.take(one("c"))).remaining == 6
 
     asyncio.run(scenario())
 
 
 def test_spend_queues_up_to_max_wait() -> None:
-    """spend() waits for a slot when it frees within max_wait, else refuses at once."""
+    """Queue.spend waits for a slot when it frees within max_wait, else refuses at once."""
 
     async def scenario() -> None:
         budget = MemoryBudget(RateLimitSettings(requests=1, per_seconds=0.2))
-        assert (await spend(budget, "c", 0)).allowed
-        assert not (await spend(budget, "c", 0)).allowed
-        assert (await spend(budget, "c", 1.0)).allowed
+        assert (await Queue().spend(budget, one("c"), 0)).allowed
+        assert not (await Queue().spend(budget, one("c"), 0)).allowed
+        assert (await Queue().spend(budget, one("c"), 1.0)).allowed
 
     asyncio.run(scenario())
 
@@ -59,13 +65,13 @@ def test_sync_under_a_huge_limit_costs_no_memory() -> None:
 
     async def scenario() -> None:
         budget = MemoryBudget(RateLimitSettings(requests=10_000_000, per_seconds=120))
-        await budget.take("c")
+        await budget.take(one("c"))
         tracemalloc.start()
         await budget.sync("c", remaining=2, reset_seconds=30)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert peak < 64 * 1024, f"sync allocated {peak} bytes"
-        grants = [await budget.take("c") for _ in range(3)]
+        grants = [await budget.take(one("c")) for _ in range(3)]
         assert [g.allowed for g in grants] == [True, True, False]
         assert [g.remaining for g in grants[:2]] == [1, 0]
         assert 29 < grants[2].retry_after <= 30  # until Publer's reset, not our window
@@ -81,10 +87,10 @@ def test_sync_keeps_the_lowest_ceiling_and_ignores_bad_resets() -> None:
         budget = MemoryBudget(RateLimitSettings(requests=100, per_seconds=60))
         for reset in (float("nan"), float("inf"), -1.0, 0.0):
             await budget.sync("c", remaining=0, reset_seconds=reset)
-            assert (await budget.take("c")).allowed, reset
+            assert (await budget.take(one("c"))).allowed, reset
         await budget.sync("c", remaining=1, reset_seconds=10)
         await budget.sync("c", remaining=5, reset_seconds=10)
-        assert (await budget.take("c")).allowed
-        assert not (await budget.take("c")).allowed
+        assert (await budget.take(one("c"))).allowed
+        assert not (await budget.take(one("c"))).allowed
 
     asyncio.run(scenario())
