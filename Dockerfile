@@ -1,8 +1,12 @@
 # publer-proxy image: the venv and the app only, run as uid 10001, no secret in
 # any layer, a HEALTHCHECK on /healthz, and no write anywhere at run time, so the root
 # filesystem can be mounted read-only (docker run --read-only, readOnlyRootFilesystem).
+# The development tools (proxy/dev: the Publer sandbox, the dev stack) are not in it.
 #
 #   docker build -t publer-proxy .
+#
+# The `dev` target is the same image plus proxy/dev, for docker-compose.yml's sandbox only:
+#   docker build --target dev -t publer-proxy-dev .
 #
 # Builds without a registry where none is reachable: scripts/container-base.sh
 # creates debian:bookworm-slim locally, then
@@ -36,20 +40,26 @@ RUN python3 -c 'import os, tomllib; p = tomllib.load(open("pyproject.toml", "rb"
     && pip install --no-compile -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The project itself, without its test or devstack extras (no openbao, no pytest); then
-# no installer left in the venv, and bytecode compiled now, checked by hash rather than
-# timestamp so that it stays valid after the copy below: nothing writes a .pyc at run time.
+# The project itself, without proxy/dev and without its test or devstack extras (no
+# openbao, no pytest); then no installer left in the venv, and bytecode compiled now,
+# checked by hash rather than timestamp so that it stays valid after the copy below:
+# nothing writes a .pyc at run time.
 COPY proxy ./proxy
-RUN pip install --no-compile --no-deps . \
+RUN rm -r proxy/dev \
+    && pip install --no-compile --no-deps . \
     && pip uninstall --yes --quiet setuptools pip \
     && rm -f /opt/venv/bin/activate* /opt/venv/bin/Activate.ps1 \
     && python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/venv
 
-FROM debian:bookworm-slim
+# The venv above plus proxy/dev, for the `dev` target.
+FROM builder AS dev-builder
+COPY proxy/dev ./proxy/dev
+RUN site=$(python3 -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+    && cp -r proxy/dev "$site/proxy/dev" \
+    && python3 -m compileall -q --invalidation-mode unchecked-hash "$site/proxy/dev"
 
-LABEL org.opencontainers.image.title="publer-proxy" \
-      org.opencontainers.image.description="A reverse proxy for the Publer API that keeps its key in Vault" \
-      org.opencontainers.image.licenses="MIT"
+# What both images run on: Python, the system CA store, and the unprivileged user.
+FROM debian:bookworm-slim AS base
 
 # ca-certificates: the upstream and Vault clients verify TLS against the system CA store.
 # /run/publer-proxy-ca: where the forward proxy writes its CA certificate; a volume mounted
@@ -62,13 +72,26 @@ RUN apt-get update \
     && useradd --uid 10001 --gid 10001 --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin publer-proxy \
     && install -d -o 10001 -g 10001 -m 0755 /run/publer-proxy-ca
-
-COPY --from=builder /opt/venv /opt/venv
-COPY deploy/proxy.image.yaml /etc/publer-proxy/proxy.yaml
-
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+
+# Development only: the Publer sandbox (docker-compose.yml's upstream), never deployed.
+FROM base AS dev
+COPY --from=dev-builder /opt/venv /opt/venv
+USER 10001:10001
+ENTRYPOINT ["publer-proxy"]
+CMD ["sandbox", "--host", "0.0.0.0", "--port", "8090"]
+
+# The image: the last stage, what `docker build .` makes.
+FROM base
+
+LABEL org.opencontainers.image.title="publer-proxy" \
+      org.opencontainers.image.description="A reverse proxy for the Publer API that keeps its key in Vault" \
+      org.opencontainers.image.licenses="MIT"
+
+COPY --from=builder /opt/venv /opt/venv
+COPY deploy/proxy.image.yaml /etc/publer-proxy/proxy.yaml
 
 # Numeric, so that Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
 USER 10001:10001

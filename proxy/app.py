@@ -2,7 +2,7 @@
 
 Dispatch is on the raw path: `/healthz`, `/readyz`, `/metrics` and the status page
 exactly, everything else goes to the forwarder of the config generation in service
-(`proxy/reload.py`), which routes by prefix and answers `no_route` itself. Starlette
+(`proxy/reload.py`), which routes by prefix and refuses with `no_route` itself. Starlette
 serves the operational endpoints and runs the lifespan that builds every shared part.
 """
 
@@ -101,7 +101,9 @@ def create_app(
     upstream: Upstream | None = None,
     loaded: LoadedConfig | None = None,
 ) -> ASGIApp:
-    """Build the proxy app; the lifespan reads the keys and opens the upstream pool.
+    """The proxy as one ASGI 3 app; its lifespan reads the keys (logging in to Vault when
+    one holds them) and opens the upstream connections. `vault` and `upstream` replace
+    the real ones in tests.
 
     With `loaded` (a config read from its file) the file is reloaded on SIGHUP and, when
     configured, when it changes. The audit sink is opened here, before serving:
@@ -133,7 +135,7 @@ def create_app(
             budget=make_budget(settings.rate_limit),
             metrics=registry,
             secrets=secrets,
-            activity=Activity(settings.rate_limit.per_seconds),
+            activity=Activity(),
             shares=SharePlan.of(settings.routes),
             audit=audit,
         )

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import orjson
 import structlog
 
+from proxy import redisclient
 from proxy.auditchain import GENESIS, Head, line_hash, seal
 from proxy.metrics import Metrics
 from proxy.redact import SecretRegistry
@@ -189,11 +190,7 @@ class AuditLog:
             return
         self._metrics.audit_lines.set(self._head.lines)
         if self._redis_url:
-            from redis.asyncio import Redis
-
-            self._redis = Redis.from_url(
-                self._redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
-            )
+            self._redis = redisclient.connect(self._redis_url)
             await self._compare_published(head_key(settings))
             self._publisher = asyncio.create_task(self._publish(head_key(settings)))
         log.info(
@@ -208,11 +205,10 @@ class AuditLog:
 
         assert self._redis is not None
         try:
-            published = await self._redis.hget(key, "head")
+            published = await _load_head(self._redis, key)
         except RedisError as exc:
             log.warning("audit_head_unpublished", error=type(exc).__name__)
             return
-        published = _text(published)
         if published is not None and published != str(self._head):
             # The file does not end where it ended when the head was published: lines
             # were removed or altered while the proxy was not running. Say so loudly.
@@ -268,7 +264,7 @@ class AuditLog:
             self._changed.clear()
             head = self._head
             try:
-                await self._redis.hset(key, mapping={"head": str(head), "lines": head.lines})
+                await _store_head(self._redis, key, head)
             except RedisError as exc:
                 if not self._redis_failing:
                     log.warning("audit_head_unpublished", error=type(exc).__name__)
@@ -292,27 +288,29 @@ class AuditLog:
             key = head_key(self._settings)
             head = self._head
             with contextlib.suppress(RedisError):
-                await self._redis.hset(key, mapping={"head": str(head), "lines": head.lines})
+                await _store_head(self._redis, key, head)
             await self._redis.aclose()
         self._close()
         self._write = None
 
 
+async def _store_head(redis: Redis, key: str, head: Head) -> None:
+    await redis.hset(key, mapping={"head": str(head), "lines": head.lines})
+
+
+async def _load_head(redis: Redis, key: str) -> str | None:
+    value = await redis.hget(key, "head")
+    return value.decode() if isinstance(value, bytes) else value
+
+
 async def published_head(redis_url: str, key: str) -> Head | None:
     """The head a proxy published to Redis under `key`, or None if there is none."""
-    from redis.asyncio import Redis
-
-    client = Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    client = redisclient.connect(redis_url, timeout=5.0)
     try:
-        value = await client.hget(key, "head")
+        text = await _load_head(client, key)
     finally:
         await client.aclose()
-    text = _text(value)
     return Head.parse(text) if text is not None else None
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def verify_file(

@@ -59,6 +59,28 @@ def _name_constraints(host: str) -> x509.NameConstraints:
     )
 
 
+_UNUSED_KEY_USAGES = (
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "encipher_only",
+    "decipher_only",
+)
+
+
+def _key_usage(
+    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> x509.KeyUsage:
+    """A KeyUsage extension (RFC 5280 section 4.2.1.3) granting only the usages named."""
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        **dict.fromkeys(_UNUSED_KEY_USAGES, False),
+    )
+
+
 def generate_ca(
     host: str, lifetime: dt.timedelta = CA_LIFETIME
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -83,17 +105,7 @@ def generate_ca(
         .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(key_cert_sign=True, crl_sign=True),
             critical=True,
         )
         .add_extension(_name_constraints(host), critical=True)
@@ -240,17 +252,7 @@ class InterceptionCA:
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(self.host)]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                _key_usage(digital_signature=True),
                 critical=True,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from proxy.configfile import load_config
-from proxy.scopes import READ_METHODS, ScopeMap
+from proxy.describe import describe_routes
+from proxy.scopes import ScopeMap
 from proxy.settings import ConfigError, Settings, config_path, load_settings
 from proxy.sources import describe
 
@@ -26,39 +27,6 @@ def _print_problems(error: ConfigError) -> int:
     for line in error.problems:
         print(f"  {line}", file=sys.stderr)
     return EXIT_INVALID
-
-
-def _share_terms(weight: float, cap: int | None) -> str:
-    terms = ([f"weight {weight:g}"] if weight != 1 else []) + (
-        [f"at most {cap} per window"] if cap is not None else []
-    )
-    return f" ({', '.join(terms)})" if terms else ""
-
-
-def describe_routes(settings: Settings, scope_map: ScopeMap) -> list[str]:
-    """The effective routes, one block each, as `check` prints them."""
-    lines: list[str] = []
-    for route in settings.routes:
-        methods = scope_map.methods_for(route.scopes)
-        if route.read_only:
-            methods &= READ_METHODS
-        workspaces = ", ".join(route.allowed_workspaces) or "(none)"
-        clients = (
-            ", ".join(c.name + _share_terms(c.weight, c.max_requests) for c in route.clients)
-            if route.clients
-            else "(open: no client auth)"
-        )
-        lines += [
-            f"route {route.name}",
-            f"  prefix:     {route.prefix or '(none)'}  -> {route.prefix}/api/v1/...",
-            f"  credential: {route.credential}",
-            f"  workspace:  {workspaces}",
-            f"  scopes:     {', '.join(route.scopes)}",
-            f"  methods:    {', '.join(sorted(methods))}",
-            f"  clients:    {clients}",
-            f"  budget:     {route.credential}{_share_terms(route.weight, route.max_requests)}",
-        ]
-    return lines
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -110,10 +78,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if check_online(settings) else EXIT_UNREACHABLE
 
 
+def _without_dev_tools(command: str, error: ModuleNotFoundError) -> int:
+    """Say what to install when the development tools are absent (as in the image)."""
+    if error.name != "proxy.dev" and not (error.name or "").startswith("proxy.dev."):
+        raise error  # a dependency is missing, not the package
+    print(
+        f"{command}: the development tools (the proxy.dev package) are not installed here;"
+        " the container image and production installs leave them out. From a clone of the"
+        " repository: `make run`, or `pip install -e '.[devstack]'`.",
+        file=sys.stderr,
+    )
+    return EXIT_INVALID
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     """The embedded local stack: OpenBao, the sandbox (or Publer) and the proxy."""
-    from proxy.dev.stack import run_dev
-
+    try:
+        from proxy.dev.stack import run_dev
+    except ModuleNotFoundError as exc:
+        return _without_dev_tools("dev", exc)
     return run_dev(port=args.port, upstream=args.upstream, source=args.source)
 
 
@@ -121,13 +104,15 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     """The Publer sandbox alone."""
     import uvicorn
 
-    from proxy.dev.sandbox import (
-        DEFAULT_SANDBOX_KEY,
-        SANDBOX_KEYS_ENV,
-        create_app,
-        parse_key_spec,
-    )
-
+    try:
+        from proxy.dev.sandbox import (
+            DEFAULT_SANDBOX_KEY,
+            SANDBOX_KEYS_ENV,
+            create_app,
+            parse_key_spec,
+        )
+    except ModuleNotFoundError as exc:
+        return _without_dev_tools("sandbox", exc)
     if bool(args.tls_cert) != bool(args.tls_key):
         print("sandbox: --tls-cert and --tls-key go together", file=sys.stderr)
         return EXIT_INVALID

@@ -154,7 +154,8 @@ class CredentialStore:
         return {name: slot.source for name, slot in self._slots.items()}
 
     async def start(self, initial_timeout: float = 10.0) -> None:
-        """Read every key once (bounded), then keep them fresh in the background.
+        """Read every key once (logging in to Vault first when one holds keys), waiting at
+        most `initial_timeout` seconds, then keep them fresh in the background.
 
         A failure here is not fatal: the proxy serves 503 for that credential and keeps
         trying, so a proxy started before its source comes up heals by itself.
@@ -436,6 +437,7 @@ class CredentialStore:
         Requests that saw the same rejected key share one read of the source, run as a task of its
         own so that a client going away cannot cancel it for the others; a request that
         comes after the key already changed gets the new key without another read.
+        Raises CredentialUnavailable when no usable key is left after the read.
         """
         slot = self._slot(name)
         if slot.key is not None and slot.key.value != rejected.value:
@@ -460,7 +462,11 @@ class CredentialStore:
         return self.current(slot.name)
 
     def status(self) -> dict[str, dict[str, object]]:
-        """Per-credential state for /readyz and `check --online`; never a key."""
+        """Per-credential state for /readyz and `check --online`; never a key.
+
+        `{name: {"state", "key" (masked), "key_version", "last_read_seconds_ago",
+        "key_age_days", "rotation_due", "reason"}}`, each field present when known.
+        """
         out: dict[str, dict[str, object]] = {}
         now = time.monotonic()
         for name, slot in self._slots.items():

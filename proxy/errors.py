@@ -1,4 +1,4 @@
-"""The refusals the proxy answers itself and their Publer-shaped envelope.
+"""The refusals the proxy sends itself, and their Publer-shaped envelope.
 
     ProxyError                      an exception carrying a Refusal up to the app
     ├── CredentialUnavailable       503 credential_unavailable (no usable key)
@@ -6,7 +6,7 @@
                                     504 upstream_timeout
 
 Every refusal body is `{"errors": [...], "code": ..., "request_id": ...}` with the header
-`X-Publer-Proxy-Error: <code>`, so a client can tell the proxy's answer from Publer's.
+`X-Publer-Proxy-Error: <code>`, so a client can tell the proxy's response from Publer's.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class RateLimitHeaders:
 
 @dataclass(frozen=True)
 class Refusal:
-    """An answer of the proxy's own: a refusal code and a sentence for the client."""
+    """A response of the proxy's own: a refusal code and a sentence for the client."""
 
     code: Code
     message: str
@@ -104,7 +104,9 @@ class Refusal:
         return cls(code, message, STATUS[code], retry_after, rate_limit, limit)
 
     def body(self, request_id: str) -> bytes:
-        """The JSON envelope: Publer's `errors` list plus `code` and `request_id`."""
+        """The JSON body, UTF-8: Publer's error envelope `{"errors": [message]}` (its API
+        reference, https://publer.com/docs) plus `code` and `request_id`; a 429 also has
+        Publer's own `"error"` field."""
         payload: dict[str, object] = {
             "errors": [self.message],
             "code": self.code,
@@ -117,7 +119,7 @@ class Refusal:
         return orjson.dumps(payload)
 
     def headers(self, body_length: int) -> list[tuple[bytes, bytes]]:
-        """The raw ASGI headers of the refusal answer."""
+        """The raw ASGI headers of the refusal response, for a body of `body_length` bytes."""
         headers = [
             (b"content-type", b"application/json; charset=utf-8"),
             (b"content-length", str(body_length).encode()),
@@ -132,7 +134,7 @@ class Refusal:
 
 
 class ProxyError(Exception):
-    """Raised below the app to answer with `refusal` instead of forwarding."""
+    """Raised below the app to respond with `refusal` instead of forwarding."""
 
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.message)

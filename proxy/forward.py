@@ -26,7 +26,8 @@ from proxy.downstream import BodyTooLarge, ClientGone, Downstream
 from proxy.errors import STATUS, ProxyError, RateLimitHeaders, Refusal, UpstreamFailed
 from proxy.headers import downstream_headers, header_values, upstream_headers
 from proxy.metrics import Metrics, method_label
-from proxy.policy import Located, RouteTable, Verdict, decide
+from proxy.paths import ABSOLUTE_FORM_KEY
+from proxy.policy import RequestHead, RouteTable, Verdict, decide
 from proxy.publer import (
     MAX_MESSAGE_BYTES,
     REJECTION_STATUSES,
@@ -51,7 +52,6 @@ REPLAYABLE_BODY_BYTES = 256 * 1024
 RETRY_STATUSES = frozenset({502, 503, 504})
 NO_BODY_STATUSES = frozenset({204, 304})
 FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
-ABSOLUTE_FORM_KEY = "publer_proxy.absolute_form"
 EPOCH_2001 = 1_000_000_000  # a reset above this is a timestamp, not a number of seconds
 # Responses up to this size (by Content-Length) are read whole and sent in one piece.
 SMALL_RESPONSE_BYTES = 64 * 1024
@@ -124,7 +124,7 @@ class Forwarder:
     """The ASGI app that forwards allowed requests to Publer."""
 
     def __init__(self, services: Services) -> None:
-        self.s = services
+        self.services = services
         self._counters: dict[tuple[str, str, str, str], Counter] = {}  # labelled children
         self._client_counters: dict[tuple[str, str, str], Counter] = {}
         self._queue = Queue()
@@ -161,15 +161,15 @@ class Forwarder:
                 Refusal.of("bad_path", "absolute-form request targets are refused; send a path")
             )
         verdict = decide(
-            Located(
+            RequestHead(
                 method=scope["method"],
                 raw_path=scope.get("raw_path") or scope["path"].encode("latin-1"),
                 raw_query=scope.get("query_string", b""),
                 authorization=next(iter(header_values(headers, b"authorization")), None),
                 workspace_headers=header_values(headers, b"publer-workspace-id"),
             ),
-            self.s.routes,
-            self.s.scope_map,
+            self.services.routes,
+            self.services.scope_map,
         )
         outcome.verdict = verdict
         if verdict.refusal is not None:
@@ -178,11 +178,11 @@ class Forwarder:
         length = _content_length(headers)
         if isinstance(length, Refusal):
             raise ProxyError(length)
-        limit = self.s.settings.upstream.max_body_bytes
+        limit = self.services.settings.upstream.max_body_bytes
         if length is not None and length > limit:
             raise ProxyError(_too_large(limit))
         credential = verdict.route.settings.credential
-        key = self.s.credentials.current(credential)
+        key = self.services.credentials.current(credential)
         outcome.key = key
         downstream = Downstream(receive, limit)
         # Everything awaited inside the block is cancelled when the client leaves.
@@ -211,15 +211,15 @@ class Forwarder:
 
     async def _spend(self, verdict: Verdict) -> None:
         assert verdict.route is not None
-        settings = self.s.settings.rate_limit
-        share = self.s.shares.share(verdict.route.name, verdict.client)
-        grant = await self._queue.spend(self.s.budget, share, settings.max_wait_seconds)
-        self.s.metrics.budget_left.labels(share.credential).set(grant.remaining)
+        settings = self.services.settings.rate_limit
+        share = self.services.shares.share(verdict.route.name, verdict.client)
+        grant = await self._queue.spend(self.services.budget, share, settings.max_wait_seconds)
+        self.services.metrics.budget_left.labels(share.credential).set(grant.remaining)
         if not grant.allowed:
             limit = grant.limit or "credential"
             retry_after = retry_after_header(grant)
             ceiling = limit_requests(share, limit, settings.requests)
-            self.s.metrics.rate_limited.labels(share.route, share.client, limit).inc()
+            self.services.metrics.rate_limited.labels(share.route, share.client, limit).inc()
             raise ProxyError(
                 Refusal.of(
                     "rate_limited",
@@ -249,7 +249,7 @@ class Forwarder:
         credential = verdict.route.settings.credential
         idempotent = method in READ_METHODS and body is None
         replayable = not isinstance(body, AsyncIterator)
-        retries = self.s.settings.upstream.retries if idempotent else 0
+        retries = self.services.settings.upstream.retries if idempotent else 0
         reread_done = False
         attempt = 0
         while True:
@@ -257,7 +257,7 @@ class Forwarder:
             outcome.attempts = attempt
             headers = upstream_headers(
                 scope["headers"],
-                host=self.s.upstream.host_header,
+                host=self.services.upstream.host_header,
                 api_key=key.value,
                 workspace=verdict.workspace,
                 request_id=scope[REQUEST_ID_KEY],
@@ -265,7 +265,7 @@ class Forwarder:
             )
             sent = time.perf_counter()
             try:
-                response = await self.s.upstream.send(
+                response = await self.services.upstream.send(
                     method, verdict.upstream_target, headers, body
                 )
             except ProxyError as exc:
@@ -275,8 +275,10 @@ class Forwarder:
                     continue
                 raise
             except BodyTooLarge:
-                raise ProxyError(_too_large(self.s.settings.upstream.max_body_bytes)) from None
-            self.s.metrics.upstream_latency.labels(verdict.route.name).observe(
+                raise ProxyError(
+                    _too_large(self.services.settings.upstream.max_body_bytes)
+                ) from None
+            self.services.metrics.upstream_latency.labels(verdict.route.name).observe(
                 time.perf_counter() - sent
             )
             if response.status_code in RETRY_STATUSES and attempt <= retries:
@@ -289,7 +291,7 @@ class Forwarder:
             if outcome.rejection is Rejection.KEY and replayable and not reread_done:
                 reread_done = True
                 try:
-                    fresh = await self.s.credentials.reread(credential, key)
+                    fresh = await self.services.credentials.reread(credential, key)
                 except BaseException:
                     await response.aclose()  # the answer's connection goes back either way
                     raise
@@ -337,7 +339,7 @@ class Forwarder:
             # is read whole before the status line goes out: it is screened for secrets,
             # and one that breaks off is still a clean 502.
             body, read = await _read_small(chunks, SMALL_RESPONSE_BYTES)
-        headers, body = screen_answer(headers, body, self.s.secrets.redact_bytes)
+        headers, body = screen_answer(headers, body, self.services.secrets.redact_bytes)
         outcome.answer = body
         if outcome.rejection is not None:
             hint = rejection_hint(
@@ -393,7 +395,7 @@ class Forwarder:
         if seconds > EPOCH_2001:
             # Publer documents X-RateLimit-Reset as the UNIX time the window resets.
             seconds -= time.time()
-        await self.s.budget.sync(credential, left, seconds)
+        await self.services.budget.sync(credential, left, seconds)
 
     def _record(self, scope: Scope, outcome: Outcome, duration: float) -> None:
         verdict = outcome.verdict
@@ -416,7 +418,7 @@ class Forwarder:
             key_version=outcome.key.version if outcome.key else None,
             attempts=outcome.attempts,
         )
-        self.s.audit.record(
+        self.services.audit.record(
             request_id=scope[REQUEST_ID_KEY],
             route=route,
             client=client,
@@ -427,7 +429,7 @@ class Forwarder:
             decision=outcome.decision,
             answer=outcome.answer,
         )
-        metrics = self.s.metrics
+        metrics = self.services.metrics
         labels = (
             route or "none",
             (verdict.scope if verdict else None) or "none",
@@ -446,11 +448,9 @@ class Forwarder:
         named = verdict.client if verdict else None
         if outcome.decision in STATUS:
             metrics.refusals.labels(outcome.decision).inc()
-            self.s.activity.refused(
+            self.services.activity.refused(
                 outcome.decision, outcome.status, route, named, scope[REQUEST_ID_KEY]
             )
-        if outcome.attempts and route is not None:
-            self.s.activity.spent(route, named)
 
 
 class _ReadAnswer:

@@ -83,7 +83,9 @@ def upstream_headers(
     request_id: str,
     content_length: int | None,
 ) -> RawHeaders:
-    """The headers sent to Publer: the client's, filtered, plus the key and workspace.
+    """The headers sent to Publer, as raw (lower-case name, value) pairs: the client's,
+    filtered, plus the key (`Authorization: Bearer-API <key>`, Publer's scheme) and the
+    workspace (`Publer-Workspace-Id`). `content_length` in bytes, None to send none.
 
     The Authorization and Publer-Workspace-Id the proxy sets are appended after every
     client header was filtered, so neither a client value nor a `Connection: authorization`

@@ -20,7 +20,7 @@ import httpx
 
 from proxy.credentials import vault_session_maker
 from proxy.logs import configure_logging
-from proxy.outbound import publer_http_client
+from proxy.outbound import publer_http_client, publer_request
 from proxy.publer import Rejection, rejection
 from proxy.redact import SecretRegistry, mask
 from proxy.settings import (
@@ -77,9 +77,10 @@ def probe_key(upstream: UpstreamSettings, key: str, probe: Probe) -> tuple[bool,
     headers = {"Authorization": f"Bearer-API {key}"}
     if probe.workspace is not None:
         headers["Publer-Workspace-Id"] = probe.workspace
+    url, route_headers, extensions = publer_request(upstream, probe.path)
     try:
         with publer_http_client(upstream) as client:
-            response = client.get(upstream.url + probe.path, headers=headers)
+            response = client.get(url, headers=headers | route_headers, extensions=extensions)
     except httpx.HTTPError as exc:
         return False, _unreachable(upstream.url, exc)
     return _verdict(response.status_code, response.content, probe)

@@ -11,6 +11,7 @@ is one the operator names in the config (`vault.proxy`, `upstream.proxy`).
 from __future__ import annotations
 
 import ssl
+from urllib.parse import urlsplit
 
 import httpx
 import requests
@@ -49,3 +50,18 @@ def publer_http_client(upstream: UpstreamSettings) -> httpx.Client:
         follow_redirects=False,
         timeout=upstream.connect_timeout_seconds,
     )
+
+
+def publer_request(
+    upstream: UpstreamSettings, path: str
+) -> tuple[str, dict[str, str], dict[str, str]]:
+    """Where a `check --online` request for `path` goes: (URL, extra headers, httpx request
+    extensions). With `upstream.connect_to` the URL names that address and the origin's
+    name goes in Host and in TLS (SNI, and the certificate is checked against it), as the
+    forwarding hop dials it; otherwise the origin itself."""
+    if upstream.connect_to is None:
+        return upstream.url + path, {}, {}
+    origin = urlsplit(upstream.url)
+    scheme, host = origin.scheme, origin.hostname or ""
+    headers = {"Host": origin.netloc}
+    return f"{scheme}://{upstream.connect_to}{path}", headers, {"sni_hostname": host}

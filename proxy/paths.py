@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 MAX_PATH_BYTES = 2048
 MAX_QUERY_BYTES = 8192
+# The ASGI scope key the server sets when the request target was in absolute form
+# (`GET http://host/path`, RFC 9112 section 3.2.2): a proxy for one origin refuses it.
+ABSOLUTE_FORM_KEY = "publer_proxy.absolute_form"
 
 # RFC 3986 pchar without ';' (path parameters, used in `..;/` tricks) and without
 # '%' (handled separately): unreserved, sub-delims minus ';', ':' and '@'.
@@ -28,7 +31,7 @@ _FORBIDDEN_DECODED = frozenset(b"/\\.%")
 
 @dataclass(frozen=True)
 class UnsafePath:
-    """Why a raw path was refused, as a sentence for the `bad_path` answer."""
+    """Why a raw path was refused, as a sentence for the `bad_path` response."""
 
     reason: str
 

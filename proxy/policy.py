@@ -1,9 +1,8 @@
 """The allow/deny decision, as pure functions with no I/O.
 
 `decide` reads like the request path: pick the route, authenticate the client, check
-the path against the scope allow-list, decide the workspace. It answers either a
-`Decision` to forward or a `Refusal` whose code is one of
-`proxy.errors.STATUS`.
+the path against the scope allow-list, decide the workspace. It returns a `Verdict`:
+what to forward, or a `Refusal` whose code is one of `proxy.errors.STATUS`.
 """
 
 from __future__ import annotations
@@ -81,10 +80,7 @@ def build_routes(routes: Sequence[RouteSettings]) -> RouteTable:
                 clients=(
                     None
                     if not route.clients
-                    else {
-                        bytes.fromhex(c.token_sha256.removeprefix("sha256:")): c.name
-                        for c in route.clients
-                    }
+                    else {stored_digest(c.token_sha256): c.name for c in route.clients}
                 ),
             )
             for route in routes
@@ -94,7 +90,17 @@ def build_routes(routes: Sequence[RouteSettings]) -> RouteTable:
 
 def hash_token(token: str) -> str:
     """The `sha256:<hex>` form of a client token, as pasted into `clients`."""
-    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+    return "sha256:" + token_digest(token).hex()
+
+
+def token_digest(token: str) -> bytes:
+    """The SHA-256 digest of a presented token (32 bytes)."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def stored_digest(token_sha256: str) -> bytes:
+    """The 32 bytes of a configured `sha256:<hex>` digest (the config checked its form)."""
+    return bytes.fromhex(token_sha256.removeprefix("sha256:"))
 
 
 def select_route(routes: Sequence[Route], path: str) -> tuple[Route, str] | None:
@@ -134,8 +140,7 @@ def authenticate(route: Route, authorization: str | None) -> str | Refusal | Non
             "client_unauthenticated",
             f"route '{route.name}' needs a client token: send Authorization: Bearer-API <token>",
         )
-    digest = hashlib.sha256(token.encode("utf-8")).digest()
-    found = route.clients.get(digest)
+    found = route.clients.get(token_digest(token))
     if found is None:
         return Refusal.of(
             "client_unauthenticated", f"the client token is not valid on route '{route.name}'"
@@ -163,14 +168,15 @@ def choose_workspace(route: Route, requested: Sequence[str]) -> str | Refusal | 
 
 
 @dataclass(frozen=True)
-class Located:
-    """The parts of a request that `decide` reads, taken from the ASGI scope."""
+class RequestHead:
+    """The parts of a request's head that `decide` reads, taken from the ASGI scope: the
+    method, the request target as sent (RFC 9112 section 3.2), and two header fields."""
 
     method: str
-    raw_path: bytes
-    raw_query: bytes
-    authorization: str | None
-    workspace_headers: Sequence[str]
+    raw_path: bytes  # the target's path, as sent: percent-escapes undecoded
+    raw_query: bytes  # the target's query, without '?'
+    authorization: str | None  # the first Authorization field, if any
+    workspace_headers: Sequence[str]  # every Publer-Workspace-Id field, in order
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,7 @@ class Verdict:
     needs_workspace: bool = False
 
 
-def decide(request: Located, routes: Sequence[Route], scope_map: ScopeMap) -> Verdict:
+def decide(request: RequestHead, routes: Sequence[Route], scope_map: ScopeMap) -> Verdict:
     """Route, authenticate, check the scope allow-list, choose the workspace."""
     if request.raw_path == b"/":
         return Verdict(Refusal.of("no_route", "no route serves /; call {prefix}/api/v1/..."))

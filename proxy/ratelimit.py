@@ -1,7 +1,7 @@
 """The rate budget per credential: a sliding window, in memory or in Redis.
 
 Publer allows 100 requests per 2 minutes per user account, across all its keys. The proxy
-spends that budget locally and answers 429 itself before Publer would, so one noisy app
+spends that budget locally and responds 429 itself before Publer would, so one noisy app
 cannot lock every other app out of the shared key. Publer's own X-RateLimit-Remaining and
 X-RateLimit-Reset re-sync the budget: when Publer has counted more than we have (another
 client of the same account), its Remaining becomes a ceiling until its reset.
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
+from proxy import redisclient
 from proxy.settings import RateLimitSettings
 from proxy.shares import (
     Limit,
@@ -406,13 +407,12 @@ class RedisBudget:
 
     def __init__(self, settings: RateLimitSettings, url: str) -> None:
         # Imported here: the client costs 6 MiB of RSS that a single replica never needs.
-        from redis.asyncio import Redis
         from redis.exceptions import RedisError
 
         self._error: type[RedisError] = RedisError
         self._limit = settings.requests
         self._period = settings.per_seconds
-        self._redis: Redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._redis: Redis = redisclient.connect(url)
         self._take = self._redis.register_script(_TAKE)
         self._sync = self._redis.register_script(_SYNC)
         self._usage = self._redis.register_script(_USAGE)

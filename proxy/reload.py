@@ -173,7 +173,7 @@ def budget_for(current: Budget, old: RateLimitSettings, new: RateLimitSettings) 
 
 def next_services(current: Services, config: LoadedConfig) -> Services:
     """The services of a new config: what the config decides is made anew; the
-    credential store, the upstream pool, the metrics and the activity are shared."""
+    credential store, the upstream pool, the metrics and the refusal counts are shared."""
     settings = config.settings
     return replace(
         current,
@@ -278,7 +278,6 @@ class Reloader:
         # The swap: from here on, new requests get the new generation.
         self.live.current = Generation(current.number + 1, config, services, Forwarder(services))
         store.commit(staged)
-        services.activity.resize(config.settings.rate_limit.per_seconds)
         if services.budget is not current.services.budget:
             self._retire(current, current.services.budget)
         self._sync_watcher(config.settings)

@@ -25,7 +25,7 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 class RequestContext:
-    """Binds request_id into structlog's context and returns it on every answer."""
+    """Binds request_id into structlog's context and returns it on every response."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -1,7 +1,7 @@
 """The scope map: method + path template -> Publer scope, loaded from YAML.
 
 The map is data so that it can be reviewed and replaced without touching code. Lookup is
-pure: given a method and the path below /api/v1, it answers the endpoint or why not.
+pure: given a method and the path below /api/v1, it returns the endpoint, or why none.
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ def parse_scope_map(data: object, source: str) -> ScopeMap:
 
 
 def load_scope_map(path: Path | None = None) -> ScopeMap:
-    """The operator's scope map at `path`, or the packaged default (config/scopes.yaml)."""
+    """The operator's scope map at `path`, or the packaged default (proxy/data/scopes.yaml);
+    raises ScopeMapError naming the file, the entry and the fix."""
     if path is None:
         text = resources.files("proxy").joinpath("data/scopes.yaml").read_text("utf-8")
         return parse_scope_map(yaml.safe_load(text), "scopes.yaml (packaged)")

@@ -1,8 +1,8 @@
 """Running the app under uvicorn: httptools and uvloop, one worker, graceful SIGTERM.
 
-httptools, not h11: it answers 400 to a request with both Content-Length and
+httptools, not h11: it responds 400 to a request with both Content-Length and
 Transfer-Encoding, to bare LF line ends and to control bytes in header values, the
-ingredients of request smuggling (see NOTES). uvicorn's httptools protocol is made strict
+ingredients of request smuggling. uvicorn's httptools protocol is made strict
 here, because the apps that call the proxy are not trusted to be well-behaved:
 
 - the policy decides on the request target exactly as it was sent: httptools' URL parser
@@ -13,17 +13,18 @@ here, because the apps that call the proxy are not trusted to be well-behaved:
   size in memory), and trailer fields are dropped, never merged into the headers
   (RFC 9110 section 6.5.1);
 - a request head must arrive within `HEADER_TIMEOUT_SECONDS` and a body may pause at most
-  `BODY_IDLE_TIMEOUT_SECONDS` (slowloris); a client that reads nothing of its answer for
+  `BODY_IDLE_TIMEOUT_SECONDS` (slowloris); a client that reads nothing of its response for
   `SEND_TIMEOUT_SECONDS` is dropped, since it holds one of the pooled connections to
   Publer; uvicorn itself only times out idle keep-alive;
 - `Upgrade` requests are refused: the proxy speaks HTTP/1.1 to Publer and nothing else;
-- whatever httptools refuses is answered in the proxy's refusal envelope (`bad_request`).
+- whatever httptools refuses gets a response in the proxy's refusal envelope (`bad_request`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import uuid
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.errors import Refusal
-from proxy.forward import ABSOLUTE_FORM_KEY
+from proxy.paths import ABSOLUTE_FORM_KEY
 from proxy.redact import SecretRegistry
 from proxy.settings import Settings
 
@@ -80,9 +81,8 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         self._timer = self.loop.call_later(seconds, self._on_timer)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        _cancel(self._timer)
+        self._timer = None
 
     def _on_timer(self) -> None:
         """A head's deadline runs from its first byte; a body's is an idle timeout."""
@@ -129,9 +129,8 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         self._reading_again()
 
     def _reading_again(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        _cancel(self._send_timer)
+        self._send_timer = None
 
     def _not_reading(self) -> None:
         self._send_timer = None
@@ -197,7 +196,7 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
 
     def send_400_response(self, msg: str) -> None:
-        """Answer what httptools refused in the proxy's refusal envelope, then close."""
+        """Respond 400 to what httptools refused, in the proxy's refusal envelope; then close."""
         refusal = Refusal.of("bad_request", self._reason)
         request_id = uuid.uuid4().hex
         body = refusal.body(request_id)
@@ -225,12 +224,18 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         return method
 
 
+def _cancel(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
+
+
 def _peer(client: tuple[str, int] | None) -> str | None:
     return f"{client[0]}:{client[1]}" if client else None
 
 
 def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
-    """The uvicorn settings the proxy runs with."""
+    """The uvicorn settings the proxy runs with: the strict protocol, uvloop, no access log
+    and no `date`/`server` headers (the proxy's log and Publer's headers replace them)."""
     listen = settings.listen
     return uvicorn.Config(
         app,
@@ -251,8 +256,15 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     )
 
 
-def serve(settings: Settings, app: Any, secrets: SecretRegistry | None = None) -> int:
+def serve(
+    settings: Settings,
+    app: Any,
+    secrets: SecretRegistry | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> int:
     """Serve until SIGINT/SIGTERM, finishing requests in flight; the exit status.
+
+    `sockets`, when given, are bound sockets to serve on instead of `settings.listen`.
 
     uvicorn re-raises the signal it caught once it has shut down, which would make a
     graceful SIGTERM exit with -15; the no-op handler it restores turns that into 0.
@@ -268,5 +280,5 @@ def serve(settings: Settings, app: Any, secrets: SecretRegistry | None = None) -
         from proxy.forward_proxy import TunnellingServer
 
         server = TunnellingServer(config, settings, secrets or SecretRegistry())
-    server.run()
+    server.run(sockets=sockets)
     return 0 if server.started else 1

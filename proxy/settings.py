@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
@@ -70,6 +70,14 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _http_url_parts(value: str, example: str) -> SplitResult:
+    """The parts of an http or https URL that names a host, or ValueError with `example`."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be {example}")
+    return parts
 
 
 def check_digest(value: str) -> str:
@@ -135,9 +143,7 @@ class UpstreamSettings(_Model):
     @field_validator("url")
     @classmethod
     def _origin_only(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) origin such as https://app.publer.com")
+        parts = _http_url_parts(value, "an http(s) origin such as https://app.publer.com")
         if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
             raise ValueError(
                 "must be an origin only (scheme, host, port), such as https://app.publer.com;"
@@ -226,9 +232,7 @@ class VaultSettings(_Model):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be a URL such as http://127.0.0.1:8200")
+        _http_url_parts(value, "a URL such as http://127.0.0.1:8200")
         return value.rstrip("/")
 
 

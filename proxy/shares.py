@@ -178,6 +178,25 @@ class WindowUse:
     shares: tuple[ShareUse, ...]
 
 
+def headroom(window: WindowUse, use: ShareUse) -> dict[Limit, float]:
+    """Requests `use`'s shareholder may still spend in `window` before each limit that
+    applies to it; negative past its share, by what it borrowed. Hard limits come first,
+    so a tie names the one that refuses outright."""
+    left: dict[Limit, float] = {"credential": window.limit - window.used}
+    if use.route_cap is not None:
+        route_used = sum(u.used for u in window.shares if u.route == use.route)
+        left["route_cap"] = use.route_cap - route_used
+    if use.cap is not None:
+        left["client_cap"] = use.cap - use.used
+    left["client_share"] = use.share - use.used
+    return left
+
+
+def nearest_limit(left: dict[Limit, float]) -> Limit:
+    """The limit with the least headroom in `left` (as `headroom` gives it)."""
+    return min(left, key=left.__getitem__)
+
+
 def refusal_text(share: Share, limit: Limit, requests: int, per_seconds: float) -> str:
     """The sentence of a 429: which limit refused the request, and whose it is."""
     window = f"per {per_seconds:g} s"

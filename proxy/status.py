@@ -18,7 +18,6 @@ import base64
 import hashlib
 import hmac
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
@@ -26,13 +25,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.activity import ReportsShares, ShareUse
+from proxy.activity import REFUSAL_WINDOW_SECONDS
 from proxy.errors import Refusal
-from proxy.forward import Services
-from proxy.policy import presented_token
+from proxy.policy import presented_token, stored_digest, token_digest
+from proxy.ratelimit import window_use
 from proxy.reload import Live
 from proxy.requestid import REQUEST_ID_KEY
-from proxy.settings import Settings, is_loopback_host
+from proxy.settings import ANONYMOUS_CLIENT, Settings, is_loopback_host
+from proxy.shares import ShareUse, WindowUse, headroom, nearest_limit
 
 STATUS_HTML_PATH = "/status"
 STATUS_JSON_PATH = "/status.json"
@@ -43,6 +43,13 @@ TRACK_COLOUR = "#e5e7eb"
 FILL_COLOUR = "#2563eb"
 OVER_COLOUR = "#d97706"  # above its share: it borrowed what others left unused
 
+LIMIT_WORDS = {
+    "client_share": "its share",
+    "client_cap": "its cap",
+    "route_cap": "the route's cap",
+    "credential": "the credential's budget",
+}
+
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111827;background:#fff}
 h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:24px 0 8px}
@@ -50,7 +57,7 @@ table{border-collapse:collapse}th,td{text-align:left;padding:4px 12px 4px 0;vert
 th{font-weight:600;border-bottom:1px solid #d1d5db}code{font:13px ui-monospace,monospace}
 .meta{color:#4b5563;margin:0}.state{padding:1px 6px;border-radius:3px;color:#fff}
 .fresh{background:#15803d}.stale{background:#b45309}.expired,.missing{background:#b91c1c}
-.bad{color:#b91c1c}.none{color:#6b7280}
+.bad{color:#b91c1c}.none{color:#6b7280}.over{color:#b45309}
 """
 _STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
 CSP = (
@@ -71,10 +78,12 @@ def admin_refusal(request: Request, settings: Settings) -> Refusal | None:
         return None  # loopback, or the unix socket (its file mode decides who connects)
     expected = settings.admin.token_sha256
     token = presented_token(request.headers.get("authorization"))
-    if expected is not None and token is not None:
-        digest = hashlib.sha256(token.encode("utf-8")).digest()
-        if hmac.compare_digest(digest, bytes.fromhex(expected.removeprefix("sha256:"))):
-            return None
+    if (
+        expected is not None
+        and token is not None
+        and hmac.compare_digest(token_digest(token), stored_digest(expected))
+    ):
+        return None
     return Refusal.of(
         "client_unauthenticated",
         "the status page is served to loopback clients, or with the admin token"
@@ -82,32 +91,34 @@ def admin_refusal(request: Request, settings: Settings) -> Refusal | None:
     )
 
 
-def usage_by_client(settings: Settings, services: Services) -> list[ShareUse]:
-    """Each client's use in the current window against its credential's whole budget:
-    what can be told without per-client shares."""
-    limit = float(settings.rate_limit.requests)
-    found = []
-    for route in settings.routes:
-        names: Sequence[str | None] = [c.name for c in route.clients] if route.clients else [None]
-        for name in names:
-            used = services.activity.used(route.name, name)
-            found.append(ShareUse(route.credential, route.name, name, used, limit))
-    return found
+def _share_row(window: WindowUse, use: ShareUse) -> dict[str, Any]:
+    left = headroom(window, use)
+    nearest = nearest_limit(left)
+    return {
+        "credential": window.credential,
+        "route": use.route,
+        "client": use.client,
+        "used": use.used,
+        "share": round(use.share, 2),
+        "cap": use.cap,
+        "route_cap": use.route_cap,
+        "fraction": round(use.used / use.share, 4),
+        "nearest_limit": nearest,
+        "left": round(left[nearest], 2),
+    }
 
 
 async def snapshot(live: Live) -> dict[str, Any]:
-    """Everything the page shows, as JSON-ready data; never a key."""
+    """Everything the page shows, as JSON-ready data; never a key.
+
+    Budget figures come from the budget itself (Redis when replicas share one), so every
+    replica shows the same window.
+    """
     generation = live.current
     services = generation.services
-    settings = generation.config.settings
-    budget = services.budget
-    shares: list[ShareUse] = []
-    if isinstance(budget, ReportsShares):
-        shares = list(await budget.share_usage())
-    by_share = bool(shares)
-    if not by_share:
-        shares = usage_by_client(settings, services)
-    rate = settings.rate_limit
+    rate = generation.config.settings.rate_limit
+    windows = await window_use(services.budget, services.shares, rate)
+    spent = {w.credential: w.used for w in windows}
     credentials = services.credentials.status()
     for name, entry in credentials.items():
         remaining = services.metrics.registry.get_sample_value(
@@ -116,7 +127,7 @@ async def snapshot(live: Live) -> dict[str, Any]:
         entry["budget"] = {
             "requests": rate.requests,
             "per_seconds": rate.per_seconds,
-            "used": sum(s.used for s in shares if s.credential == name),
+            "used": spent.get(name, 0),
             "remaining_at_last_request": None if remaining is None else int(remaining),
         }
     config = live.describe()
@@ -129,22 +140,10 @@ async def snapshot(live: Live) -> dict[str, Any]:
         "credentials": credentials,
         "clients": {
             "window_seconds": rate.per_seconds,
-            "share_source": "client" if by_share else "credential",
-            "shares": [
-                {
-                    "credential": s.credential,
-                    "route": s.route,
-                    "client": s.client,
-                    "used": s.used,
-                    "share": s.share,
-                    "cap": s.cap,
-                    "fraction": round(s.used / s.share, 4) if s.share > 0 else None,
-                }
-                for s in shares
-            ],
+            "shares": [_share_row(w, use) for w in windows for use in w.shares],
         },
         "refusals": {
-            "window_seconds": 900,
+            "window_seconds": REFUSAL_WINDOW_SECONDS,
             "by_code": activity.refusals_by_code(),
             "recent": [
                 {
@@ -177,6 +176,22 @@ def _age(days: Any) -> str:
     if days is None:
         return '<span class="none">unknown (KV v1)</span>'
     return f"{float(days):.1f} days"
+
+
+def _caps(share: dict[str, Any]) -> str:
+    caps = []
+    if share["cap"] is not None:
+        caps.append(f"{share['cap']} (client)")
+    if share["route_cap"] is not None:
+        caps.append(f"{share['route_cap']} (route)")
+    return ", ".join(caps) or '<span class="none">none</span>'
+
+
+def _nearest(limit: str, left: float) -> str:
+    what = LIMIT_WORDS.get(limit, limit)
+    if left < 0:
+        return f'{escape(what)}: <span class="over">{-left:g} borrowed</span>'
+    return f"{escape(what)}: {left:g} left"
 
 
 def render(data: dict[str, Any]) -> str:
@@ -226,21 +241,25 @@ def render(data: dict[str, Any]) -> str:
             f"<td>{budget['used']} / {budget['requests']} per {budget['per_seconds']:g} s</tr>"
         )
     clients = data["clients"]
-    share_word = "share" if clients["share_source"] == "client" else "credential's budget"
     out += [
         "</tbody></table></section>",
-        f'<section id="clients"><h2>Clients: use of their {share_word},'
+        '<section id="clients"><h2>Clients: use of their share of the budget,'
         f" last {clients['window_seconds']:g} s</h2><table><thead><tr><th>route<th>client",
-        "<th>credential<th>use<th></tr></thead><tbody>",
+        "<th>credential<th>use of share<th>used / share<th>cap<th>nearest limit</tr>",
+        "</thead><tbody>",
     ]
     for s in clients["shares"]:
         client = s["client"]
-        label = e(client) if client is not None else '<span class="none">(open route)</span>'
+        label = (
+            '<span class="none">(open route)</span>' if client == ANONYMOUS_CLIENT else e(client)
+        )
         out.append(
-            f'<tr class="client" data-route="{e(s["route"])}" data-client="{e(client or "")}"'
-            f' data-used="{s["used"]}" data-share="{s["share"]:g}"><td>{e(s["route"])}'
+            f'<tr class="client" data-route="{e(s["route"])}" data-client="{e(client)}"'
+            f' data-used="{s["used"]}" data-share="{s["share"]:g}"'
+            f' data-nearest="{e(s["nearest_limit"])}"><td>{e(s["route"])}'
             f"<td>{label}<td>{e(s['credential'])}<td>{_bar(s['used'], s['share'])}"
-            f"<td>{s['used']} / {s['share']:g}</tr>"
+            f"<td>{s['used']} / {s['share']:g}<td>{_caps(s)}"
+            f"<td>{_nearest(s['nearest_limit'], s['left'])}</tr>"
         )
     refusals = data["refusals"]
     out += [
@@ -266,12 +285,12 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _live(request: Request) -> Live:
+def _admitted(request: Request) -> Live | Response:
+    """The config generations, or the refusal for a caller not on the admin side."""
     live: Live = request.state.live
-    return live
-
-
-def _refused(request: Request, refusal: Refusal) -> Response:
+    refusal = admin_refusal(request, live.current.config.settings)
+    if refusal is None:
+        return live
     body = refusal.body(request.scope[REQUEST_ID_KEY])
     headers = dict((k.decode(), v.decode()) for k, v in refusal.headers(len(body)))
     head = request.method == "HEAD"
@@ -280,10 +299,9 @@ def _refused(request: Request, refusal: Refusal) -> Response:
 
 async def status_html(request: Request) -> Response:
     """The status page as HTML, under a strict Content Security Policy."""
-    live = _live(request)
-    refusal = admin_refusal(request, live.current.config.settings)
-    if refusal is not None:
-        return _refused(request, refusal)
+    live = _admitted(request)
+    if isinstance(live, Response):
+        return live
     page = render(await snapshot(live))
     headers = {**SECURITY_HEADERS, "content-security-policy": CSP}
     return Response(page, media_type="text/html; charset=utf-8", headers=headers)
@@ -291,8 +309,7 @@ async def status_html(request: Request) -> Response:
 
 async def status_json(request: Request) -> Response:
     """The status page's data as JSON."""
-    live = _live(request)
-    refusal = admin_refusal(request, live.current.config.settings)
-    if refusal is not None:
-        return _refused(request, refusal)
+    live = _admitted(request)
+    if isinstance(live, Response):
+        return live
     return JSONResponse(await snapshot(live), headers=SECURITY_HEADERS)

@@ -36,7 +36,7 @@ import proxy.paths
 import proxy.policy
 import proxy.scopes
 from proxy.errors import STATUS
-from proxy.policy import Located, RouteTable, Verdict, build_routes, decide, hash_token
+from proxy.policy import RequestHead, RouteTable, Verdict, build_routes, decide, hash_token
 from proxy.scopes import load_scope_map
 from proxy.settings import RouteSettings
 
@@ -176,7 +176,7 @@ class UnsafeVerdict(AssertionError):
     """`decide` allowed something that the rules of this module refuse."""
 
 
-def parse(data: bytes) -> Located:
+def parse(data: bytes) -> RequestHead:
     """One fuzz input as the request that `decide` sees (header values as latin-1)."""
     first, *lines = data.split(b"\n")
     method, _, target = first.partition(b" ")
@@ -189,15 +189,15 @@ def parse(data: bytes) -> Located:
             authorization = line[len(_AUTH_PREFIX) :].strip(b" \t").decode("latin-1")
         elif lower.startswith(_WORKSPACE_PREFIX):
             workspaces.append(line[len(_WORKSPACE_PREFIX) :].strip(b" \t").decode("latin-1"))
-    return Located(method.decode("latin-1"), path, query, authorization, tuple(workspaces))
+    return RequestHead(method.decode("latin-1"), path, query, authorization, tuple(workspaces))
 
 
-def _expect(condition: bool, what: str, request: Located, verdict: Verdict) -> None:
+def _expect(condition: bool, what: str, request: RequestHead, verdict: Verdict) -> None:
     if not condition:
         raise UnsafeVerdict(f"{what}\n  request: {request!r}\n  verdict: {verdict!r}")
 
 
-def check_allowed(request: Located, verdict: Verdict) -> None:
+def check_allowed(request: RequestHead, verdict: Verdict) -> None:
     """Every rule an allowed request must meet before the key is attached to it."""
     route = verdict.route
     _expect(route is not None, "allowed without a route", request, verdict)

@@ -1,5 +1,4 @@
-"""Per-client use and recent refusals, as the status page counts them (pure, on a clock
-the test moves)."""
+"""Recent refusals, as the status page counts them (pure, on a clock the test moves)."""
 
 from __future__ import annotations
 
@@ -16,43 +15,39 @@ class Clock:
         return self.now
 
 
-def test_use_is_counted_per_client_over_the_window() -> None:
-    """Each (route, client) counts its own requests; they leave the count one window later,
-    give or take one bucket."""
+def test_refusals_leave_the_count_one_window_later() -> None:
+    """Each code counts its own refusals; they leave the count one window later, give or
+    take one bucket."""
     clock = Clock()
-    activity = Activity(120.0, clock)
+    activity = Activity(clock)
     for _ in range(3):
-        activity.spent("team", "a")
-    activity.spent("team", "b")
-    activity.spent("open", None)
-    clock.now += 60
-    activity.spent("team", "a")
-    assert (activity.used("team", "a"), activity.used("team", "b")) == (4, 1)
-    assert activity.used("open", None) == 1
-    assert activity.used("team", "nobody") == 0
-    clock.now += 60 + 120 / BUCKETS_PER_WINDOW
-    assert activity.used("team", "a") == 1  # only the later one is left
-    clock.now += 120
-    assert activity.used("team", "a") == 0
+        activity.refused("scope_denied", 403, "team", "a", "x")
+    activity.refused("no_route", 404, None, None, "y")
+    clock.now += REFUSAL_WINDOW_SECONDS / 2
+    activity.refused("scope_denied", 403, "team", "b", "z")
+    assert activity.refusals_by_code() == {"scope_denied": 4, "no_route": 1}
+    clock.now += REFUSAL_WINDOW_SECONDS / 2 + REFUSAL_WINDOW_SECONDS / BUCKETS_PER_WINDOW
+    assert activity.refusals_by_code() == {"scope_denied": 1}  # only the later one is left
 
 
-def test_memory_is_bounded_by_names_not_traffic() -> None:
-    """A client sending for a long time keeps at most one bucket per twelfth of a window."""
+def test_memory_is_bounded_by_codes_not_traffic() -> None:
+    """A code refused for a long time keeps at most one bucket per twelfth of a window."""
     clock = Clock()
-    activity = Activity(120.0, clock)
+    activity = Activity(clock)
+    step = REFUSAL_WINDOW_SECONDS / 2000
     for _ in range(5000):
-        activity.spent("team", "a")
-        clock.now += 0.5
-    ring = activity._spent._rings[("team", "a")]
+        activity.refused("scope_denied", 403, "team", "a", "x")
+        clock.now += step
+    ring = activity._refusals._rings["scope_denied"]
     assert len(ring) == BUCKETS_PER_WINDOW
-    assert activity.used("team", "a") <= 240 and activity.used("team", "a") >= 220
+    assert 1800 <= activity.refusals_by_code()["scope_denied"] <= 2000
 
 
 def test_refusals_by_code_and_the_most_recent() -> None:
     """Refusals are counted by code over 15 minutes, largest first; the last 20 are kept,
     newest first."""
     clock = Clock()
-    activity = Activity(120.0, clock)
+    activity = Activity(clock)
     for n in range(25):
         activity.refused("scope_denied" if n % 5 else "no_route", 403, "team", "a", f"id{n}")
     assert activity.refusals_by_code() == {"scope_denied": 20, "no_route": 5}
@@ -61,13 +56,3 @@ def test_refusals_by_code_and_the_most_recent() -> None:
     assert [r.request_id for r in recent[:2]] == ["id24", "id23"]
     clock.now += REFUSAL_WINDOW_SECONDS * 1.1
     assert activity.refusals_by_code() == {}
-
-
-def test_a_new_window_width_starts_the_counts_over() -> None:
-    """A reload that changes the rate window resizes the counts; the same width keeps them."""
-    activity = Activity(120.0, Clock())
-    activity.spent("team", "a")
-    activity.resize(120.0)
-    assert activity.used("team", "a") == 1
-    activity.resize(60.0)
-    assert activity.used("team", "a") == 0

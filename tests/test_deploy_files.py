@@ -87,10 +87,33 @@ def dockerfile() -> list[Instruction]:
     return instructions
 
 
+def stage_names() -> dict[str, int]:
+    """The named stages (`FROM ... AS name`), by name."""
+    return {
+        i.args.split()[-1]: i.stage
+        for i in dockerfile()
+        if i.keyword == "FROM" and " AS " in i.args.upper()
+    }
+
+
+def stage(index: int) -> list[Instruction]:
+    """The instructions that make stage `index`: those of the stages it is built on, then
+    its own."""
+    found = [i for i in dockerfile() if i.stage == index]
+    parent = found[0].args.split()[0]
+    if parent in stage_names():
+        return [*stage(stage_names()[parent]), *found[1:]]
+    return found
+
+
 def final_stage() -> list[Instruction]:
-    """The instructions of the stage that becomes the image."""
-    found = dockerfile()
-    return [i for i in found if i.stage == found[-1].stage]
+    """The instructions that make the image: the last stage, what `docker build .` builds."""
+    return stage(dockerfile()[-1].stage)
+
+
+def dev_stage() -> list[Instruction]:
+    """The instructions that make the `dev` target (the sandbox of docker-compose.yml)."""
+    return stage(stage_names()["dev"])
 
 
 def the(keyword: str) -> str:
@@ -218,15 +241,32 @@ def url_port(url: str) -> int:
 
 
 def test_dockerfile_is_multi_stage_on_debian_slim() -> None:
-    """Both stages start from debian:bookworm-slim; the image keeps only the builder's venv."""
+    """Every stage starts from debian:bookworm-slim; the image keeps only the builder's venv,
+    the `dev` target the same venv with proxy/dev added."""
     instructions = dockerfile()
     assert [i.args for i in instructions if i.keyword == "FROM"] == [
         "debian:bookworm-slim AS builder",
-        "debian:bookworm-slim",
+        "builder AS dev-builder",
+        "debian:bookworm-slim AS base",
+        "base AS dev",
+        "base",
     ]
-    copies = [i.args for i in final_stage() if i.keyword == "COPY"]
-    assert "--from=builder /opt/venv /opt/venv" in copies
-    assert all("--from" not in c or c == "--from=builder /opt/venv /opt/venv" for c in copies)
+    for instructions, builder in ((final_stage(), "builder"), (dev_stage(), "dev-builder")):
+        copies = [i.args for i in instructions if "--from" in i.args]
+        assert copies == [f"--from={builder} /opt/venv /opt/venv"]
+
+
+def test_image_leaves_out_the_development_tools() -> None:
+    """The builder removes proxy/dev before installing the project, so the image has no
+    sandbox and no dev stack; only the `dev` target adds them back."""
+    builder = [i for i in dockerfile() if i.stage == stage_names()["builder"]]
+    [install] = [i.args for i in builder if "pip install --no-compile --no-deps ." in i.args]
+    assert " ".join(install.split()).startswith("rm -r proxy/dev && pip install")
+    [dev_copy] = [i.args for i in dockerfile() if i.keyword == "COPY" and "proxy/dev" in i.args]
+    assert dev_copy == "proxy/dev ./proxy/dev"
+    assert [i.stage for i in dockerfile() if i.args == dev_copy] == [stage_names()["dev-builder"]]
+    assert exec_form("ENTRYPOINT") == ["publer-proxy"]
+    assert [json.loads(i.args) for i in dev_stage() if i.keyword == "CMD"][-1][0] == "sandbox"
 
 
 def test_dockerfile_installs_no_extras() -> None:
@@ -266,8 +306,8 @@ def test_image_default_config() -> None:
 
 
 def test_pip_cert_is_a_build_argument() -> None:
-    """The CA bundle for pip is a path given at build time (NOTES), never a copied file."""
-    builder = [i for i in dockerfile() if i.stage == 0]
+    """The CA bundle for pip is a path given at build time, never a copied file."""
+    builder = [i for i in dockerfile() if i.stage == stage_names()["builder"]]
     assert any(i.keyword == "ARG" and i.args.startswith("PIP_CERT") for i in builder)
     assert not any("PIP_CERT" in i.args for i in final_stage())
     assert not any(
@@ -289,7 +329,7 @@ def test_dockerignore_allows_only_what_the_dockerfile_copies() -> None:
         if instruction.keyword == "COPY" and "--from" not in instruction.args:
             *paths, _target = instruction.args.split()
             sources.update(p.rstrip("/") for p in paths)
-    assert allowed == sources
+    assert allowed == {s for s in sources if not any(s.startswith(o + "/") for o in sources)}
     for source in sources:
         assert (ROOT / source).exists(), source
     # Tracked or committable files: what a clean checkout holds.
@@ -315,13 +355,16 @@ def stack() -> dict[str, Any]:
 
 
 def test_compose_services(stack: dict[str, Any]) -> None:
-    """Vault, its seeding job, the sandbox, the proxy built from the Dockerfile, an app."""
+    """Vault, its seeding job, the sandbox from the Dockerfile's dev target, the proxy built
+    from the Dockerfile (the image), an app on the proxy's image."""
     assert set(stack) == {"vault", "vault-seed", "sandbox", "proxy", "app"}
     assert stack["proxy"]["build"] == "."
     assert stack["proxy"]["image"] == PROXY_IMAGE
-    for name in ("sandbox", "app"):
-        assert stack[name]["image"] == PROXY_IMAGE
-        assert stack[name]["pull_policy"] == "never"
+    assert stack["app"]["image"] == PROXY_IMAGE
+    assert stack["app"]["pull_policy"] == "never"
+    assert stack["sandbox"]["build"] == {"context": ".", "target": "dev"}
+    assert stack["sandbox"]["image"] not in (PROXY_IMAGE, None)
+    assert stage_names()["dev"] != dockerfile()[-1].stage
     assert stack["vault"]["image"] == stack["vault-seed"]["image"]
     assert stack["vault"]["image"].startswith("openbao/openbao:")
 

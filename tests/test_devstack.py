@@ -7,7 +7,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -164,3 +166,48 @@ def test_dev_with_another_key_source(tmp_path: Path, source: str) -> None:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+class _Answers200(BaseHTTPRequestHandler):
+    """Another server on the port: it answers 200 to everything, /readyz included."""
+
+    def do_GET(self) -> None:
+        body = b'{"status": "ready"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet."""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["make", "--no-print-directory", "run"], [sys.executable, "-m", "proxy", "dev"]],
+    ids=["make run", "publer-proxy dev"],
+)
+def test_taken_port_is_refused_before_anything_starts(command: list[str]) -> None:
+    """With another server answering on the port, the stack exits 1 naming the port and the
+    way out, prints nothing that looks like success, and starts no OpenBao or sandbox."""
+    occupant = ThreadingHTTPServer(("127.0.0.1", 0), _Answers200)
+    port = occupant.server_address[1]
+    threading.Thread(target=occupant.serve_forever, daemon=True).start()
+    args = [*command, f"PORT={port}"] if command[0] == "make" else [*command, "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k != "PUBLER_API_KEY"}
+    try:
+        result = subprocess.run(
+            args, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+    finally:
+        occupant.shutdown()
+        occupant.server_close()
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"cannot listen on 127.0.0.1:{port}" in output
+    assert f"--port {port + 1}" in output
+    for success in ("is ready", "curl ", "OpenBao", "route default"):
+        assert success not in output, output
+    if command[0] != "make":
+        assert result.returncode == 1
+        assert result.stdout == ""

@@ -137,7 +137,7 @@ def upstream(sandbox: Sandbox, control: httpx.Client) -> Upstream:
 
 
 @dataclass
-class Answer:
+class RawResponse:
     """One HTTP response as it came over the socket."""
 
     status: int
@@ -150,7 +150,7 @@ class Answer:
 
     @property
     def code(self) -> str | None:
-        """The proxy's refusal code, None on an answer that is not the proxy's refusal."""
+        """The proxy's refusal code, None on an response that is not the proxy's refusal."""
         found = self.header("x-publer-proxy-error")
         return found[0] if found else None
 
@@ -178,23 +178,25 @@ def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
     return b"".join(chunks)
 
 
-def exchange(url: str, data: bytes, timeout: float = 5.0, *, to_head: bool = False) -> list[Answer]:
-    """Send raw bytes on a fresh connection; every answer that came before it closed
-    (`to_head`: answers to HEAD, which have no body whatever their headers say)."""
+def send_raw(
+    url: str, data: bytes, timeout: float = 5.0, *, to_head: bool = False
+) -> list[RawResponse]:
+    """Send raw bytes on a fresh connection; every response that came before it closed
+    (`to_head`: responses to HEAD, which have no body whatever their headers say)."""
     with connect(url, timeout) as sock:
         sock.sendall(data)
-        return parse_answers(read_all(sock, timeout), to_head=to_head)
+        return parse_responses(read_all(sock, timeout), to_head=to_head)
 
 
-def one_answer(url: str, data: bytes) -> Answer:
-    """The single final answer to raw bytes (interim 1xx answers left out)."""
-    answers = [a for a in exchange(url, data) if a.status >= 200]
-    assert len(answers) == 1, answers
-    return answers[0]
+def one_response(url: str, data: bytes) -> RawResponse:
+    """The single final response to raw bytes (interim 1xx responses left out)."""
+    responses = [a for a in send_raw(url, data) if a.status >= 200]
+    assert len(responses) == 1, responses
+    return responses[0]
 
 
-def read_answer(sock: socket.socket, timeout: float = 5.0) -> Answer:
-    """Read until the first whole answer came: an interim 1xx, or a head and its body."""
+def read_response(sock: socket.socket, timeout: float = 5.0) -> RawResponse:
+    """Read until the first whole response came: an interim 1xx, or a head and its body."""
     sock.settimeout(timeout)
     raw = b""
     while True:
@@ -204,15 +206,15 @@ def read_answer(sock: socket.socket, timeout: float = 5.0) -> Answer:
         head, sep, body = raw.partition(b"\r\n\r\n")
         length = re.search(rb"(?im)^content-length: *(\d+)", head)
         if sep and (raw.startswith(b"HTTP/1.1 1") or (length and len(body) >= int(length[1]))):
-            return parse_answers(head + sep + body[: int(length[1]) if length else 0])[0]
+            return parse_responses(head + sep + body[: int(length[1]) if length else 0])[0]
 
 
-def parse_answers(raw: bytes, *, to_head: bool = False) -> list[Answer]:
-    """Split what a connection received into answers (Content-Length or chunked bodies)."""
-    answers: list[Answer] = []
+def parse_responses(raw: bytes, *, to_head: bool = False) -> list[RawResponse]:
+    """Split what a connection received into responses (Content-Length or chunked bodies)."""
+    responses: list[RawResponse] = []
     while raw:
         head, sep, raw = raw.partition(b"\r\n\r\n")
-        assert sep, f"truncated answer head: {head[:200]!r}"
+        assert sep, f"truncated response head: {head[:200]!r}"
         status_line, *lines = head.decode("latin-1").split("\r\n")
         headers = [
             (name.strip().lower(), value.strip())
@@ -234,8 +236,8 @@ def parse_answers(raw: bytes, *, to_head: bool = False) -> list[Answer]:
                     break
         else:
             body, raw = raw, b""
-        answers.append(Answer(status, headers, body))
-    return answers
+        responses.append(RawResponse(status, headers, body))
+    return responses
 
 
 def send_until_refused(sock: socket.socket, piece: bytes, limit: int) -> int:
@@ -251,12 +253,12 @@ def send_until_refused(sock: socket.socket, piece: bytes, limit: int) -> int:
     raise AssertionError(f"the proxy took {sent} bytes and did not close the connection")
 
 
-def assert_refused(answer: Answer, codes: tuple[str, ...]) -> None:
+def assert_refused(response: RawResponse, codes: tuple[str, ...]) -> None:
     """A proxy refusal: one of `codes`, its status, Publer's envelope."""
-    assert answer.code in codes, (answer.status, answer.code, answer.body[:300])
-    assert answer.status == STATUS[answer.code]  # type: ignore[index]
-    payload = json.loads(answer.body)
-    assert payload["code"] == answer.code and payload["errors"] and payload["request_id"]
+    assert response.code in codes, (response.status, response.code, response.body[:300])
+    assert response.status == STATUS[response.code]  # type: ignore[index]
+    payload = json.loads(response.body)
+    assert payload["code"] == response.code and payload["errors"] and payload["request_id"]
 
 
 def values(record: dict[str, Any], name: str) -> list[str]:
@@ -388,8 +390,8 @@ def test_path_attack_is_refused_and_never_forwarded(
 ) -> None:
     """A hostile request target is refused with a proxy refusal code; Publer saw nothing."""
     target = target.replace(b"UPSTREAM", upstream.url.removeprefix("http://").encode())
-    answer = one_answer(proxy.url, b"GET " + target + b" HTTP/1.1\r\n" + CLOSE + b"\r\n")
-    assert_refused(answer, codes)
+    response = one_response(proxy.url, b"GET " + target + b" HTTP/1.1\r\n" + CLOSE + b"\r\n")
+    assert_refused(response, codes)
     assert upstream.requests() == []
 
 
@@ -398,8 +400,8 @@ def test_refused_paths_never_reach_the_upstream_in_the_access_log(
 ) -> None:
     """Each refusal that reached the app is logged with its code and no upstream status."""
     for target in (b"/api/v1/%2e%2e/admin", b"/teamA/../teamB/api/v1/posts", b"/api/v1/x#y"):
-        answer = one_answer(proxy.url, b"GET " + target + b" HTTP/1.1\r\n" + CLOSE + b"\r\n")
-        request_id = answer.header("x-request-id")[0]
+        response = one_response(proxy.url, b"GET " + target + b" HTTP/1.1\r\n" + CLOSE + b"\r\n")
+        request_id = response.header("x-request-id")[0]
         event = proxy.access_event(request_id)
         assert (event["decision"], event["upstream_status"]) == ("bad_path", None)
     assert upstream.requests() == []
@@ -499,10 +501,10 @@ def test_smuggling_or_header_attack_is_refused(
 ) -> None:
     """Ambiguous framing, malformed or oversized headers and bad workspace headers are
     refused in the proxy's refusal envelope, and nothing at all reaches Publer."""
-    answers = [a for a in exchange(proxy.url, raw) if a.status >= 200]
-    assert answers, "no answer"
-    assert_refused(answers[0], codes)
-    for later in answers[1:]:  # a request the client pipelined behind the refused one
+    responses = [a for a in send_raw(proxy.url, raw) if a.status >= 200]
+    assert responses, "no response"
+    assert_refused(responses[0], codes)
+    for later in responses[1:]:  # a request the client pipelined behind the refused one
         assert later.code is not None, later
     assert upstream.requests() == []
 
@@ -524,8 +526,8 @@ def test_broken_chunked_body_is_refused_and_never_completed_upstream(
     """A chunked body whose framing breaks is a 400; a streamed request that had already
     started upstream is abandoned with the client (never finished, never retried)."""
     logged = len(proxy.access())
-    answer = one_answer(proxy.url, POST + b"Transfer-Encoding: chunked\r\n\r\n" + body)
-    assert_refused(answer, BAD)
+    response = one_response(proxy.url, POST + b"Transfer-Encoding: chunked\r\n\r\n" + body)
+    assert_refused(response, BAD)
     upstream.settled()
     records = upstream.requests()
     assert len(records) <= 1
@@ -544,13 +546,13 @@ def test_connection_header_cannot_strip_injected_headers(
 ) -> None:
     """Naming Authorization, the workspace, Host or Content-Length in Connection does not
     remove what the proxy sets: Publer gets the key, the workspace and the whole body."""
-    answer = one_answer(
+    response = one_response(
         proxy.url,
         POST + b"Connection: close, Authorization, Publer-Workspace-Id, Host, X-Request-Id,"
         b" Content-Length, Keep-Alive\r\nKeep-Alive: timeout=5\r\nContent-Type: application/json"
         b"\r\nContent-Length: 2\r\n\r\n{}",
     )
-    assert answer.code is None and answer.status < 500
+    assert response.code is None and response.status < 500
     record = assert_forwarded_once(upstream, api_key, path="/api/v1/posts")
     assert record["body_bytes"] == 2
     assert values(record, "host") == [upstream.url.removeprefix("http://")]
@@ -562,12 +564,12 @@ def test_client_authorization_never_replaces_the_key(
 ) -> None:
     """Two client Authorization headers, one a Publer key, still reach Publer as the one
     key the proxy holds."""
-    answer = one_answer(
+    response = one_response(
         proxy.url,
         b"GET /api/v1/posts HTTP/1.1\r\n" + CLOSE + b"Authorization: Bearer-API stolen\r\n"
         b"Authorization: Bearer-API other\r\nProxy-Authorization: Basic eDp5\r\n\r\n",
     )
-    assert answer.status == 200
+    assert response.status == 200
     record = assert_forwarded_once(upstream, api_key, path="/api/v1/posts")
     assert not values(record, "proxy-authorization")
 
@@ -577,7 +579,7 @@ def test_underscore_spellings_of_protected_headers_are_dropped(
 ) -> None:
     """`Publer_Workspace_Id`, `X_Forwarded_For` and kin never reach Publer, where a
     CGI-style server (Rack, WSGI) would read them as the dashed header."""
-    answer = one_answer(
+    response = one_response(
         proxy.url,
         b"GET /api/v1/posts HTTP/1.1\r\n"
         + CLOSE
@@ -586,7 +588,7 @@ def test_underscore_spellings_of_protected_headers_are_dropped(
         b"X_Request_Id: forged-request-id\r\nTransfer_Encoding: chunked\r\n"
         b"Content_Length: 5\r\nX-App_Name: kept\r\n\r\n",
     )
-    assert answer.status == 200
+    assert response.status == 200
     record = assert_forwarded_once(upstream, api_key, path="/api/v1/posts")
     names = {key for key, _ in record["headers"]}
     assert not {n for n in names if "_" in n} - {"x-app_name"}
@@ -598,7 +600,7 @@ def test_method_and_url_override_headers_are_dropped(
 ) -> None:
     """Headers that make a framework execute another method or path than the one checked
     (Rack::MethodOverride, X-Original-URL) never reach Publer."""
-    answer = one_answer(
+    response = one_response(
         proxy.url,
         POST + b"X-HTTP-Method-Override: DELETE\r\nX-HTTP-Method: PUT\r\n"
         b"X-Method-Override: PATCH\r\nX-Original-URL: /api/v1/analytics/charts\r\n"
@@ -606,7 +608,7 @@ def test_method_and_url_override_headers_are_dropped(
         b"Forwarded: host=evil.test;proto=http\r\nHost: evil.test\r\n"
         b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
     )
-    assert answer.status < 500 and answer.code is None
+    assert response.status < 500 and response.code is None
     record = assert_forwarded_once(upstream, api_key, path="/api/v1/posts")
     assert record["method"] == "POST"
     names = {key for key, _ in record["headers"]}
@@ -627,14 +629,14 @@ def test_trailer_fields_are_never_merged_into_headers(
 ) -> None:
     """Fields sent after a chunked body are dropped: they cannot add a header, replace the
     key or choose a workspace."""
-    answer = one_answer(
+    response = one_response(
         proxy.url,
         POST + b"Content-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Smuggled: 1\r\n"
         b"Authorization: Bearer-API stolen\r\n"
         + f"Publer-Workspace-Id: {FOREIGN_WORKSPACE}\r\n\r\n".encode(),
     )
-    assert answer.status < 500 and answer.code is None
+    assert response.status < 500 and response.code is None
     record = assert_forwarded_once(upstream, api_key, path="/api/v1/posts")
     assert record["body_bytes"] == 2
     assert not values(record, "x-smuggled")
@@ -655,14 +657,14 @@ def test_body_is_never_parsed_as_a_second_request(
 ) -> None:
     """A body that holds a request line reaches Publer as the body of one request."""
     body = SMUGGLED + b"GET /api/v1/analytics/charts HTTP/1.1\r\nHost: proxy\r\n\r\n"
-    answer = one_answer(
+    response = one_response(
         proxy.url,
         b"GET /api/v1/posts HTTP/1.1\r\n"
         + CLOSE
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body,
     )
-    assert answer.status == 200
+    assert response.status == 200
     record = assert_forwarded_once(upstream, api_key, path="/api/v1/posts")
     assert record["body_bytes"] == len(body)
 
@@ -685,8 +687,8 @@ def test_refused_request_body_is_skipped_not_parsed(
         + b"\r\n0\r\n\r\n"
     )
     follow_up = b"GET /api/v1/accounts HTTP/1.1\r\n" + CLOSE + b"\r\n"
-    answers = exchange(proxy.url, refused + chunked_refused + follow_up)
-    assert [(a.status, a.code) for a in answers] == [
+    responses = send_raw(proxy.url, refused + chunked_refused + follow_up)
+    assert [(a.status, a.code) for a in responses] == [
         (403, "scope_denied"),
         (403, "method_denied"),
         (200, None),
@@ -699,13 +701,13 @@ def test_pipelined_requests_are_each_checked(
 ) -> None:
     """Requests pipelined on one connection are separate requests, each checked: the
     allowed one reaches Publer once, the denied ones never."""
-    answers = exchange(
+    responses = send_raw(
         proxy.url,
         b"GET /api/v1/posts HTTP/1.1\r\nHost: proxy\r\n\r\n"
         b"GET /api/v1/analytics/charts HTTP/1.1\r\nHost: proxy\r\n\r\n"
         b"GET /api/v1/%2e%2e/admin HTTP/1.1\r\n" + CLOSE + b"\r\n",
     )
-    assert [(a.status, a.code) for a in answers] == [
+    assert [(a.status, a.code) for a in responses] == [
         (200, None),
         (403, "scope_denied"),
         (400, "bad_path"),
@@ -736,9 +738,9 @@ def test_odd_but_valid_request_is_forwarded_once_with_the_key(
 ) -> None:
     """Unusual but unambiguous requests are either refused or forwarded exactly once, with
     the key and the route's workspace, and with no hop-by-hop header."""
-    answer = one_answer(proxy.url, raw)
-    if answer.code is not None:
-        assert_refused(answer, tuple(STATUS))
+    response = one_response(proxy.url, raw)
+    if response.code is not None:
+        assert_refused(response, tuple(STATUS))
         assert upstream.requests() == []
         return
     record = assert_forwarded_once(upstream, api_key, path="/api/v1/posts")
@@ -761,8 +763,8 @@ def test_declared_body_over_maximum_is_refused_before_it_is_sent(
                 + expect
                 + f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode()
             )
-            answer = read_answer(sock)  # the 413 itself, never a 100 Continue first
-        assert_refused(answer, ("body_too_large",))
+            response = read_response(sock)  # the 413 itself, never a 100 Continue first
+        assert_refused(response, ("body_too_large",))
     assert upstream.requests() == []
 
 
@@ -780,9 +782,9 @@ def test_streamed_body_over_maximum_is_refused_while_streaming(
         )
         for _ in range(MAX_BODY // len(chunk) + 2):
             sock.sendall(framed)
-        # The body is not finished (no last chunk) and the answer is already there.
-        answer = read_answer(sock)
-    assert_refused(answer, ("body_too_large",))
+        # The body is not finished (no last chunk) and the response is already there.
+        response = read_response(sock)
+    assert_refused(response, ("body_too_large",))
     upstream.settled()
     for record in upstream.requests():
         assert values(record, "authorization") == [f"Bearer-API {api_key}"]
@@ -921,8 +923,8 @@ def test_slow_and_idle_clients_are_closed_while_others_are_served(
         closed_after = by_name[name].closed_after
         assert closed_after is not None and idle_timeout - 0.5 <= closed_after <= idle_timeout + 3
     steady = by_name["slow-but-steady"]
-    [answer] = parse_answers(steady.received)
-    assert answer.code is None and answer.status < 500, answer
+    [response] = parse_responses(steady.received)
+    assert response.code is None and response.status < 500, response
     assert steady.closed_after is not None and steady.closed_after > idle_timeout
     upstream.settled()
     records = {r["path"]: r for r in upstream.requests() if r["path"] != "/api/v1/accounts"}

@@ -25,7 +25,7 @@ from tests.bao import Bao
 from tests.conftest import WORKSPACE
 from tests.fuzz_paths import PUBLER_ENDPOINTS, spec_scope, spec_takes_workspace
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy
-from tests.test_hostile import Upstream, exchange, values
+from tests.test_hostile import Upstream, send_raw, values
 
 TEAM_A_WORKSPACE = "aaaaaaaaaaaaaaaaaaaaaaaa"
 TEAM_B_WORKSPACES = ("bbbbbbbbbbbbbbbbbbbbbbbb", "cccccccccccccccccccccccc")
@@ -274,15 +274,15 @@ def test_refused_or_forwarded_once_safely(
     checked, within the route's scopes, with the route's workspace and the key."""
     recorder.clear()
     to_head = request.method == "HEAD"
-    answers = [a for a in exchange(proxy.url, request.raw(), to_head=to_head) if a.status >= 200]
-    assert len(answers) == 1, answers
-    [answer] = answers
+    responses = [a for a in send_raw(proxy.url, request.raw(), to_head=to_head) if a.status >= 200]
+    assert len(responses) == 1, responses
+    [response] = responses
     records = recorder.requests()
     if request.clean:
-        assert (answer.code is None) == allowed_by_the_rules(request), (answer, request)
-    event(f"{'clean' if request.clean else 'hostile'}: {answer.code or 'forwarded'}")
-    if answer.code is not None:
-        assert answer.status in (400, 401, 403, 404), answer
+        assert (response.code is None) == allowed_by_the_rules(request), (response, request)
+    event(f"{'clean' if request.clean else 'hostile'}: {response.code or 'forwarded'}")
+    if response.code is not None:
+        assert response.status in (400, 401, 403, 404), response
         assert records == [], records
         return
     assert len(records) == 1, records

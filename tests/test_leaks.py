@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -441,6 +442,47 @@ def test_echoing_origin_and_proxy_variables_get_no_secret(tmp_path: Path) -> Non
     for where, text in outputs.items():
         for what, value in known.items():
             assert value not in text, f"the {what} appears in {where}"
+
+
+def test_no_secret_in_the_dev_stack_output(tmp_path: Path) -> None:
+    """`publer-proxy dev` with a key of one's own (PUBLER_API_KEY, to a sandbox that takes
+    it): while clients call both routes, nothing it prints holds the key, the OpenBao root
+    token or the client token, only the files that hold them and the masked key."""
+    api_key = "pk_leak_" + secrets.token_hex(20)
+    sandbox = start_sandbox(tmp_path / "sandbox", api_key)
+    port = free_port()
+    log_path = tmp_path / "dev.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env["PUBLER_API_KEY"] = api_key
+    args = [sys.executable, "-m", "proxy", "dev", "--port", str(port), "--upstream", sandbox.url]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        eventually(lambda: "Ctrl-C stops" in log_path.read_text(), timeout=60)
+        files = dict(re.findall(r"(\w+)=\$\(cat (\S+)\)", log_path.read_text()))
+        client_token = Path(files["CLIENT_TOKEN"]).read_text()
+        root_token = Path(files["VAULT_TOKEN"]).read_text()
+        bodies, statuses = [], []
+        for path, token in [
+            ("/api/v1/users/me", None),
+            ("/posting/api/v1/posts", client_token),
+            ("/posting/api/v1/posts", client_token + "x"),
+            ("/posting/api/v1/analytics/charts", client_token),
+        ]:
+            headers = {"Authorization": f"Bearer-API {token}"} if token else {}
+            response = httpx.get(f"{url}{path}", headers=headers, trust_env=False)
+            bodies.append(response.text + str(response.headers))
+            statuses.append(response.status_code)
+        assert statuses == [200, 200, 401, 403], bodies
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+        sandbox.stop()
+    printed = log_path.read_text() + "\n".join(bodies)
+    for what, value in [("key", api_key), ("root token", root_token), ("client", client_token)]:
+        assert value not in printed, f"the {what} appears in what dev printed or sent"
+    assert "***" + api_key[-4:] in printed
 
 
 def test_no_secret_through_the_forward_proxy(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from proxy.errors import Refusal
 from proxy.paths import UnsafePath, check_path, check_query
 from proxy.policy import (
-    Located,
+    RequestHead,
     authenticate,
     build_routes,
     choose_workspace,
@@ -64,7 +64,7 @@ def _decide(
     workspaces: tuple[str, ...] = (),
 ) -> Any:
     path, _, query = target.partition(b"?")
-    return decide(Located(method, path, query, authorization, workspaces), ROUTES, SCOPES)
+    return decide(RequestHead(method, path, query, authorization, workspaces), ROUTES, SCOPES)
 
 
 HOSTILE_PATHS = [
@@ -357,6 +357,6 @@ def test_workspace_header_is_dropped_where_publer_takes_none(
     and the proxy sends none."""
     [route] = build_routes([_route(scopes=["users", "workspaces"])])
     path, _, query = target.partition(b"?")
-    verdict = decide(Located("GET", path, query, None, sent), [route], SCOPES)
+    verdict = decide(RequestHead("GET", path, query, None, sent), [route], SCOPES)
     assert verdict.refusal is None
     assert verdict.workspace is None

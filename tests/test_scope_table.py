@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.policy import Located, build_routes, decide
+from proxy.policy import RequestHead, build_routes, decide
 from proxy.scopes import Match, Miss, load_scope_map
 from proxy.settings import RouteSettings
 
@@ -123,7 +123,8 @@ def test_documented_call_passes_a_route_with_its_scope(
         [RouteSettings(name="all", credential="publer", workspace_id=WS, scopes=[scope])]
     )
     query = b"from=2025-01-01&to=2025-02-01"
-    verdict = decide(Located(method, b"/api/v1" + path.encode(), query, None, ()), [route], SCOPES)
+    request = RequestHead(method, b"/api/v1" + path.encode(), query, None, ())
+    verdict = decide(request, [route], SCOPES)
     assert verdict.refusal is None, verdict.refusal
     assert verdict.upstream_target == f"/api/v1{path}?{query.decode()}"
     assert verdict.workspace == (WS if workspace else None)

@@ -20,7 +20,7 @@ import uvicorn
 from structlog.testing import capture_logs
 
 import proxy.server
-from proxy.forward import ABSOLUTE_FORM_KEY
+from proxy.paths import ABSOLUTE_FORM_KEY
 from proxy.server import MAX_HEADER_BYTES, StrictHttpToolsProtocol
 from tests.bao import free_port
 

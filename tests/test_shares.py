@@ -10,7 +10,18 @@ import pytest
 
 from proxy.ratelimit import Budget, MemoryBudget, Queue, RedisBudget, window_use
 from proxy.settings import ConfigError, RateLimitSettings, RouteSettings, parse_settings
-from proxy.shares import Share, SharePlan, Standing, admit, guarantees, refusal_text
+from proxy.shares import (
+    Share,
+    SharePlan,
+    ShareUse,
+    Standing,
+    WindowUse,
+    admit,
+    guarantees,
+    headroom,
+    nearest_limit,
+    refusal_text,
+)
 from tests.servers import start_redis
 
 FLOOD = Share("publer", "team", "flood")
@@ -56,6 +67,32 @@ def test_admit_lends_what_others_leave_and_keeps_what_they_claim() -> None:
     assert admit(Standing(FLOOD, 5, 0), [Standing(QUIET, 5, 3)], 0, 10) == "client_share"
     assert admit(Standing(QUIET, 4, 1), [Standing(FLOOD, 6, 0)], 0, 10) == "credential"
     assert admit(Standing(FLOOD, 10, 0), [], 0, 10) == "credential"
+
+
+def test_headroom_names_the_nearest_limit() -> None:
+    """Each client's headroom before its share, its cap, its route's cap and the
+    credential's budget; the nearest is the least, a hard limit winning a tie."""
+    uses = (
+        ShareUse("team", "a", used=24, share=30.0, cap=None, route_cap=None),
+        ShareUse("team", "b", used=4, share=10.0, cap=6, route_cap=None),
+        ShareUse("team", "c", used=12, share=10.0, cap=None, route_cap=None),
+        ShareUse("bulk", "anonymous", used=3, share=25.0, cap=None, route_cap=5),
+    )
+    window = WindowUse("publer", limit=50, per_seconds=600, used=43, shares=uses)
+    found = {u.client: headroom(window, u) for u in uses}
+    assert found["a"] == {"credential": 7, "client_share": 6.0}
+    assert found["b"] == {"credential": 7, "client_cap": 2, "client_share": 6.0}
+    assert found["c"] == {"credential": 7, "client_share": -2.0}  # borrowed two
+    assert found["anonymous"] == {"credential": 7, "route_cap": 2, "client_share": 22.0}
+    nearest = {client: nearest_limit(left) for client, left in found.items()}
+    assert nearest == {
+        "a": "client_share",
+        "b": "client_cap",
+        "c": "client_share",
+        "anonymous": "route_cap",
+    }
+    alone = WindowUse("publer", 50, 600, 0, (ShareUse("x", "y", 0, 50.0, None, None),))
+    assert nearest_limit(headroom(alone, alone.shares[0])) == "credential"
 
 
 def test_plan_from_config_and_its_messages() -> None:

@@ -624,7 +624,7 @@ def test_no_answer_in_time(sessions: Sessions, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("VAULT_TOKEN", "s." + secrets.token_hex(12))
     with stub_vault(200, b"{}", delay=1.5) as url:
         error = fails("unreachable", sessions(url, timeout_seconds=0.5).login)
-    assert error.reason == f"Vault at {url} is unreachable (no answer within 0.5s)"
+    assert error.reason == f"Vault at {url} is unreachable (no response within 0.5s)"
 
 
 # -- login methods ------------------------------------------------------------------

@@ -52,9 +52,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-ALL_SCOPES: frozenset[str] = frozenset(
-    {"users", "workspaces", "accounts", "posts", "media", "job_status", "locations", "analytics"}
-)
+from proxy.scopes import load_scope_map
+
+# Publer's scopes, as the proxy's packaged scope map names them.
+ALL_SCOPES: frozenset[str] = load_scope_map().scopes
 DEFAULT_SANDBOX_KEY: str = "sandbox-key-0123456789abcdef"
 DEFAULT_WORKSPACE_ID: str = "5f8d7a62c9e77e001f36e3a1"
 DEFAULT_ACCOUNT: str = "sandbox-user"

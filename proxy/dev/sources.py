@@ -9,6 +9,8 @@ devstack extras). It prints how to rotate the key, to watch the proxy pick it up
 from __future__ import annotations
 
 import os
+import secrets as secrets_module
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from proxy.dev.stack import _stop, dev_config, free_port, wait_http
+import yaml
+
+from proxy.dev.stack import DevFiles, _stop, dev_config, free_port, wait_http, write_secret
 
 DEV_AWS_IDENTITY = {"AWS_ACCESS_KEY_ID": "AKIADEVSTACK00000000", "AWS_SECRET_ACCESS_KEY": "dev"}
 DEV_REGION = "eu-west-1"
@@ -103,11 +107,17 @@ def _announce_when_ready(port: int, source: str, rotate: str) -> None:
 
 
 def run_dev_source(
-    source: str, port: int, upstream: str | None, workdir: Path, real_key: str, key: str
+    source: str,
+    port: int,
+    upstream: str | None,
+    files: DevFiles,
+    real_key: str,
+    key: str,
+    listener: socket.socket,
 ) -> int:
     """The local stack with the key in a file, the environment or a local AWS."""
     from proxy.app import create_app
-    from proxy.cli import describe_routes
+    from proxy.describe import describe_routes
     from proxy.dev.forward import sandbox_certificate
     from proxy.dev.sandbox import DEFAULT_WORKSPACE_ID
     from proxy.dev.stack import _upstream
@@ -115,28 +125,34 @@ def run_dev_source(
     from proxy.redact import SecretRegistry
     from proxy.scopes import load_scope_map
     from proxy.server import serve
-    from proxy.settings import parse_settings
+    from proxy.settings import load_settings
 
+    workdir = files.folder
+    client_token = secrets_module.token_urlsafe(32)
     secrets = SecretRegistry()
     secrets.add(real_key)
+    secrets.add(client_token)
+    write_secret(files.client_token, client_token)
     workspace = os.environ.get("PUBLER_WORKSPACE_ID", "").strip() or DEFAULT_WORKSPACE_ID
     with (
         key_home(source, workdir, key) as (credential, rotate),
         _upstream(workdir, real_key, upstream) as upstream_url,
     ):
-        config = dev_config("http://127.0.0.1:8200", Path(), upstream_url, workspace, port)
+        config = dev_config("", files, upstream_url, workspace, port, client_token)
         del config["vault"]
         config["credentials"] = {"publer": {**credential, "max_stale_seconds": 600}}
         if not real_key and not upstream:  # the sandbox serves HTTPS with its own certificate
             upstream_settings = config["upstream"]
             assert isinstance(upstream_settings, dict)
             upstream_settings["ca_file"] = str(sandbox_certificate(workdir))
-        settings = parse_settings(config)
-        scope_map = load_scope_map(None)
+        files.config.write_text(yaml.safe_dump(config, sort_keys=False), "utf-8")
+        settings = load_settings(files.config)
+        scope_map = load_scope_map(settings.scope_map)
         configure_logging(settings.logging, secrets, sys.stderr)
         for line in describe_routes(settings, scope_map):
             print(line, file=sys.stderr)
         threading.Thread(
             target=_announce_when_ready, args=(port, source, rotate), daemon=True
         ).start()
-        return serve(settings, create_app(settings, scope_map, secrets), secrets)
+        app = create_app(settings, scope_map, secrets)
+        return serve(settings, app, secrets, [listener])

@@ -1,8 +1,9 @@
 """`publer-proxy dev` and `make run`: OpenBao, the sandbox and the proxy.
 
-Everything runs on free loopback ports under one temporary folder, and everything it
-starts stops with it: a newcomer gets a working proxy without installing Vault, and
-nothing is left listening afterwards.
+OpenBao and the sandbox run on free loopback ports, the proxy on the one asked for, all
+under one temporary folder, and everything it starts stops with it: a newcomer gets a
+working proxy without installing Vault, and nothing is left listening afterwards. The
+proxy's port is bound first, so a taken port ends the command before anything starts.
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ import os
 import secrets as random_secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import hvac
+import yaml
 
+from proxy.describe import describe_routes
 from proxy.dev.forward import add_forward_proxy, sandbox_certificate, stand_in_tls
 from proxy.dev.sandbox import (
     AUTH_ERRORS_ENV,
@@ -31,19 +36,17 @@ from proxy.dev.sandbox import (
     SANDBOX_KEYS_ENV,
 )
 from proxy.outbound import vault_http_session
+from proxy.policy import hash_token
+from proxy.redact import SecretRegistry
+from proxy.scopes import load_scope_map
+from proxy.settings import load_settings
 
-ALL_SCOPES = [
-    "users",
-    "workspaces",
-    "accounts",
-    "posts",
-    "media",
-    "job_status",
-    "locations",
-    "analytics",
-]
 PUBLER_URL = "https://app.publer.com"
 START_TIMEOUT = 15.0
+# The second route of the local stack: what a team's app gets, a prefix, a client token and
+# only the scopes it needs (what the README's examples for app developers call).
+POSTING_PREFIX = "/posting"
+POSTING_SCOPES = ["posts", "media", "accounts", "job_status"]
 
 
 def free_port() -> int:
@@ -65,14 +68,19 @@ def bao_binary() -> str:
     return found
 
 
-def wait_http(url: str, timeout: float = START_TIMEOUT, verify: str | bool = True) -> None:
-    """Poll `url` until it answers at all, or raise TimeoutError."""
+def wait_http(url: str, timeout: float = START_TIMEOUT, ca_file: str | None = None) -> None:
+    """Poll `url` until it responds 200, or raise TimeoutError; HTTPS trusts `ca_file`."""
+    # No proxy from the environment: everything the stack starts is on this loopback.
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),
+        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca_file)),
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            httpx.get(url, timeout=1.0, trust_env=False, verify=verify)
-            return
-        except httpx.HTTPError:
+            with opener.open(url, timeout=1.0):
+                return
+        except OSError:  # refused, reset, timed out, or an HTTP error status
             time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer within {timeout:g} s")
 
@@ -155,7 +163,7 @@ def sandbox_process(workdir: Path, key: str, tls: tuple[Path, Path] | None = Non
     )
     try:
         url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-        wait_http(f"{url}/__sandbox/health", verify=str(tls[0]) if tls else True)
+        wait_http(f"{url}/__sandbox/health", ca_file=str(tls[0]) if tls else None)
         yield url
     finally:
         _stop(process)
@@ -173,14 +181,47 @@ def seed_key(vault_url: str, token: str, key: str) -> None:
         client.adapter.close()
 
 
+@dataclass(frozen=True)
+class DevFiles:
+    """What the local stack writes to its temporary folder, and tells the user about."""
+
+    folder: Path
+
+    @property
+    def config(self) -> Path:
+        """The proxy's config, YAML: what `check --online` reads."""
+        return self.folder / "proxy.yaml"
+
+    @property
+    def vault_token(self) -> Path:
+        """OpenBao's root token (mode 0600): the proxy's Vault login, and yours."""
+        return self.folder / "vault-token"
+
+    @property
+    def client_token(self) -> Path:
+        """The client token of the /posting route (mode 0600)."""
+        return self.folder / "client-token"
+
+
+def write_secret(path: Path, value: str) -> None:
+    """Write `value` to a new file that only this user can read."""
+    path.touch(mode=0o600, exist_ok=False)
+    path.write_text(value, encoding="utf-8")
+
+
 def dev_config(
-    vault_url: str, token_file: Path, upstream: str, workspace: str, port: int
+    vault_url: str, files: DevFiles, upstream: str, workspace: str, port: int, client_token: str
 ) -> dict[str, object]:
-    """The proxy config of the local stack, as config data."""
+    """The proxy config of the local stack, as config data: an open route with every scope
+    of the packaged scope map, and /posting with a client token and four scopes."""
+    route = {"credential": "publer", "workspace_id": workspace}
     return {
         "listen": {"host": "127.0.0.1", "port": port},
         "upstream": {"url": upstream},
-        "vault": {"url": vault_url, "auth": {"method": "token", "token_file": str(token_file)}},
+        "vault": {
+            "url": vault_url,
+            "auth": {"method": "token", "token_file": str(files.vault_token)},
+        },
         "credentials": {
             "publer": {
                 "mount": "secret",
@@ -191,76 +232,144 @@ def dev_config(
         },
         "routes": [
             {
+                "name": "posting",
+                "prefix": POSTING_PREFIX,
+                **route,
+                "scopes": POSTING_SCOPES,
+                "clients": [{"name": "dev-app", "token_sha256": hash_token(client_token)}],
+            },
+            {
                 "name": "default",
                 "prefix": "",
-                "credential": "publer",
-                "workspace_id": workspace,
-                "scopes": ALL_SCOPES,
-            }
+                **route,
+                "scopes": sorted(load_scope_map().scopes),
+            },
         ],
         "logging": {"format": "auto", "level": "info"},
     }
 
 
-def _announce_when_ready(port: int, using_sandbox: bool, forward: str) -> None:
-    base = f"http://127.0.0.1:{port}"
+def bind_listener(port: int) -> socket.socket:
+    """A TCP socket bound to 127.0.0.1:`port`, not yet listening; OSError when it is taken.
+
+    Bound before anything starts and handed to the server, so no other process can take
+    the port in between and answer in the proxy's place.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        wait_http(f"{base}/readyz", timeout=30)
-    except TimeoutError:
-        return
-    where = "the built-in Publer sandbox" if using_sandbox else "Publer"
-    print(
-        f"\npubler-proxy is ready on {base}, forwarding to {where} with the key from OpenBao.\n"
-        f"Try it (no key needed):\n\n  curl -s {base}/api/v1/users/me\n\n{forward}\n"
-        "Ctrl-C stops the proxy, OpenBao and the sandbox.\n",
-        file=sys.stderr,
-        flush=True,
+        # As uvicorn does: a port whose last connections linger in TIME_WAIT is free; on
+        # Linux this never allows binding beside another socket that listens.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def port_taken_message(port: int, error: OSError) -> str:
+    """What `dev` says when it cannot have its port, with the way out."""
+    return (
+        f"dev: cannot listen on 127.0.0.1:{port} ({error.strerror or error}); another process"
+        f" holds that port. Stop it, or choose another port: make run PORT={port + 1}"
+        f" (or publer-proxy dev --port {port + 1})."
     )
 
 
-def run_dev(port: int = 8080, upstream: str | None = None, source: str = "vault") -> int:
-    """Run the whole local stack in the foreground until Ctrl-C or SIGTERM; `source` says
-    where the proxy reads the key: vault (OpenBao), file, env or aws."""
-    from proxy.app import create_app
-    from proxy.cli import describe_routes
-    from proxy.logs import configure_logging
-    from proxy.redact import SecretRegistry
-    from proxy.scopes import load_scope_map
-    from proxy.server import serve
-    from proxy.settings import parse_settings
+def ready_message(
+    port: int, files: DevFiles, vault_url: str, upstream: str, forward: str = ""
+) -> str:
+    """What `dev` prints once the proxy is ready: what to try, and where everything is.
 
+    It names the files that hold the tokens, never a token.
+    """
+    base = f"http://127.0.0.1:{port}"
+    beside_python = str(Path(sys.executable).parent)
+    publer_proxy = (
+        shutil.which("publer-proxy", path=beside_python)
+        or shutil.which("publer-proxy")
+        or "publer-proxy"
+    )
+    return (
+        f"\npubler-proxy is ready on {base}, forwarding to {upstream}"
+        " with the key from OpenBao.\n"
+        f"Try it (no key needed):\n\n  curl -s {base}/api/v1/users/me\n\n"
+        f"The route {POSTING_PREFIX} takes a client token ({', '.join(POSTING_SCOPES)} only)."
+        " In another shell:\n\n"
+        f"  export CLIENT_TOKEN=$(cat {files.client_token})\n"
+        f'  curl -s -H "Authorization: Bearer-API $CLIENT_TOKEN"'
+        f' "{base}{POSTING_PREFIX}/api/v1/posts?page=0&state=scheduled"\n\n'
+        f"OpenBao (a dev server, in memory) listens on {vault_url}; the key is at"
+        " secret/publer/api. Its root token and the proxy's config:\n\n"
+        f"  export VAULT_ADDR={vault_url} VAULT_TOKEN=$(cat {files.vault_token})\n"
+        f"  export PUBLER_PROXY_CONFIG={files.config}\n"
+        f"  {publer_proxy} check --online\n\n"
+        + (f"{forward}\n" if forward else "")
+        + "Ctrl-C stops the proxy, OpenBao and the sandbox.\n"
+    )
+
+
+def _announce_when_ready(port: int, message: str) -> None:
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=30)
+    except TimeoutError:
+        return
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_dev(port: int = 8080, upstream: str | None = None, source: str = "vault") -> int:
+    """Run the whole local stack in the foreground until Ctrl-C or SIGTERM; the exit status.
+    `source` says where the proxy reads the key: vault (OpenBao), file, env or aws.
+
+    Refuses a port that another process holds (exit 1) before starting anything.
+    """
+    from proxy.app import create_app
+    from proxy.logs import configure_logging
+    from proxy.server import serve
+
+    try:
+        listener = bind_listener(port)
+    except OSError as exc:
+        print(port_taken_message(port, exc), file=sys.stderr)
+        return 1
     real_key = os.environ.get("PUBLER_API_KEY", "").strip()
     workspace = os.environ.get("PUBLER_WORKSPACE_ID", "").strip() or DEFAULT_WORKSPACE_ID
     key = real_key or DEFAULT_SANDBOX_KEY
+    client_token = random_secrets.token_urlsafe(32)
     secrets = SecretRegistry()
     secrets.add(real_key)
-    with tempfile.TemporaryDirectory(prefix="publer-proxy-dev-") as tmp:
+    secrets.add(client_token)
+    with listener, tempfile.TemporaryDirectory(prefix="publer-proxy-dev-") as tmp:
         workdir = Path(tmp)
+        files = DevFiles(workdir)
         if source != "vault":
             from proxy.dev.sources import run_dev_source
 
-            return run_dev_source(source, port, upstream, workdir, real_key, key)
+            return run_dev_source(source, port, upstream, files, real_key, key, listener)
         with openbao_dev(workdir) as (vault_url, token):
             secrets.add(token)
             seed_key(vault_url, token, key)
-            token_file = workdir / "vault-token"
-            token_file.write_text(token)
-            token_file.chmod(0o600)
+            write_secret(files.vault_token, token)
+            write_secret(files.client_token, client_token)
             with _upstream(workdir, real_key, upstream) as upstream_url:
-                config = dev_config(vault_url, token_file, upstream_url, workspace, port)
+                config = dev_config(vault_url, files, upstream_url, workspace, port, client_token)
                 sandbox_ca = None if real_key or upstream else sandbox_certificate(workdir)
                 forward = add_forward_proxy(config, workdir, sandbox_ca)
-                settings = parse_settings(config)
-                scope_map = load_scope_map(None)
+                files.config.write_text(yaml.safe_dump(config, sort_keys=False), "utf-8")
+                settings = load_settings(files.config)
+                scope_map = load_scope_map(settings.scope_map)
                 configure_logging(settings.logging, secrets, sys.stderr)
                 for line in describe_routes(settings, scope_map):
                     print(line, file=sys.stderr)
+                where = (
+                    "the built-in Publer sandbox" if not real_key and not upstream else upstream_url
+                )
+                message = ready_message(port, files, vault_url, where, forward)
                 threading.Thread(
-                    target=_announce_when_ready,
-                    args=(port, not real_key and not upstream, forward),
-                    daemon=True,
+                    target=_announce_when_ready, args=(port, message), daemon=True
                 ).start()
-                return serve(settings, create_app(settings, scope_map, secrets), secrets)
+                app = create_app(settings, scope_map, secrets)
+                return serve(settings, app, secrets, [listener])
 
 
 @contextmanager

@@ -8,7 +8,7 @@ Every failure is one exception whose `kind` tells a caller what happened and who
 is a sentence safe to log and to show:
 
     VaultError
-      kind="unreachable"  connection refused, timeout, TLS failure, Vault answering 429/5xx
+      kind="unreachable"  connection refused, timeout, TLS failure, a 429/5xx response
       kind="sealed"       Vault is sealed or not initialized
       kind="auth_failed"  no token to be found, or Vault refused the token or the login
       kind="denied"       the token is valid but may not read that path
@@ -56,8 +56,8 @@ RENEW_JITTER = 0.1
 MIN_MAINTENANCE_SECONDS = 1.0
 _MAX_SERVER_MESSAGE = 200
 
-# What Vault answers to a bad, expired or revoked token, or a refused renewal or login.
-# OpenBao answers 403 (never 401) to a bad token, 400 to "lease is not renewable".
+# Vault's response to a bad, expired or revoked token, or a refused renewal or login.
+# OpenBao responds 403 (never 401) to a bad token, 400 to "lease is not renewable".
 _REFUSALS = (
     hvac.exceptions.Forbidden,
     hvac.exceptions.Unauthorized,
@@ -103,7 +103,13 @@ def _mapping(value: Any) -> dict[str, Any]:
 
 
 class VaultSession:
-    """One authenticated hvac client: login, token renewal, KV reads."""
+    """One authenticated hvac client: login, token renewal, KV reads.
+
+    Vault's HTTP API as OpenBao also serves it: the auth methods' login endpoints
+    (https://developer.hashicorp.com/vault/api-docs/auth), `auth/token/renew-self` and
+    `lookup-self`, and KV v1/v2 reads (.../api-docs/secret/kv). Blocking: call it from a
+    worker thread. Every failure is a VaultError whose reason holds no secret.
+    """
 
     def __init__(self, settings: VaultSettings, secrets: SecretRegistry) -> None:
         self._settings = settings
@@ -209,7 +215,7 @@ class VaultSession:
         previous = self._client.token
         self._client.token = token
         try:
-            answer = self._call(self._client.auth.token.lookup_self)
+            response = self._call(self._client.auth.token.lookup_self)
         except _REFUSALS:
             self._client.token = previous
             raise VaultError(
@@ -219,7 +225,7 @@ class VaultSession:
         except VaultError:
             self._client.token = previous
             raise
-        data = _mapping(_mapping(answer).get("data"))
+        data = _mapping(_mapping(response).get("data"))
         ttl = float(data.get("ttl") or 0)
         full_ttl = float(data.get("creation_ttl") or ttl)
         renewable = bool(data.get("renewable"))
@@ -261,13 +267,13 @@ class VaultSession:
                 return self._client.auth.jwt.jwt_login(auth.role, jwt, use_token=False, path=mount)
 
         try:
-            answer = self._call(login)
+            response = self._call(login)
         except _REFUSALS as exc:
             raise VaultError(
                 f"Vault refused the {method} login at auth/{mount}{self._server_says(exc)}",
                 kind="auth_failed",
             ) from None
-        grant = _mapping(_mapping(answer).get("auth"))
+        grant = _mapping(_mapping(response).get("auth"))
         token = grant.get("client_token")
         if not isinstance(token, str) or not token:
             raise VaultError(
@@ -314,10 +320,10 @@ class VaultSession:
     def _renew(self, state: _TokenState) -> str | None:
         """Renew the token; None when renewed in full, else why a new login is needed."""
         try:
-            answer = self._call(self._client.auth.token.renew_self)
+            response = self._call(self._client.auth.token.renew_self)
         except _REFUSALS:
             return "Vault refused the renewal"
-        grant = _mapping(_mapping(answer).get("auth"))
+        grant = _mapping(_mapping(response).get("auth"))
         ttl = float(grant.get("lease_duration") or 0)
         renewable = bool(grant.get("renewable"))
         self._token = replace(state, ttl=ttl, renewable=renewable, due=_due(ttl))
@@ -401,14 +407,14 @@ class VaultSession:
         kv = self._client.secrets.kv
         try:
             if credential.kv_version == 2:
-                answer = self._call(
+                response = self._call(
                     kv.v2.read_secret_version,
                     path=credential.path,
                     mount_point=credential.mount,
                     raise_on_deleted_version=True,
                 )
             else:
-                answer = self._call(
+                response = self._call(
                     kv.v1.read_secret, path=credential.path, mount_point=credential.mount
                 )
         except hvac.exceptions.InvalidPath as exc:
@@ -418,7 +424,7 @@ class VaultSession:
                 f"Vault refused to read {where}{self._server_says(exc)}", kind="invalid"
             ) from None
 
-        data = _mapping(_mapping(answer).get("data"))
+        data = _mapping(_mapping(response).get("data"))
         version: int | None = None
         created: datetime | None = None
         if credential.kv_version == 2:
@@ -494,7 +500,7 @@ class VaultSession:
             else:
                 detail = "the connection failed"
         except requests.exceptions.Timeout:
-            detail = f"no answer within {self._settings.timeout_seconds:g}s"
+            detail = f"no response within {self._settings.timeout_seconds:g}s"
         except requests.exceptions.RequestException as exc:
             detail = f"the request failed: {type(exc).__name__}"
         except hvac.exceptions.VaultDown as exc:
