@@ -94,10 +94,13 @@ def _without_dev_tools(command: str, error: ModuleNotFoundError) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     """The embedded local stack: OpenBao, the sandbox (or Publer) and the proxy."""
     try:
+        from proxy.dev.sources import run_dev_with_source
         from proxy.dev.stack import run_dev
     except ModuleNotFoundError as exc:
         return _without_dev_tools("dev", exc)
-    return run_dev(port=args.port, upstream=args.upstream, source=args.source)
+    if args.source != "vault":
+        return run_dev_with_source(args.source, port=args.port, upstream=args.upstream)
+    return run_dev(port=args.port, upstream=args.upstream)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import secrets as secrets_module
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,17 @@ from typing import Any
 
 import yaml
 
-from proxy.dev.stack import DevFiles, _stop, dev_config, free_port, wait_http, write_secret
+from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
+from proxy.dev.stack import (
+    DevFiles,
+    _stop,
+    bind_listener,
+    dev_config,
+    free_port,
+    port_taken_message,
+    wait_http,
+    write_secret,
+)
 
 DEV_AWS_IDENTITY = {"AWS_ACCESS_KEY_ID": "AKIADEVSTACK00000000", "AWS_SECRET_ACCESS_KEY": "dev"}
 DEV_REGION = "eu-west-1"
@@ -104,6 +115,21 @@ def _announce_when_ready(port: int, source: str, rotate: str) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def run_dev_with_source(source: str, port: int = 8080, upstream: str | None = None) -> int:
+    """The local stack with the key in a file, the environment or a local AWS, until
+    Ctrl-C or SIGTERM; the exit status. A port another process holds is refused first."""
+    try:
+        listener = bind_listener(port)
+    except OSError as exc:
+        print(port_taken_message(port, exc), file=sys.stderr)
+        return 1
+    real_key = os.environ.get("PUBLER_API_KEY", "").strip()
+    key = real_key or DEFAULT_SANDBOX_KEY
+    with listener, tempfile.TemporaryDirectory(prefix="publer-proxy-dev-") as tmp:
+        files = DevFiles(Path(tmp))
+        return run_dev_source(source, port, upstream, files, real_key, key, listener)
 
 
 def run_dev_source(

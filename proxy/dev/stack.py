@@ -317,9 +317,8 @@ def _announce_when_ready(port: int, message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_dev(port: int = 8080, upstream: str | None = None, source: str = "vault") -> int:
+def run_dev(port: int = 8080, upstream: str | None = None) -> int:
     """Run the whole local stack in the foreground until Ctrl-C or SIGTERM; the exit status.
-    `source` says where the proxy reads the key: vault (OpenBao), file, env or aws.
 
     Refuses a port that another process holds (exit 1) before starting anything.
     """
@@ -342,10 +341,6 @@ def run_dev(port: int = 8080, upstream: str | None = None, source: str = "vault"
     with listener, tempfile.TemporaryDirectory(prefix="publer-proxy-dev-") as tmp:
         workdir = Path(tmp)
         files = DevFiles(workdir)
-        if source != "vault":
-            from proxy.dev.sources import run_dev_source
-
-            return run_dev_source(source, port, upstream, files, real_key, key, listener)
         with openbao_dev(workdir) as (vault_url, token):
             secrets.add(token)
             seed_key(vault_url, token, key)
