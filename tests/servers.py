@@ -45,6 +45,10 @@ def _wait(
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
+    # A process that never came up is ended here: no caller holds it to stop it later.
+    if process.poll() is None:
+        process.kill()
+        process.wait()
     raise RuntimeError(f"{url} did not come up; log:\n{log.read_text(errors='replace')[-3000:]}")
 
 

@@ -110,7 +110,7 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
     try:
         proxies.append(start_proxy(tmp_path / "approle", approle, env=env))
         # Made just before its proxy starts, which takes seconds on a loaded machine.
-        child = root.auth.token.create(policies=["proxy"], ttl="5s", renewable=True)
+        child = root.auth.token.create(policies=["proxy"], ttl="12s", renewable=True)
         known["child token"] = child["auth"]["client_token"]
         (tmp_path / "token").write_text(known["child token"])
         proxies.append(start_proxy(tmp_path / "token-auth", by_token, env=env))
@@ -196,11 +196,12 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
         )
         outputs["check --online"] = check.stdout + check.stderr
     finally:
-        for number, proxy in enumerate(proxies):
-            assert proxy.stop() == 0
-            outputs[f"proxy {number}"] = proxy.output()
+        exits = [proxy.stop() for proxy in proxies]
         sandbox.stop()
         vault.stop()
+    assert exits == [0] * len(proxies)
+    for number, proxy in enumerate(proxies):
+        outputs[f"proxy {number}"] = proxy.output()
     outputs["answers"] = "\n".join(bodies)
     outputs["audit file"] = (tmp_path / "audit-approle.jsonl").read_text()
     for where, text in outputs.items():
