@@ -31,9 +31,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN python3 -m venv /opt/venv
 
 # Dependencies first, in a layer of their own: a change to the code alone reuses it.
+# EXTRAS adds optional ones by extra name: --build-arg EXTRAS=aws for AWS Secrets Manager.
+ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml README.md ./
-RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+RUN python3 -c 'import os, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + [d for e in os.environ["EXTRAS"].split(",") if e for d in p["optional-dependencies"][e]]))' \
         > /tmp/requirements.txt \
     && pip install --no-compile -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

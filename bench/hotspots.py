@@ -36,7 +36,7 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("header filtering", ("proxy/headers.py",)),
     ("rate budget", ("proxy/ratelimit.py",)),
-    ("credentials", ("proxy/credentials.py", "proxy/vault.py")),
+    ("credentials", ("proxy/credentials.py", "proxy/sources/vault.py")),
     ("request id middleware", ("proxy/requestid.py",)),
     (
         "forwarder: orchestration, relay, disconnect watch",

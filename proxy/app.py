@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from starlette.applications import Starlette
@@ -36,7 +36,9 @@ from proxy.settings import Settings
 from proxy.shares import SharePlan
 from proxy.status import STATUS_HTML_PATH, STATUS_JSON_PATH, status_html, status_json
 from proxy.upstream import Upstream
-from proxy.vault import VaultSession
+
+if TYPE_CHECKING:
+    from proxy.sources.vault import VaultSession
 
 log = structlog.get_logger(__name__)
 LIVE_KEY = "live"
@@ -99,8 +101,9 @@ def create_app(
     upstream: Upstream | None = None,
     loaded: LoadedConfig | None = None,
 ) -> ASGIApp:
-    """The proxy as one ASGI 3 app; its lifespan logs in to Vault, reads the keys and
-    opens the upstream connections. `vault` and `upstream` replace the real ones in tests.
+    """The proxy as one ASGI 3 app; its lifespan reads the keys (logging in to Vault when
+    one holds them) and opens the upstream connections. `vault` and `upstream` replace
+    the real ones in tests.
 
     With `loaded` (a config read from its file) the file is reloaded on SIGHUP and, when
     configured, when it changes. The audit sink is opened here, before serving:
@@ -118,8 +121,10 @@ def create_app(
         registry = metrics_registry
         store = CredentialStore(
             settings.credentials_in_use(),
-            vault or VaultSession(settings.vault, secrets),
             registry,
+            secrets=secrets,
+            vault_settings=settings.vault,
+            vault=vault,
         )
         services = Services(
             settings=settings,
@@ -163,6 +168,7 @@ def create_app(
             if reloader is not None:
                 await reloader.stop()
             await store.stop()
+            store.close()
             await services.upstream.aclose()
             await live.current.services.budget.close()
             await audit.close()

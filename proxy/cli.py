@@ -11,6 +11,7 @@ from proxy.configfile import load_config
 from proxy.describe import describe_routes
 from proxy.scopes import ScopeMap
 from proxy.settings import ConfigError, Settings, config_path, load_settings
+from proxy.sources import describe
 
 EXIT_OK, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -64,6 +65,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     for line in describe_routes(settings, scope_map):
         print(line)
+    for name, credential in settings.credentials_in_use().items():
+        print(f"credential {name}\n  source:     {describe(credential)}")
     if settings.forward_proxy is not None:
         from proxy.forward_proxy import describe_forward_proxy
 
@@ -91,9 +94,12 @@ def _without_dev_tools(command: str, error: ModuleNotFoundError) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     """The embedded local stack: OpenBao, the sandbox (or Publer) and the proxy."""
     try:
+        from proxy.dev.sources import run_dev_with_source
         from proxy.dev.stack import run_dev
     except ModuleNotFoundError as exc:
         return _without_dev_tools("dev", exc)
+    if args.source != "vault":
+        return run_dev_with_source(args.source, port=args.port, upstream=args.upstream)
     return run_dev(port=args.port, upstream=args.upstream)
 
 
@@ -200,13 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="config file (default $PUBLER_PROXY_CONFIG, then config/proxy.yaml)"
     )
     check.add_argument(
-        "--online", action="store_true", help="also read every key from Vault and try it on Publer"
+        "--online",
+        action="store_true",
+        help="also read every key from its source and try it on Publer",
     )
     check.set_defaults(func=cmd_check)
     dev = sub.add_parser("dev", help="OpenBao dev server + sandbox + proxy, in the foreground")
     dev.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
     dev.add_argument(
         "--upstream", help="upstream origin (default: the sandbox, or Publer with PUBLER_API_KEY)"
+    )
+    dev.add_argument(
+        "--source",
+        choices=["vault", "file", "env", "aws"],
+        default="vault",
+        help="where the proxy reads the key: vault (OpenBao, the default), file, env, or aws"
+        " (a local Secrets Manager)",
     )
     dev.set_defaults(func=cmd_dev)
     sandbox = sub.add_parser("sandbox", help="the Publer sandbox upstream alone")

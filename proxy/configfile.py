@@ -20,6 +20,7 @@ from proxy.settings import (
     read_config_file,
     settings_from_text,
 )
+from proxy.sources import sdk_problems
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ def checked_scope_map(settings: Settings, source: str) -> ScopeMap:
     problems = unknown_scope_problems(
         ((i, r.name, r.scopes) for i, r in enumerate(settings.routes)), scope_map
     )
+    problems += sdk_problems(settings.credentials_in_use())
     if problems:
         raise ConfigError([f"{source}: {line}" for line in problems])
     return scope_map

@@ -26,8 +26,8 @@ from proxy.ca import CAError, InterceptionCA, constraint_problem, fingerprint, n
 from proxy.redact import SecretRegistry
 from proxy.reload import Live
 from proxy.settings import Settings
+from proxy.sources.vault import VaultError, VaultSession
 from proxy.tunnel import TunnelListener
-from proxy.vault import VaultError, VaultSession
 
 log = structlog.get_logger("proxy.tunnel")
 

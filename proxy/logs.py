@@ -87,3 +87,6 @@ def configure_logging(
     # urllib3 at debug logs every Vault URL; hvac's paths are not secret but it is noise.
     for noisy in ("urllib3", "httpcore", "httpx", "hpack"):
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+    # botocore and boto3 at debug log request and response bodies: the secret's value.
+    for sdk in ("botocore", "boto3"):
+        logging.getLogger(sdk).setLevel(max(level, logging.INFO))

@@ -58,14 +58,25 @@ class Metrics:
             "Vault reads, logins and renewals, by outcome.",
             "operation outcome",
         )
+        self.key_reads = counter(
+            "publer_proxy_key_reads",
+            "Key reads from each credential's source (vault, aws_secrets_manager, file, env),"
+            " by outcome (ok, or what failed).",
+            "credential source outcome",
+        )
+        self.key_rotations = counter(
+            "publer_proxy_key_rotations",
+            "Keys replaced by a new value or version from their source.",
+            "credential source",
+        )
         self.key_age = gauge(
             "publer_proxy_key_age_seconds",
-            "Seconds since the held key's KV version was written (since it was read, for KV v1).",
+            "Seconds since the held key's version was written (since it was read, when unknown).",
             "credential",
         )
         self.key_read_age = gauge(
             "publer_proxy_key_last_read_age_seconds",
-            "Seconds since the key was last read from Vault successfully.",
+            "Seconds since the key was last read from its source successfully.",
             "credential",
         )
         self.config_reloads = counter(

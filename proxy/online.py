@@ -1,4 +1,4 @@
-"""`check --online`: read every key from Vault and ask Publer if it works.
+"""`check --online`: read every key from its source and ask Publer if it works.
 
 Each key is asked about an endpoint its routes allow (a least-privilege key without the
 `workspaces` scope is still alive), and Publer's 401 or 403 is read from status and
@@ -18,12 +18,20 @@ from typing import TextIO
 
 import httpx
 
+from proxy.credentials import vault_session_maker
 from proxy.logs import configure_logging
 from proxy.outbound import publer_http_client, publer_request
 from proxy.publer import Rejection, rejection
 from proxy.redact import SecretRegistry, mask
-from proxy.settings import LoggingSettings, RouteSettings, Settings, UpstreamSettings
-from proxy.vault import VaultError, VaultSession
+from proxy.settings import (
+    CredentialSettings,
+    LoggingSettings,
+    RouteSettings,
+    Settings,
+    UpstreamSettings,
+)
+from proxy.sources import make_source
+from proxy.sources.base import SecretRead, SourceError
 
 # What to ask Publer, per scope, cheapest first: (path, whether it takes the workspace).
 # Any response but a rejected key or workspace proves the key alive, so a job id that does
@@ -102,7 +110,8 @@ def _verdict(status: int, body: bytes, probe: Probe) -> tuple[bool, str]:
     if found is Rejection.KEY:
         return False, (
             f"Publer rejects the key ({status} to {asked}): it was revoked, has expired, was"
-            " mistyped or is not active; create a new key in Publer and write it to Vault"
+            " mistyped or is not active; create a new key in Publer and put it where the"
+            " credential's source reads it"
         )
     if found is Rejection.WORKSPACE and probe.workspace is None:
         return False, (
@@ -129,7 +138,8 @@ def _verdict(status: int, body: bytes, probe: Probe) -> tuple[bool, str]:
 
 
 def check_online(settings: Settings, out: TextIO | None = None) -> bool:
-    """Print, per credential, the masked key, its version and age, and Publer's verdict."""
+    """Print, per credential, its source, the masked key, its version and age, and
+    Publer's verdict."""
     stream = out or sys.stdout
     secrets = SecretRegistry()
     for value in settings.secret_values():
@@ -139,35 +149,52 @@ def check_online(settings: Settings, out: TextIO | None = None) -> bool:
     def say(line: str) -> None:
         print(secrets.redact(line), file=stream)
 
-    session = VaultSession(settings.vault, secrets)
-    try:
-        session.login()
-    except VaultError as exc:
-        say(f"vault: cannot log in ({settings.vault.auth.method}): {exc.reason}")
-        return False
-    say(f"vault: logged in at {settings.vault.url} ({session.auth_summary})")
-    ok = True
-    for name, credential in settings.credentials_in_use().items():
-        where = f"{credential.mount}/{credential.path}"
+    credentials = settings.credentials_in_use()
+    make_vault, made_vault = vault_session_maker(settings.vault, secrets)
+    if any(isinstance(cred, CredentialSettings) for cred in credentials.values()):
+        session = make_vault()
         try:
-            read = session.read_key(credential)
-        except VaultError as exc:
-            say(f"credential {name}: cannot be read from {where}: {exc.reason}")
+            session.login()
+        except SourceError as exc:
+            say(f"vault: cannot log in ({settings.vault.auth.method}): {exc.reason}")
+            return False
+        say(f"vault: logged in at {settings.vault.url} ({session.auth_summary})")
+    ok = True
+    for name, credential in credentials.items():
+        source = make_source(credential, secrets, make_vault)
+        try:
+            read = source.read()
+        except SourceError as exc:
+            say(
+                f"credential {name}: cannot be read from {source.kind} {source.where}: {exc.reason}"
+            )
             ok = False
             continue
-        line = f"credential {name}: key {mask(read.value)} from {where}"
-        line += f", KV version {read.version}" if read.version is not None else ", KV v1"
-        if read.created_time is not None:
-            days = (datetime.now(UTC) - read.created_time).total_seconds() / 86400
-            line += f", written {days:.1f} days ago"
-            if days > credential.rotate_after_days:
-                line += (
-                    f" (older than rotate_after_days={credential.rotate_after_days:g}: rotate it)"
-                )
-        say(line)
+        finally:
+            source.close()
+        say(
+            f"credential {name}: key {mask(read.value)} from {source.kind} {source.where}"
+            + _version_and_age(read, source.kind, credential.rotate_after_days)
+        )
         routes = [route for route in settings.routes if route.credential == name]
         works, sentence = probe_key(settings.upstream, read.value, choose_probe(routes))
         say(f"credential {name}: {sentence}")
         if not works:
             ok = False
+    session_made = made_vault()
+    if session_made is not None:
+        session_made.close()
     return ok
+
+
+def _version_and_age(read: SecretRead, kind: str, rotate_after_days: float) -> str:
+    if kind == "vault":
+        line = f", KV version {read.version}" if read.version is not None else ", KV v1"
+    else:
+        line = f", version {read.version}" if read.version is not None else ", unversioned"
+    if read.created_time is not None:
+        days = (datetime.now(UTC) - read.created_time).total_seconds() / 86400
+        line += f", written {days:.1f} days ago"
+        if days > rotate_after_days:
+            line += f" (older than rotate_after_days={rotate_after_days:g}: rotate it)"
+    return line

@@ -17,7 +17,9 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -35,6 +37,8 @@ _PREFIX_RE = re.compile(r"^(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _WORKSPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # libyaml's parser under PyYAML's safe constructor: the same documents as yaml.safe_load,
 # about ten times faster (a config of 1,000 routes: 0.25 s instead of 3.5 s).
@@ -232,14 +236,22 @@ class VaultSettings(_Model):
         return value.rstrip("/")
 
 
-class CredentialSettings(_Model):
+class KeyLifeSettings(_Model):
+    """What every credential shares, whatever its source: how its key is kept current."""
+
+    refresh_seconds: PositiveFloat = 300.0
+    max_stale_seconds: NonNegativeFloat = 3600.0
+    rotate_after_days: PositiveFloat = DEFAULT_ROTATE_AFTER_DAYS
+
+
+class CredentialSettings(KeyLifeSettings):
+    """A key in Vault or OpenBao KV (the default source)."""
+
+    source: Literal["vault"] = "vault"
     mount: str = "secret"
     path: str
     field: str = "api_key"
     kv_version: Literal[1, 2] = 2
-    refresh_seconds: PositiveFloat = 300.0
-    max_stale_seconds: NonNegativeFloat = 3600.0
-    rotate_after_days: PositiveFloat = DEFAULT_ROTATE_AFTER_DAYS
 
     @field_validator("mount", "path")
     @classmethod
@@ -248,6 +260,93 @@ class CredentialSettings(_Model):
         if not value or ".." in value.split("/"):
             raise ValueError("must be a non-empty Vault path without '..' segments")
         return value
+
+
+class AwsCredentialSettings(KeyLifeSettings):
+    """A key in AWS Secrets Manager, read with the SDK's standard credential chain."""
+
+    source: Literal["aws_secrets_manager"]
+    secret_id: str = Field(min_length=1, max_length=2048)
+    region: str | None = None  # default: AWS_REGION, AWS_DEFAULT_REGION, the profile's
+    field: str | None = None  # a field of a JSON secret; None: the whole secret string
+    profile: str | None = None  # default: AWS_PROFILE, else the chain's default
+    endpoint_url: str | None = None  # a Secrets Manager-compatible endpoint (tests, VPC)
+    proxy: str | None = None  # an HTTP(S) proxy for AWS calls; environment proxies never
+    timeout_seconds: PositiveFloat = 5.0
+
+    @field_validator("endpoint_url", "proxy")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "must be an http(s) URL such as https://secretsmanager.eu-west-1.amazonaws.com"
+            )
+        return value.rstrip("/")
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        if value is not None and not _REGION_RE.match(value):
+            raise ValueError("must be an AWS region name such as eu-west-1")
+        return value
+
+
+class FileCredentialSettings(KeyLifeSettings):
+    """A key in a file: a Kubernetes Secret volume, a Docker secret, a Vault Agent file."""
+
+    source: Literal["file"]
+    path: Path
+    # Who besides the file's owner may read it: owner (mode 0600/0400), group (0640/0440,
+    # as Kubernetes writes a volume for a pod with fsGroup), or anyone (0644: don't).
+    readable_by: Literal["owner", "group", "anyone"] = "owner"
+    poll_seconds: PositiveFloat = 1.0  # how often the file is checked for a change
+
+
+class EnvCredentialSettings(KeyLifeSettings):
+    """A key in an environment variable (or a .env file): for local development."""
+
+    source: Literal["env"]
+    variable: str = "PUBLER_API_KEY"
+    env_file: Path | None = None  # a .env file read when the variable is not set
+
+    @field_validator("variable")
+    @classmethod
+    def _variable(cls, value: str) -> str:
+        if not _ENV_NAME_RE.match(value):
+            raise ValueError("must be an environment variable name such as PUBLER_API_KEY")
+        return value
+
+
+_SOURCE_MODELS: dict[str, type[KeyLifeSettings]] = {
+    "vault": CredentialSettings,
+    "aws_secrets_manager": AwsCredentialSettings,
+    "file": FileCredentialSettings,
+    "env": EnvCredentialSettings,
+}
+SOURCES = tuple(_SOURCE_MODELS)
+
+
+def _source_of(value: Any) -> str:
+    if isinstance(value, dict):
+        source = value.get("source", "vault")
+        return source if isinstance(source, str) else repr(source)
+    return getattr(value, "source", "vault")
+
+
+AnyCredential = Annotated[
+    Annotated[CredentialSettings, Tag("vault")]
+    | Annotated[AwsCredentialSettings, Tag("aws_secrets_manager")]
+    | Annotated[FileCredentialSettings, Tag("file")]
+    | Annotated[EnvCredentialSettings, Tag("env")],
+    Discriminator(
+        _source_of,
+        custom_error_type="unknown_source",
+        custom_error_message=f"source must be one of {', '.join(SOURCES)}",
+    ),
+]
 
 
 # The client label of requests that name no configured client (an open route, or a
@@ -442,7 +541,7 @@ class Settings(_Model):
     listen: ListenSettings = ListenSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     vault: VaultSettings = Field(default_factory=VaultSettings)
-    credentials: dict[str, CredentialSettings]
+    credentials: dict[str, AnyCredential]
     routes: list[RouteSettings]
     rate_limit: RateLimitSettings = RateLimitSettings()
     logging: LoggingSettings = LoggingSettings()
@@ -550,6 +649,7 @@ class Settings(_Model):
                 f"upstream.proxy: the upstream is plain HTTP ({self.upstream.url}), so the"
                 f" proxy {masked_url(self.upstream.proxy)} sees the API key; use https://"
             )
+        found += credential_warnings(self.credentials_in_use())
         found.extend(self._unreachable_caps())
         return found
 
@@ -572,18 +672,48 @@ class Settings(_Model):
     def secret_values(self) -> list[str]:
         """Secrets written in the config itself (a password in a proxy or Redis URL), to
         register for redaction before anything is logged."""
-        urls = (
+        urls = [
             self.vault.proxy,
             self.upstream.proxy,
             self.rate_limit.redis_url,
             self.audit.redis_url if self.audit else None,
-        )
+        ]
+        urls += [c.proxy for c in self.credentials.values() if isinstance(c, AwsCredentialSettings)]
         return [secret for url in urls for secret in url_secrets(url)]
 
-    def credentials_in_use(self) -> dict[str, CredentialSettings]:
+    def credentials_in_use(self) -> dict[str, AnyCredential]:
         """The credentials that at least one route refers to."""
         used = {route.credential for route in self.routes}
         return {name: cred for name, cred in self.credentials.items() if name in used}
+
+
+def credential_warnings(credentials: dict[str, AnyCredential]) -> list[str]:
+    """What is weak about where the keys are kept, one sentence per credential."""
+    found: list[str] = []
+    for name, cred in credentials.items():
+        where = f"credentials.{name}.source"
+        if isinstance(cred, EnvCredentialSettings):
+            found.append(
+                f"{where}: env: the key comes from ${cred.variable}"
+                + (f" or {cred.env_file}" if cred.env_file else "")
+                + "; fine for local development, but a vault (Vault, OpenBao, AWS Secrets"
+                " Manager) or a mounted secret file is the better home: a variable is"
+                " inherited by whatever starts before the proxy, shows in crash reports"
+                " and in the /proc/PID/environ of every process that still holds it"
+            )
+        elif isinstance(cred, FileCredentialSettings) and cred.readable_by == "anyone":
+            found.append(
+                f"credentials.{name}.readable_by: anyone: a key file readable by every user"
+                " of the machine is accepted"
+            )
+        elif isinstance(cred, AwsCredentialSettings) and cred.endpoint_url:
+            endpoint = urlsplit(cred.endpoint_url)
+            if endpoint.scheme == "http" and not is_loopback_host(endpoint.hostname or ""):
+                found.append(
+                    f"credentials.{name}.endpoint_url: {cred.endpoint_url} is plain HTTP to a"
+                    " non-loopback host; the key crosses the network in clear text"
+                )
+    return found
 
 
 _FIXES = {
@@ -592,9 +722,32 @@ _FIXES = {
 }
 
 
+def _credential_hint(loc: tuple[Any, ...], error_type: str) -> str | None:
+    """For a key of one credential source written under another: which source it needs."""
+    if error_type != "extra_forbidden" or len(loc) != 3 or loc[0] != "credentials":
+        return None
+    owners = [source for source, model in _SOURCE_MODELS.items() if loc[2] in model.model_fields]
+    if not owners:
+        return None
+    return (
+        f"{loc[2]} is a key of source {' or '.join(owners)}, not of this credential's source;"
+        " set source:, or remove the key"
+    )
+
+
 def _describe(error: Any) -> list[str]:
-    location = ".".join(str(part) for part in error["loc"])
-    message = _FIXES.get(error["type"]) or str(error["msg"]).removeprefix("Value error, ")
+    # A credential's location holds the source pydantic chose (credentials.x.file.path).
+    loc = tuple(
+        part
+        for index, part in enumerate(error["loc"])
+        if not (index == 2 and error["loc"][0] == "credentials" and part in SOURCES)
+    )
+    location = ".".join(str(part) for part in loc)
+    message = (
+        _credential_hint(loc, error["type"])
+        or _FIXES.get(error["type"])
+        or str(error["msg"]).removeprefix("Value error, ")
+    )
     lines = message.split("\n")
     # Cross-checks name their own key paths; the others get the location pydantic found.
     if error["type"] == "value_error" and all(": " in line for line in lines) and not location:

@@ -31,7 +31,13 @@ from proxy.cli import load_all
 from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
 from proxy.policy import hash_token
 from proxy.server import GRACEFUL_SHUTDOWN_SECONDS
-from proxy.settings import KUBERNETES_TOKEN_FILE, Settings, is_loopback_host, parse_settings
+from proxy.settings import (
+    KUBERNETES_TOKEN_FILE,
+    CredentialSettings,
+    Settings,
+    is_loopback_host,
+    parse_settings,
+)
 from tests.bao import Bao, bao_binary, free_port, start_bao
 from tests.servers import Sandbox, start_proxy, start_sandbox
 
@@ -546,6 +552,7 @@ def test_policy_grants_exactly_the_configured_secret() -> None:
     for config in ("proxy.compose.yaml", "proxy.sidecar.yaml", "proxy.image.yaml"):
         settings = settings_file(ROOT / "deploy" / config)
         for credential in settings.credentials.values():
+            assert isinstance(credential, CredentialSettings), config
             assert f"{credential.mount}/data/{credential.path}" in paths
 
 
@@ -925,6 +932,29 @@ def test_kubernetes_proxy_runs_locked_down(kube: dict[str, dict[str, Any]], tmp_
         shlex.join(c.get("command", []) + c.get("args", [])) for c in pod["spec"]["containers"]
     )
     assert f"http://127.0.0.1:{settings.listen.port}/api/v1/" in app_commands
+
+
+def test_image_requirements_follow_the_extras_build_argument() -> None:
+    """The image installs the core dependencies, plus an extra's only when EXTRAS names
+    it (`--build-arg EXTRAS=aws` adds boto3 for AWS Secrets Manager)."""
+    [run] = [i.args for i in dockerfile() if "tomllib" in i.args]
+    found = re.search(r"python3 -c '([^']+)'", run)
+    assert found is not None, run
+    listed = {}
+    for extras in ("", "aws"):
+        result = subprocess.run(
+            [sys.executable, "-c", found.group(1)],
+            cwd=ROOT,
+            env={**os.environ, "EXTRAS": extras},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        listed[extras] = result.stdout.split()
+    assert not any(line.startswith("boto3") for line in listed[""])
+    assert any(line.startswith("boto3") for line in listed["aws"])
+    assert any(line.startswith("hvac") for line in listed[""])
+    assert "ARG" in {i.keyword for i in dockerfile() if i.args.startswith("EXTRAS")}
 
 
 # --- the forward proxy: compose and Kubernetes examples --------------------------------

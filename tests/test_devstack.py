@@ -125,6 +125,49 @@ def test_local_stack_works_then_leaves_nothing(
             process.wait()
 
 
+@pytest.mark.parametrize("source", ["file", "env", "aws"])
+def test_dev_with_another_key_source(tmp_path: Path, source: str) -> None:
+    """`dev --source file|env|aws` serves with the key kept there and no OpenBao, says
+    how to rotate it, and leaves nothing running after SIGTERM."""
+    port = free_port()
+    log = tmp_path / "stack.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUBLER_", "VAULT_", "AWS_"))}
+    command = [sys.executable, "-m", "proxy", "dev", "--port", str(port), "--source", source]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, log)
+        assert httpx.get(f"{url}/api/v1/users/me").status_code == 200
+        assert (
+            httpx.get(f"{url}/readyz").json()["credentials"]["publer"]["source"]
+            == {
+                "file": "file",
+                "env": "env",
+                "aws": "aws_secrets_manager",
+            }[source]
+        )
+        started = descendants(process.pid)
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in started]
+        assert not any(b"bao" in c for c in commands), commands
+        deadline = time.monotonic() + 10
+        while "Rotate the key:" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in started if alive(pid)], log.read_text()[-2000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 class _Answers200(BaseHTTPRequestHandler):
     """Another server on the port: it answers 200 to everything, /readyz included."""
 

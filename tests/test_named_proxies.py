@@ -17,7 +17,7 @@ import yaml
 from proxy.outbound import publer_http_client, vault_http_session
 from proxy.redact import SecretRegistry
 from proxy.settings import UpstreamSettings, VaultAuthSettings, VaultSettings
-from proxy.vault import VaultError, VaultSession
+from proxy.sources.vault import VaultError, VaultSession
 from tests.bao import Bao, free_port
 from tests.peers import echo_origin, forwarding_proxy, recording_listener
 from tests.servers import Sandbox, proxy_config, start_proxy

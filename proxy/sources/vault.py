@@ -30,11 +30,10 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import hvac
@@ -46,18 +45,15 @@ import urllib3
 from proxy.outbound import vault_http_session
 from proxy.redact import SecretRegistry, masked_url
 from proxy.settings import KUBERNETES_TOKEN_FILE, CredentialSettings, VaultSettings
+from proxy.sources.base import SecretRead, SourceError, SourceKind, key_problem
 
 log = structlog.get_logger(__name__)
-
-ErrorKind = Literal["unreachable", "sealed", "denied", "not_found", "invalid", "auth_failed"]
 
 DEFAULT_TOKEN_FILE = Path("~/.vault-token")
 # renew at about 2/3 of the TTL; the jitter keeps replicas from renewing in step.
 RENEW_AT_FRACTION = 2 / 3
 RENEW_JITTER = 0.1
 MIN_MAINTENANCE_SECONDS = 1.0
-BACKOFF_FIRST_SECONDS = 1.0
-BACKOFF_MAX_SECONDS = 300.0
 _MAX_SERVER_MESSAGE = 200
 
 # Vault's response to a bad, expired or revoked token, or a refused renewal or login.
@@ -70,46 +66,8 @@ _REFUSALS = (
 )
 
 
-class VaultError(Exception):
+class VaultError(SourceError):
     """A Vault operation failed; `reason` is safe to log and show, `kind` is what happened."""
-
-    def __init__(self, reason: str, *, kind: ErrorKind) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.kind: ErrorKind = kind
-
-    def __repr__(self) -> str:
-        return f"VaultError(kind={self.kind!r}, reason={self.reason!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (partial(VaultError, kind=self.kind), (self.reason,))
-
-
-@dataclass(frozen=True)
-class SecretRead:
-    """One key read from KV: the trimmed value, and its KV v2 version and creation time."""
-
-    value: str = field(repr=False)
-    version: int | None
-    created_time: datetime | None
-
-
-def key_problem(value: str) -> str | None:
-    """Why a trimmed value does not look like an API key, or None when it does."""
-    if not value:
-        return "it is empty"
-    if any(ch.isspace() for ch in value):
-        return "it contains whitespace"
-    if not all(0x21 <= ord(ch) <= 0x7E for ch in value):
-        return "it contains characters that are not printable ASCII"
-    return None
-
-
-def backoff_seconds(attempt: int) -> float:
-    """Delay before retry number `attempt` (1, 2, ...): exponential from 1 s, capped at
-    5 min, with full jitter so that replicas do not retry in step."""
-    ceiling = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2.0 ** max(attempt - 1, 0))
-    return random.uniform(BACKOFF_FIRST_SECONDS, max(BACKOFF_FIRST_SECONDS, ceiling))
 
 
 @dataclass(frozen=True)
@@ -567,3 +525,29 @@ class VaultSession:
             f"Vault at {self._settings.url} {answered}{self._server_says(exc)}",
             kind="unreachable",
         )
+
+
+class VaultKeySource:
+    """One credential's key in Vault KV, read through the session all Vault keys share."""
+
+    kind: SourceKind = "vault"
+    poll_seconds: float | None = None
+
+    def __init__(self, session: VaultSession, credential: CredentialSettings) -> None:
+        self.session = session
+        self._credential = credential
+        self.where = f"{credential.mount}/{credential.path}"
+
+    def __repr__(self) -> str:
+        return f"VaultKeySource({self.where})"
+
+    def read(self) -> SecretRead:
+        """Read the key through the shared session (logging in first if needed)."""
+        return self.session.read_key(self._credential)
+
+    def changed(self) -> bool:
+        """Never known without a read."""
+        return False
+
+    def close(self) -> None:
+        """The shared session is closed by whoever made it."""

@@ -1,0 +1,184 @@
+"""`publer-proxy dev --source file|env|aws`: the local stack with the key kept elsewhere.
+
+The same sandbox (or Publer, with PUBLER_API_KEY) and proxy as `make run`, with no Vault:
+the key sits in a file with mode 0600 (as a Kubernetes or Docker secret would), in the
+environment, or in a local AWS Secrets Manager (moto's server, from the test or
+devstack extras). It prints how to rotate the key, to watch the proxy pick it up.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as secrets_module
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
+from proxy.dev.stack import (
+    DevFiles,
+    _stop,
+    bind_listener,
+    dev_config,
+    free_port,
+    port_taken_message,
+    wait_http,
+    write_secret,
+)
+
+DEV_AWS_IDENTITY = {"AWS_ACCESS_KEY_ID": "AKIADEVSTACK00000000", "AWS_SECRET_ACCESS_KEY": "dev"}
+DEV_REGION = "eu-west-1"
+DEV_SECRET_ID = "publer/api"
+
+
+@contextmanager
+def moto_process(workdir: Path) -> Iterator[str]:
+    """moto's Secrets Manager server as a child process: its URL."""
+    if subprocess.run(
+        [sys.executable, "-c", "import moto.server, boto3"], capture_output=True, check=False
+    ).returncode:
+        raise SystemExit(
+            "dev --source aws: the local AWS stand-in is not installed;"
+            " run pip install 'publer-proxy[devstack,aws]' (make run does it for you)"
+        )
+    port = free_port()
+    log_file = (workdir / "moto.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/moto-api/")
+        yield url
+    finally:
+        _stop(process)
+        log_file.close()
+
+
+@contextmanager
+def key_home(source: str, workdir: Path, key: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Put `key` where `source` reads it: (the credential's config, how to rotate it)."""
+    if source == "file":
+        path = workdir / "publer-api-key"
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+        credential: dict[str, Any] = {"source": "file", "path": str(path)}
+        yield credential, f"printf '%s\\n' NEW_KEY > {path}   (picked up within a second)"
+    elif source == "env":
+        os.environ["PUBLER_API_KEY"] = key  # the env source takes it out again at start
+        yield {"source": "env"}, "restart with a new PUBLER_API_KEY (it is read once)"
+    else:
+        import boto3
+
+        os.environ.update(DEV_AWS_IDENTITY)
+        with moto_process(workdir) as url:
+            client = boto3.client("secretsmanager", endpoint_url=url, region_name=DEV_REGION)
+            client.create_secret(Name=DEV_SECRET_ID, SecretString=key)
+            client.close()
+            credential = {
+                "source": "aws_secrets_manager",
+                "secret_id": DEV_SECRET_ID,
+                "region": DEV_REGION,
+                "endpoint_url": url,
+                "refresh_seconds": 5,
+            }
+            yield (
+                credential,
+                (
+                    f"AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x aws --endpoint-url {url}"
+                    f" --region {DEV_REGION} secretsmanager put-secret-value"
+                    f" --secret-id {DEV_SECRET_ID} --secret-string NEW_KEY"
+                ),
+            )
+
+
+def _announce_when_ready(port: int, source: str, rotate: str) -> None:
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/readyz", timeout=30)
+    except TimeoutError:
+        return
+    print(
+        f"\npubler-proxy is ready on {base} with the key from the {source} source.\n"
+        f"Try it (no key needed):\n\n  curl -s {base}/api/v1/users/me\n\n"
+        f"Rotate the key: {rotate}\nCtrl-C stops everything.\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run_dev_with_source(source: str, port: int = 8080, upstream: str | None = None) -> int:
+    """The local stack with the key in a file, the environment or a local AWS, until
+    Ctrl-C or SIGTERM; the exit status. A port another process holds is refused first."""
+    try:
+        listener = bind_listener(port)
+    except OSError as exc:
+        print(port_taken_message(port, exc), file=sys.stderr)
+        return 1
+    real_key = os.environ.get("PUBLER_API_KEY", "").strip()
+    key = real_key or DEFAULT_SANDBOX_KEY
+    with listener, tempfile.TemporaryDirectory(prefix="publer-proxy-dev-") as tmp:
+        files = DevFiles(Path(tmp))
+        return run_dev_source(source, port, upstream, files, real_key, key, listener)
+
+
+def run_dev_source(
+    source: str,
+    port: int,
+    upstream: str | None,
+    files: DevFiles,
+    real_key: str,
+    key: str,
+    listener: socket.socket,
+) -> int:
+    """The local stack with the key in a file, the environment or a local AWS."""
+    from proxy.app import create_app
+    from proxy.describe import describe_routes
+    from proxy.dev.forward import sandbox_certificate
+    from proxy.dev.sandbox import DEFAULT_WORKSPACE_ID
+    from proxy.dev.stack import _upstream
+    from proxy.logs import configure_logging
+    from proxy.redact import SecretRegistry
+    from proxy.scopes import load_scope_map
+    from proxy.server import serve
+    from proxy.settings import load_settings
+
+    workdir = files.folder
+    client_token = secrets_module.token_urlsafe(32)
+    secrets = SecretRegistry()
+    secrets.add(real_key)
+    secrets.add(client_token)
+    write_secret(files.client_token, client_token)
+    workspace = os.environ.get("PUBLER_WORKSPACE_ID", "").strip() or DEFAULT_WORKSPACE_ID
+    with (
+        key_home(source, workdir, key) as (credential, rotate),
+        _upstream(workdir, real_key, upstream) as upstream_url,
+    ):
+        config = dev_config("", files, upstream_url, workspace, port, client_token)
+        del config["vault"]
+        config["credentials"] = {"publer": {**credential, "max_stale_seconds": 600}}
+        if not real_key and not upstream:  # the sandbox serves HTTPS with its own certificate
+            upstream_settings = config["upstream"]
+            assert isinstance(upstream_settings, dict)
+            upstream_settings["ca_file"] = str(sandbox_certificate(workdir))
+        files.config.write_text(yaml.safe_dump(config, sort_keys=False), "utf-8")
+        settings = load_settings(files.config)
+        scope_map = load_scope_map(settings.scope_map)
+        configure_logging(settings.logging, secrets, sys.stderr)
+        for line in describe_routes(settings, scope_map):
+            print(line, file=sys.stderr)
+        threading.Thread(
+            target=_announce_when_ready, args=(port, source, rotate), daemon=True
+        ).start()
+        app = create_app(settings, scope_map, secrets)
+        return serve(settings, app, secrets, [listener])
