@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.bao import free_port
 
@@ -211,3 +214,108 @@ def test_taken_port_is_refused_before_anything_starts(command: list[str]) -> Non
     if command[0] != "make":
         assert result.returncode == 1
         assert result.stdout == ""
+
+
+def _start_stack(tmp_path: Path, command: list[str]) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`command` (which runs `dev`) in a session of its own, as a terminal would; ready."""
+    port = free_port()
+    log = tmp_path / "stack.log"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PUBLER_API_KEY", "PUBLER_WORKSPACE_ID") and not k.startswith("VAULT_")
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, process, log)
+    return process, url, log
+
+
+def _wait_gone(pids: set[int], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if alive(pid)], log.read_text()[-2000:]
+
+
+def test_closed_terminal_stops_the_whole_stack(tmp_path: Path) -> None:
+    """A hangup of the terminal's process group (make and the sandbox die of it) stops
+    the proxy and OpenBao too: nothing keeps the port or answers 502 afterwards."""
+    shell = [
+        "bash",
+        "-c",
+        f'"{sys.executable}" -m proxy dev "$@"; echo "dev exited $?"',
+        "shell",
+    ]
+    process, url, log = _start_stack(tmp_path, shell)
+    try:
+        started = descendants(process.pid)
+        os.killpg(process.pid, signal.SIGHUP)
+        _wait_gone(started, log)
+        assert "stopping the stack" in log.read_text()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_a_dead_sandbox_stops_the_stack_and_says_so(tmp_path: Path) -> None:
+    """When a process of the stack ends (here the sandbox), dev names it and stops the
+    rest, rather than answering 502 for ever."""
+    process, _url, log = _start_stack(tmp_path, [sys.executable, "-m", "proxy", "dev"])
+    try:
+        started = descendants(process.pid)
+        sandboxes = [
+            pid for pid in started if b"sandbox" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(sandboxes) == 1
+        os.kill(sandboxes[0], signal.SIGKILL)
+        assert process.wait(30) == 0
+        _wait_gone(started, log)
+        assert "the Publer sandbox exited" in log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_dev_config_reloads_and_readyz_shows_its_digest(tmp_path: Path) -> None:
+    """/readyz shows the sha256 of the config file dev printed, and an edit of that file
+    is applied without a restart."""
+    process, url, log = _start_stack(tmp_path, [sys.executable, "-m", "proxy", "dev"])
+    try:
+        deadline = time.monotonic() + 10
+        while "PUBLER_PROXY_CONFIG=" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        config = Path(
+            dict(re.findall(r"export (\w+)=(\S+)", log.read_text()))["PUBLER_PROXY_CONFIG"]
+        )
+        digest = hashlib.sha256(config.read_bytes()).hexdigest()
+        assert httpx.get(f"{url}/readyz").json()["config"]["sha256"] == digest
+        assert httpx.get(f"{url}/api/v1/users/me").status_code == 200
+        data = yaml.safe_load(config.read_text())
+        default = next(route for route in data["routes"] if route["name"] == "default")
+        default["scopes"] = [scope for scope in default["scopes"] if scope != "users"]
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        edited = hashlib.sha256(config.read_bytes()).hexdigest()
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/readyz").json()["config"]["sha256"] != edited:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        refused = httpx.get(f"{url}/api/v1/users/me")
+        assert refused.status_code == 403
+        assert refused.json()["code"] == "scope_denied"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)

@@ -143,15 +143,14 @@ def run_dev_source(
 ) -> int:
     """The local stack with the key in a file, the environment or a local AWS."""
     from proxy.app import create_app
+    from proxy.configfile import load_config
     from proxy.describe import describe_routes
     from proxy.dev.forward import sandbox_certificate
     from proxy.dev.sandbox import DEFAULT_WORKSPACE_ID
-    from proxy.dev.stack import _upstream
+    from proxy.dev.stack import Children, _upstream, watch_stack
     from proxy.logs import configure_logging
     from proxy.redact import SecretRegistry
-    from proxy.scopes import load_scope_map
     from proxy.server import serve
-    from proxy.settings import load_settings
 
     workdir = files.folder
     client_token = secrets_module.token_urlsafe(32)
@@ -160,9 +159,11 @@ def run_dev_source(
     secrets.add(client_token)
     write_secret(files.client_token, client_token)
     workspace = os.environ.get("PUBLER_WORKSPACE_ID", "").strip() or DEFAULT_WORKSPACE_ID
+    parent = os.getppid()
+    children: Children = []
     with (
         key_home(source, workdir, key) as (credential, rotate),
-        _upstream(workdir, real_key, upstream) as upstream_url,
+        _upstream(workdir, real_key, upstream, children) as upstream_url,
     ):
         config = dev_config("", files, upstream_url, workspace, port, client_token)
         del config["vault"]
@@ -172,13 +173,14 @@ def run_dev_source(
             assert isinstance(upstream_settings, dict)
             upstream_settings["ca_file"] = str(sandbox_certificate(workdir))
         files.config.write_text(yaml.safe_dump(config, sort_keys=False), "utf-8")
-        settings = load_settings(files.config)
-        scope_map = load_scope_map(settings.scope_map)
+        loaded = load_config(files.config)
+        settings, scope_map = loaded.settings, loaded.scope_map
         configure_logging(settings.logging, secrets, sys.stderr)
         for line in describe_routes(settings, scope_map):
             print(line, file=sys.stderr)
         threading.Thread(
             target=_announce_when_ready, args=(port, source, rotate), daemon=True
         ).start()
-        app = create_app(settings, scope_map, secrets)
+        threading.Thread(target=watch_stack, args=(children, parent, workdir), daemon=True).start()
+        app = create_app(settings, scope_map, secrets, loaded=loaded)
         return serve(settings, app, secrets, [listener])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets as random_secrets
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -39,7 +40,10 @@ from proxy.outbound import vault_http_session
 from proxy.policy import hash_token
 from proxy.redact import SecretRegistry
 from proxy.scopes import load_scope_map
-from proxy.settings import load_settings
+
+# The processes the stack started, by what they are: watched while the proxy serves.
+Children = list[tuple[str, subprocess.Popen[bytes]]]
+WATCH_SECONDS = 0.5
 
 PUBLER_URL = "https://app.publer.com"
 START_TIMEOUT = 15.0
@@ -114,7 +118,7 @@ _INHERITED = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV
 
 
 @contextmanager
-def openbao_dev(workdir: Path) -> Iterator[tuple[str, str]]:
+def openbao_dev(workdir: Path, children: Children | None = None) -> Iterator[tuple[str, str]]:
     """A `bao server -dev` on a free port with a random root token: (url, token).
 
     The token goes to OpenBao in its environment, never on its command line (which any
@@ -136,6 +140,8 @@ def openbao_dev(workdir: Path) -> Iterator[tuple[str, str]]:
         env=child_environment(workdir, BAO_DEV_ROOT_TOKEN_ID=token),
         cwd=workdir,
     )
+    if children is not None:
+        children.append(("OpenBao", process))
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/v1/sys/health")
@@ -146,7 +152,12 @@ def openbao_dev(workdir: Path) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def sandbox_process(workdir: Path, key: str, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+def sandbox_process(
+    workdir: Path,
+    key: str,
+    tls: tuple[Path, Path] | None = None,
+    children: Children | None = None,
+) -> Iterator[str]:
     """The Publer sandbox as a child process (HTTPS with `tls`): its origin URL."""
     port = free_port()
     log_file = (workdir / "sandbox.log").open("wb")
@@ -161,6 +172,8 @@ def sandbox_process(workdir: Path, key: str, tls: tuple[Path, Path] | None = Non
         stderr=subprocess.STDOUT,
         env=child_environment(workdir, **{SANDBOX_KEYS_ENV: key}),
     )
+    if children is not None:
+        children.append(("the Publer sandbox", process))
     try:
         url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         wait_http(f"{url}/__sandbox/health", ca_file=str(tls[0]) if tls else None)
@@ -246,6 +259,8 @@ def dev_config(
             },
         ],
         "logging": {"format": "auto", "level": "info"},
+        # An edit of the printed config file takes effect at once, as SIGHUP would.
+        "reload": {"watch": True},
     }
 
 
@@ -317,15 +332,46 @@ def _announce_when_ready(port: int, message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def watch_stack(children: Children, parent: int, workdir: Path) -> None:
+    """Stop the stack (SIGTERM to this process, the graceful path of Ctrl-C) when one of
+    its processes ends or the process that started it is gone (a closed terminal: make
+    and the sandbox die of SIGHUP, OpenBao and the proxy would live on, holding the port
+    and the token files). Runs in a daemon thread until then."""
+    while True:
+        time.sleep(WATCH_SECONDS)
+        for name, process in children:
+            status = process.poll()
+            if status is not None:
+                print(
+                    f"publer-proxy dev: {name} exited (status {status}; its log is in"
+                    f" {workdir}); stopping the stack",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+        if os.getppid() != parent:
+            print(
+                "publer-proxy dev: the terminal or program that started it is gone;"
+                " stopping the stack",
+                file=sys.stderr,
+                flush=True,
+            )
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
 def run_dev(port: int = 8080, upstream: str | None = None) -> int:
     """Run the whole local stack in the foreground until Ctrl-C or SIGTERM; the exit status.
 
     Refuses a port that another process holds (exit 1) before starting anything.
     """
     from proxy.app import create_app
+    from proxy.configfile import load_config
     from proxy.logs import configure_logging
     from proxy.server import serve
 
+    parent = os.getppid()
     try:
         listener = bind_listener(port)
     except OSError as exc:
@@ -341,18 +387,19 @@ def run_dev(port: int = 8080, upstream: str | None = None) -> int:
     with listener, tempfile.TemporaryDirectory(prefix="publer-proxy-dev-") as tmp:
         workdir = Path(tmp)
         files = DevFiles(workdir)
-        with openbao_dev(workdir) as (vault_url, token):
+        children: Children = []
+        with openbao_dev(workdir, children) as (vault_url, token):
             secrets.add(token)
             seed_key(vault_url, token, key)
             write_secret(files.vault_token, token)
             write_secret(files.client_token, client_token)
-            with _upstream(workdir, real_key, upstream) as upstream_url:
+            with _upstream(workdir, real_key, upstream, children) as upstream_url:
                 config = dev_config(vault_url, files, upstream_url, workspace, port, client_token)
                 sandbox_ca = None if real_key or upstream else sandbox_certificate(workdir)
                 forward = add_forward_proxy(config, workdir, sandbox_ca)
                 files.config.write_text(yaml.safe_dump(config, sort_keys=False), "utf-8")
-                settings = load_settings(files.config)
-                scope_map = load_scope_map(settings.scope_map)
+                loaded = load_config(files.config)
+                settings, scope_map = loaded.settings, loaded.scope_map
                 configure_logging(settings.logging, secrets, sys.stderr)
                 for line in describe_routes(settings, scope_map):
                     print(line, file=sys.stderr)
@@ -363,17 +410,22 @@ def run_dev(port: int = 8080, upstream: str | None = None) -> int:
                 threading.Thread(
                     target=_announce_when_ready, args=(port, message), daemon=True
                 ).start()
-                app = create_app(settings, scope_map, secrets)
+                threading.Thread(
+                    target=watch_stack, args=(children, parent, workdir), daemon=True
+                ).start()
+                app = create_app(settings, scope_map, secrets, loaded=loaded)
                 return serve(settings, app, secrets, [listener])
 
 
 @contextmanager
-def _upstream(workdir: Path, real_key: str, explicit: str | None) -> Iterator[str]:
+def _upstream(
+    workdir: Path, real_key: str, explicit: str | None, children: Children | None = None
+) -> Iterator[str]:
     if explicit:
         yield explicit
     elif real_key:
         yield PUBLER_URL
     else:
         tls = stand_in_tls(workdir)  # the sandbox is app.publer.com to the forward proxy
-        with sandbox_process(workdir, DEFAULT_SANDBOX_KEY, tls) as url:
+        with sandbox_process(workdir, DEFAULT_SANDBOX_KEY, tls, children) as url:
             yield url
