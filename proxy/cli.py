@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -127,7 +128,21 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         )
         return EXIT_INVALID
     specs = [*(args.key or []), *os.environ.get(SANDBOX_KEYS_ENV, "").split()]
-    keys = [parse_key_spec(k) for k in (specs or [DEFAULT_SANDBOX_KEY])]
+    try:
+        keys = [parse_key_spec(k) for k in (specs or [DEFAULT_SANDBOX_KEY])]
+    except ValueError as exc:
+        print(f"sandbox: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:  # bound before anything is announced: a taken port is one line, not a traceback
+        listener = socket.create_server((args.host, args.port), family=family)
+    except OSError as exc:
+        print(
+            f"sandbox: cannot listen on {args.host}:{args.port} ({exc.strerror or exc});"
+            " another process holds that port: stop it, or choose another with --port",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
     app = create_app(
         keys,
         rate_limit=args.rate_limit,
@@ -135,11 +150,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         auth_errors=args.auth_errors,
     )
     scheme = "https" if args.tls_cert else "http"
-    print(f"Publer sandbox on {scheme}://{args.host}:{args.port}/api/v1", flush=True)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
         log_level="warning",
         access_log=False,
         loop="uvloop",
@@ -147,6 +159,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         ssl_certfile=args.tls_cert,
         ssl_keyfile=args.tls_key,
     )
+    print(f"Publer sandbox on {scheme}://{args.host}:{args.port}/api/v1", flush=True)
+    with listener:
+        uvicorn.Server(config).run(sockets=[listener])
     return EXIT_OK
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -223,3 +224,38 @@ def test_serve_on_a_unix_socket(
     finally:
         process.terminate()
         assert process.wait(20) == 0
+
+
+@pytest.mark.parametrize("spec", ["k=nosuch", "k="])
+def test_sandbox_bad_key_spec_is_one_line(spec: str) -> None:
+    """A malformed `sandbox --key` is one sentence on stderr and exit 1, no traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "sandbox", "--port", str(free_port()), "--key", spec],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("sandbox: "), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stdout == ""
+
+
+def test_sandbox_on_a_taken_port_announces_nothing() -> None:
+    """`sandbox` on a port another process holds says so in one line, exit 1, and never
+    prints the line that says where it serves."""
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "sandbox", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert "Traceback" not in done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
