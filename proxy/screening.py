@@ -111,10 +111,13 @@ def _secret_start(data: bytes, pairs: tuple[tuple[bytes, bytes], ...]) -> int:
     """The length of the longest end of `data` that is the start of a secret."""
     longest = 0
     for value, _ in pairs:
-        for size in range(min(len(value) - 1, len(data)), longest, -1):
-            if data.endswith(value[:size]):
-                longest = size
+        # Only where the secret's first byte occurs in its reach of the end (few places).
+        at = data.find(value[:1], max(len(data) - len(value) + 1, 0))
+        while at != -1 and len(data) - at > longest:
+            if value.startswith(data[at:]):
+                longest = len(data) - at
                 break
+            at = data.find(value[:1], at + 1)
     return longest
 
 
