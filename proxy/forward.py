@@ -371,7 +371,8 @@ class Forwarder:
         await send(start)
         if head_only or body is not None:
             return {"type": "http.response.body", "body": body or b""}
-        mask = StreamMask(self.services.secrets) if content_coding(headers) == b"" else None
+        plain = content_coding(headers) in (b"", b"identity")
+        mask = StreamMask(self.services.secrets) if plain else None
         try:
             async for chunk in _chained(read, chunks):
                 if mask is not None:

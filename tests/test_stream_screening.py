@@ -33,7 +33,8 @@ def _split_echo(request: Request) -> list[Step]:
         parts = [b"%x\r\n%s\r\n" % (len(part), part) for part in body] + [b"0\r\n\r\n"]
     else:
         length = sum(len(part) for part in body)
-        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length
+        coding = b"Content-Encoding: identity\r\n" if request.target.endswith("identity") else b""
+        head = b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n" % (coding, length)
         parts = body
     steps: list[Step] = [Write(head)]
     for part in parts:
@@ -51,7 +52,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, bao: Bao, token_file: Path) 
         started.stop()
 
 
-@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("framing", ["length", "chunked", "identity"])
 def test_key_split_across_chunks_of_a_large_body_is_masked(
     proxy: Proxy, api_key: str, framing: str
 ) -> None:
