@@ -50,9 +50,13 @@ def _now() -> dt.datetime:
 
 
 def _name_constraints(host: str) -> x509.NameConstraints:
+    # A permitted DNS name also permits every name below it (RFC 5280 section 4.2.1.10:
+    # x.app.publer.com); the leading-dot exclusion takes those out again (OpenSSL, Go, NSS
+    # and webpki read a leading dot as "subdomains only").
     return x509.NameConstraints(
         permitted_subtrees=[x509.DNSName(host)],
         excluded_subtrees=[
+            x509.DNSName(f".{host}"),
             x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")),
             x509.IPAddress(ipaddress.ip_network("::/0")),
         ],
@@ -138,6 +142,9 @@ def constraint_problem(cert: x509.Certificate, host: str) -> str | None:
     networks = {str(e.value) for e in excluded if isinstance(e, x509.IPAddress)}
     if not {"0.0.0.0/0", "::/0"} <= networks:
         return "the CA's name constraint must exclude every IP address (0.0.0.0/0 and ::/0)"
+    below = {normalize_host(e.value) for e in excluded if isinstance(e, x509.DNSName)}
+    if f".{host}" not in below:
+        return f"the CA's name constraint must exclude the names below {host} (.{host})"
     if cert.not_valid_after_utc <= _now():
         return f"the CA certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
     return None

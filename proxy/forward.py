@@ -46,7 +46,7 @@ from proxy.ratelimit import Budget, Queue, retry_after_header
 from proxy.redact import SecretRegistry
 from proxy.requestid import REQUEST_ID_KEY
 from proxy.scopes import READ_METHODS, ScopeMap
-from proxy.screening import screen_response
+from proxy.screening import StreamMask, content_coding, screen_response
 from proxy.settings import Settings
 from proxy.shares import SharePlan, limit_requests, refusal_text
 from proxy.upstream import Response, Upstream
@@ -371,16 +371,18 @@ class Forwarder:
         await send(start)
         if head_only or body is not None:
             return {"type": "http.response.body", "body": body or b""}
+        plain = content_coding(headers) in (b"", b"identity")
+        mask = StreamMask(self.services.secrets) if plain else None
         try:
-            for chunk in read:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            async for chunk in chunks:
+            async for chunk in _chained(read, chunks):
+                if mask is not None:
+                    chunk = mask.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamFailed as exc:
             outcome.decision = "upstream_broken"
             log.warning("upstream_body_failed", reason=exc.refusal.message)
             return None  # uvicorn closes the connection: the client sees the cut
-        return {"type": "http.response.body", "body": b""}
+        return {"type": "http.response.body", "body": b"" if mask is None else mask.flush()}
 
 
 class _PeekedResponse:
@@ -418,6 +420,13 @@ async def _read_rejection(response: Response) -> tuple[Response, Rejection | Non
         await response.aclose()
         raise
     return _PeekedResponse(response, head, rest), rejection(response.status_code, head)
+
+
+async def _chained(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in first:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
 
 
 async def _read_small(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes | None, list[bytes]]:

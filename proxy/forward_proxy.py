@@ -30,6 +30,7 @@ from proxy.sources.vault import VaultError, VaultSession
 from proxy.tunnel import TunnelListener
 
 log = structlog.get_logger("proxy.tunnel")
+LIMITS = "critical name constraint, no names below it, no IP addresses"
 
 
 def upstream_target(settings: Settings) -> tuple[str, int]:
@@ -69,7 +70,7 @@ def describe_forward_proxy(settings: Settings) -> list[str]:
         *lines,
         f"  CA sha256:  {fingerprint(cert)}",
         f"  CA expires: {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
-        f"  CA limits:  {problem or f'{host} only (critical name constraint, no IP addresses)'}",
+        f"  CA limits:  {problem or f'{host} only ({LIMITS})'}",
     ]
 
 

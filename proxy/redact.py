@@ -45,6 +45,11 @@ def url_secrets(url: str | None) -> list[str]:
     return [password, unquote(password)]
 
 
+def _same_length_mask(value: str, encoded: bytes) -> bytes:
+    tail = value[-4:].encode("utf-8", "replace") if len(value) > 8 else b""
+    return b"*" * (len(encoded) - len(tail)) + tail
+
+
 class SecretRegistry:
     """The set of secret values the process knows; thread-safe (hvac runs in threads)."""
 
@@ -54,6 +59,7 @@ class SecretRegistry:
         self._pattern: re.Pattern[str] | None = None
         # UTF-8 forms and their masks, longest first, for bytes on their way to a client.
         self._encoded: tuple[tuple[bytes, bytes], ...] = ()
+        self._same_length: tuple[tuple[bytes, bytes], ...] = ()
 
     def add(self, value: str | None) -> None:
         """Remember a secret so that it is redacted from every output from now on."""
@@ -66,6 +72,10 @@ class SecretRegistry:
             self._encoded = tuple(
                 (v.encode("utf-8", "surrogatepass"), (mask(v) or MASK).encode("utf-8", "replace"))
                 for v in ordered
+            )
+            self._same_length = tuple(
+                (encoded, _same_length_mask(v, encoded))
+                for v, (encoded, _) in zip(ordered, self._encoded, strict=True)
             )
             self._values = values
 
@@ -86,6 +96,11 @@ class SecretRegistry:
             if value in data:
                 data = data.replace(value, masked)
         return data
+
+    def same_length_masks(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Each secret's UTF-8 form, longest first, with a mask of the same length: `*`s,
+        then the last 4 characters a mask shows. For a body whose length is already sent."""
+        return self._same_length
 
     def __contains__(self, value: object) -> bool:
         return value in self._values

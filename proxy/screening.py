@@ -7,9 +7,10 @@ response, with the body when it holds the body whole.
 
 What is checked: every header name and value, and a body held whole, as sent or, for
 `gzip` and `deflate` (RFC 9110 section 8.4.1), decoded (then re-encoded when a secret was
-masked). What is not: bodies that stream through (large or without a Content-Length),
-other content codings (`br`, `zstd`), and secrets in another form than the one Vault gave
-(base64, percent- or JSON-escaped).
+masked); a body that streams through (too large to hold) when it has no content coding,
+by `StreamMask`, a secret split across chunks included. What is not: a streamed body in a
+content coding, other content codings (`br`, `zstd`) of a held body, and secrets in
+another form than the one Vault gave (base64, percent- or JSON-escaped).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import gzip
 import zlib
 from collections.abc import Callable
+
+from proxy.redact import SecretRegistry
 
 RawHeaders = list[tuple[bytes, bytes]]
 Redact = Callable[[bytes], bytes]
@@ -69,6 +72,55 @@ def mask_body(body: bytes, coding: bytes, redact: Redact) -> bytes:
     return body if masked == decoded else _encode(masked, coding)
 
 
+def content_coding(headers: RawHeaders) -> bytes:
+    """The response's Content-Encoding, lower case: b"" for none, b"(several)" for a list."""
+    codings = [value.strip().lower() for name, value in headers if name == b"content-encoding"]
+    return b"" if not codings else codings[0] if len(codings) == 1 else b"(several)"
+
+
+class StreamMask:
+    """Masks known secrets in a body as it streams through, chunk by chunk.
+
+    The end of a chunk that could begin a secret is held back until the next chunk says
+    whether it does (nothing else is delayed); each mask has the secret's length, so the
+    Content-Length already sent stays true.
+    """
+
+    def __init__(self, secrets: SecretRegistry) -> None:
+        self._secrets = secrets
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes of `chunk` (after those held back) that may go to the client now."""
+        data = self._held + chunk
+        pairs = self._secrets.same_length_masks()
+        for value, masked in pairs:
+            if value in data:
+                data = data.replace(value, masked)
+        held = _secret_start(data, pairs)
+        self._held = data[len(data) - held :]
+        return data[: len(data) - held]
+
+    def flush(self) -> bytes:
+        """What was held back, at the end of the body: it was no secret."""
+        held, self._held = self._held, b""
+        return held
+
+
+def _secret_start(data: bytes, pairs: tuple[tuple[bytes, bytes], ...]) -> int:
+    """The length of the longest end of `data` that is the start of a secret."""
+    longest = 0
+    for value, _ in pairs:
+        # Only where the secret's first byte occurs in its reach of the end (few places).
+        at = data.find(value[:1], max(len(data) - len(value) + 1, 0))
+        while at != -1 and len(data) - at > longest:
+            if value.startswith(data[at:]):
+                longest = len(data) - at
+                break
+            at = data.find(value[:1], at + 1)
+    return longest
+
+
 def screen_response(
     headers: RawHeaders, body: bytes | None, redact: Redact
 ) -> tuple[RawHeaders, bytes | None]:
@@ -80,9 +132,7 @@ def screen_response(
     screened = mask_headers(headers, redact)
     if body is None:
         return screened, None
-    codings = [value.strip().lower() for name, value in headers if name == b"content-encoding"]
-    coding = b"" if not codings else codings[0] if len(codings) == 1 else b"(several)"
-    masked = mask_body(body, coding, redact)
+    masked = mask_body(body, content_coding(headers), redact)
     if masked == body:
         return screened, body
     out = [(name, value) for name, value in screened if name != b"content-length"]

@@ -341,3 +341,42 @@ def test_ca_signed_certificate_for_another_name_is_rejected(tmp_path: Path) -> N
     )
     thread.join(TIMEOUT)
     assert done.stdout.startswith(b"REJECTED permitted subtree violation"), done.stdout
+
+
+@pytest.mark.parametrize(
+    "name", [f"x.{PUBLER_HOST}", f"a.b.{PUBLER_HOST}", f"evil-{PUBLER_HOST}", f"evil{PUBLER_HOST}"]
+)
+def test_ca_vouches_for_no_name_below_or_beside_the_host(tmp_path: Path, name: str) -> None:
+    """A leaf the CA's key signs for a subdomain or a look-alike fails in Python and curl."""
+    cert, key = generate_ca(PUBLER_HOST)
+    ca = InterceptionCA(cert, key, PUBLER_HOST)
+    ca_file = tmp_path / "ca.pem"
+    ca.write_certificate(ca_file)
+    forged = InterceptionCA.__new__(InterceptionCA)
+    forged.__dict__.update(ca.__dict__, host=name)
+    chain, leaf_key = forged.issue(name)
+    (tmp_path / "leaf.pem").write_bytes(chain)
+    (tmp_path / "leaf.key").write_bytes(leaf_key)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp_path / "leaf.pem", tmp_path / "leaf.key")
+
+    port, thread = serve_once(server)
+    client = ssl.create_default_context(cafile=str(ca_file))
+    with (
+        pytest.raises(ssl.SSLCertVerificationError, match="subtree violation"),
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock,
+    ):
+        client.wrap_socket(sock, server_hostname=name)
+    thread.join(TIMEOUT)
+
+    port, thread = serve_once(server)
+    done = subprocess.run(
+        ["curl", "-sS", "--cacert", str(ca_file),
+         "--connect-to", f"{name}:443:127.0.0.1:{port}", f"https://{name}/"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )  # fmt: skip
+    thread.join(TIMEOUT)
+    assert done.returncode == 60, done.stderr  # CURLE_PEER_FAILED_VERIFICATION
+    assert b"subtree violation" in done.stderr, done.stderr

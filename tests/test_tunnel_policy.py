@@ -223,6 +223,7 @@ def test_generated_ca_is_limited_by_a_critical_name_constraint() -> None:
     found = cert.extensions.get_extension_for_class(x509.NameConstraints)
     assert found.critical
     assert found.value.permitted_subtrees == [x509.DNSName(HOST)]
+    assert x509.DNSName(f".{HOST}") in (found.value.excluded_subtrees or [])
     assert constraint_problem(cert, HOST) is None
     assert constraint_problem(cert, "other.example") is not None
     basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -257,9 +258,16 @@ def test_a_ca_from_elsewhere_must_be_limited_to_the_host() -> None:
     basic = (x509.BasicConstraints(ca=True, path_length=0), True)
     dns_only = x509.NameConstraints(permitted_subtrees=[x509.DNSName(HOST)], excluded_subtrees=None)
     limited = constraint_of(HOST)
+    below_allowed = x509.NameConstraints(
+        permitted_subtrees=[x509.DNSName(HOST)],
+        excluded_subtrees=[
+            e for e in limited.excluded_subtrees or [] if isinstance(e, x509.IPAddress)
+        ],
+    )
     cases: list[list[tuple[x509.ExtensionType, bool]]] = [
         [basic],
         [basic, (dns_only, True)],  # IP addresses not excluded
+        [basic, (below_allowed, True)],  # x.host would be vouched for
         [basic, (limited, False)],  # not critical: a client may ignore it
         [basic, (constraint_of("evil.example"), True)],
         [(limited, True)],  # not a CA

@@ -280,6 +280,24 @@ def test_token_from_token_file(bao: Bao, sessions: Sessions, tmp_path: Path) -> 
     assert session.auth_summary == f"token (from {token_file})"
 
 
+def test_token_file_others_can_read_is_warned(
+    bao: Bao, sessions: Sessions, tmp_path: Path, events: list[EventDict]
+) -> None:
+    """A token file every user can read is used, with a warning naming it and the fix."""
+    token = child_token(bao)
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o640)  # group-readable: how Vault Agent's file sink writes it
+    sessions(bao.url, token_file=token_file).login()
+    assert not [e for e in events if e["event"] == "secret_file_exposed"]
+    token_file.chmod(0o644)
+    sessions(bao.url, token_file=token_file).login()
+    [warning] = [e for e in events if e["event"] == "secret_file_exposed"]
+    assert warning["file"] == str(token_file)
+    assert "readable by every user" in warning["reason"] and "chmod 600" in warning["reason"]
+    assert token not in repr(events)
+
+
 def test_token_from_home_vault_token(bao: Bao, sessions: Sessions) -> None:
     """Without $VAULT_TOKEN and token_file, ~/.vault-token is the token."""
     (Path.home() / ".vault-token").write_text(child_token(bao))

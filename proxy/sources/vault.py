@@ -46,6 +46,7 @@ from proxy.outbound import vault_http_session
 from proxy.redact import SecretRegistry, masked_url
 from proxy.settings import KUBERNETES_TOKEN_FILE, CredentialSettings, VaultSettings
 from proxy.sources.base import SecretRead, SourceError, SourceKind, key_problem
+from proxy.sources.files import permission_problem
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +101,23 @@ def _parse_time(value: Any) -> datetime | None:
 
 def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _warn_if_exposed(path: Path, what: str) -> None:
+    """Warn when every user may read (or write) a file holding a Vault secret; it is still
+    used (Vault Agent and Kubernetes write such files), but every local user has it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    problem = permission_problem(mode, "group")
+    if problem is not None:
+        log.warning(
+            "secret_file_exposed",
+            file=str(path),
+            reason=f"the {what} file is {problem} (mode {mode & 0o7777:04o}); chmod 600,"
+            " or 640 for a group",
+        )
 
 
 class VaultSession:
@@ -191,6 +209,7 @@ class VaultSession:
             ) from None
         if secret:
             self._secrets.add(text)
+            _warn_if_exposed(path, what)
         value = text.strip()
         if secret:
             self._secrets.add(value)
