@@ -26,10 +26,9 @@ from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
 from proxy.dev.stack import (
     DevFiles,
     _stop,
-    bind_listener,
+    claim_port,
     dev_config,
     free_port,
-    port_taken_message,
     wait_http,
     write_secret,
 )
@@ -120,10 +119,8 @@ def _announce_when_ready(port: int, source: str, rotate: str) -> None:
 def run_dev_with_source(source: str, port: int = 8080, upstream: str | None = None) -> int:
     """The local stack with the key in a file, the environment or a local AWS, until
     Ctrl-C or SIGTERM; the exit status. A port another process holds is refused first."""
-    try:
-        listener = bind_listener(port)
-    except OSError as exc:
-        print(port_taken_message(port, exc), file=sys.stderr)
+    listener = claim_port(port)
+    if listener is None:
         return 1
     real_key = os.environ.get("PUBLER_API_KEY", "").strip()
     key = real_key or DEFAULT_SANDBOX_KEY

@@ -282,6 +282,15 @@ def bind_listener(port: int) -> socket.socket:
     return listener
 
 
+def claim_port(port: int) -> socket.socket | None:
+    """`bind_listener(port)`, or None after saying on stderr that the port is taken."""
+    try:
+        return bind_listener(port)
+    except OSError as exc:
+        print(port_taken_message(port, exc), file=sys.stderr)
+        return None
+
+
 def port_taken_message(port: int, error: OSError) -> str:
     """What `dev` says when it cannot have its port, with the way out."""
     return (
@@ -372,10 +381,8 @@ def run_dev(port: int = 8080, upstream: str | None = None) -> int:
     from proxy.server import serve
 
     parent = os.getppid()
-    try:
-        listener = bind_listener(port)
-    except OSError as exc:
-        print(port_taken_message(port, exc), file=sys.stderr)
+    listener = claim_port(port)
+    if listener is None:
         return 1
     real_key = os.environ.get("PUBLER_API_KEY", "").strip()
     workspace = os.environ.get("PUBLER_WORKSPACE_ID", "").strip() or DEFAULT_WORKSPACE_ID
