@@ -144,3 +144,40 @@ def test_oversized_and_malformed_heads_get_the_refusal_envelope(server: tuple[st
         answer = exchange(server, data)
         assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
         assert b"x-publer-proxy-error: bad_request" in answer
+
+
+def test_a_head_that_never_ends_is_cut_at_the_bound(server: tuple[str, int]) -> None:
+    """data_received counts an unfinished head as it streams in: past the bound it is
+    refused at once, not buffered until the head timer fires."""
+    with capture_logs() as logs, socket.create_connection(server, timeout=3) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        sent = 0
+        try:  # the server resets the connection once it gives up on the head
+            while sent < 4 * MAX_HEADER_BYTES:
+                sock.sendall(b"a" * 1024)
+                sent += 1024
+            while sock.recv(65536):
+                pass
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    assert any(e["event"] == "request_head_too_large" for e in logs)
+
+
+def test_keep_alive_next_request_gets_the_head_timer(server: tuple[str, int]) -> None:
+    """on_message_complete ends a request: on a kept-alive connection the next request's
+    head is timed as a head (a slow one is closed in phase 'head', not as a body)."""
+    with capture_logs() as logs, socket.create_connection(server, timeout=3) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b"ok" not in first:
+            first += sock.recv(65536)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+        try:
+            while sock.recv(65536):
+                pass
+        except TimeoutError:
+            pytest.fail("the slow second head was never closed")
+        except ConnectionResetError:
+            pass
+    timed_out = [e for e in logs if e["event"] == "client_timed_out"]
+    assert [e["phase"] for e in timed_out] == ["head"]
