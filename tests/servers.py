@@ -97,15 +97,6 @@ class Sandbox(Process):
         found: list[dict[str, Any]] = self._control("GET", "requests").json()["requests"]
         return found
 
-    def keys_seen(self) -> list[str]:
-        """The API key of every request the sandbox received, in order."""
-        return [
-            value.removeprefix("Bearer-API ")
-            for record in self.requests()
-            for name, value in record["headers"]
-            if name == "authorization"
-        ]
-
     def clear(self) -> None:
         """Forget the recorded requests."""
         self._control("DELETE", "requests")
