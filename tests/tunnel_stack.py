@@ -7,13 +7,19 @@ address through `upstream.connect_to`, so the tunnel is tested with the real nam
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from proxy.dev.forward import stand_in_tls
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 from proxy.policy import hash_token
 from tests.bao import Bao, free_port
 from tests.servers import Proxy, Sandbox, Tls, proxy_config, start_proxy, start_sandbox
@@ -24,12 +30,39 @@ OPEN_WORKSPACE = "bbbbbbbbbbbbbbbbbbbbbbbb"
 CLIENTS_DIR = Path(__file__).parent / "clients"
 
 
-def named_tls(workdir: Path) -> Tls:
-    """The dev stack's self-signed certificate for app.publer.com and 127.0.0.1 (PEM
-    files); it is its own CA."""
+def named_tls(workdir: Path, host: str = PUBLER_HOST) -> Tls:
+    """A self-signed certificate for `host` and 127.0.0.1 (PEM files); it is its own CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(host), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     workdir.mkdir(parents=True, exist_ok=True)
-    cert, key = stand_in_tls(workdir)
-    return Tls(cert, cert, key)
+    tls = Tls(workdir / "publer-cert.pem", workdir / "publer-cert.pem", workdir / "publer-key.pem")
+    tls.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tls.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return tls
 
 
 @dataclass
