@@ -303,6 +303,16 @@ class CredentialStore:
             return None
         self._count_read(slot, "ok")
         held = HeldKey(read.value, read.version, read.created_time, time.monotonic())
+        # Every source's every read, whatever it finds: what an operator debugging a
+        # source (AWS, a file) looks for first.
+        log.debug(
+            "key_read",
+            credential=slot.name,
+            source=source.kind,
+            where=source.where,
+            key=held.masked,
+            key_version=held.version,
+        )
         previous = slot.key
         slot.key, slot.last_error, slot.last_attempt_failed = held, None, False
         if previous is None:

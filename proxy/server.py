@@ -23,7 +23,6 @@ here, because the apps that call the proxy are not trusted to be well-behaved:
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 import uuid
 from typing import Any, Literal
@@ -33,6 +32,7 @@ import structlog
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from proxy import signals
 from proxy.errors import Refusal
 from proxy.paths import ABSOLUTE_FORM_KEY
 from proxy.redact import SecretRegistry
@@ -266,19 +266,20 @@ def serve(
 
     `sockets`, when given, are bound sockets to serve on instead of `settings.listen`.
 
-    uvicorn re-raises the signal it caught once it has shut down, which would make a
-    graceful SIGTERM exit with -15; the no-op handler it restores turns that into 0.
+    SIGTERM and SIGHUP belong to `proxy.signals` until uvicorn takes SIGTERM over (and
+    after it gives it back): a SIGTERM at any moment stops the server gracefully and the
+    status is 0; a SIGHUP waits for the reloader.
     """
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
-    # SIGHUP reloads the config once the app has started (proxy/reload.py); until then it
-    # must not end the process, its default action. The reloader catches up on a file
-    # changed meanwhile.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signals.install()
     config = uvicorn_config(settings, app)
     server = uvicorn.Server(config)
     if settings.forward_proxy is not None:
         from proxy.forward_proxy import TunnellingServer
 
         server = TunnellingServer(config, settings, secrets or SecretRegistry())
-    server.run(sockets=sockets)
+    signals.register_server(server.handle_exit)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        signals.register_server(None)
     return 0 if server.started else 1
