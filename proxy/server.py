@@ -31,7 +31,8 @@ from typing import Any, Literal
 import httptools
 import structlog
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from proxy.errors import Refusal
 from proxy.paths import ABSOLUTE_FORM_KEY
@@ -179,6 +180,8 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         path, _, query = target.partition(b"?")
         self.scope["raw_path"] = path
         self.scope["query_string"] = query
+        if self.scope["http_version"] == "1.0" and self.cycle is not None:
+            _close_delimited(self.cycle)
         self._enter("body")
         self._arm(BODY_IDLE_TIMEOUT_SECONDS)
 
@@ -222,6 +225,37 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         except (AttributeError, httptools.HttpParserError):  # no parser, or no request line
             return None
         return method
+
+
+def _close_delimited(cycle: RequestResponseCycle) -> None:
+    """Frame the cycle's response without chunked coding, which an HTTP/1.0 client cannot
+    read (RFC 9112 section 6.1): a response without Content-Length is delimited by closing
+    the connection (section 6.3), which uvicorn already does after an HTTP/1.0 response.
+
+    uvicorn adds `Transfer-Encoding: chunked` whenever the Content-Length is missing; it is
+    told here that the framing is decided, and its byte count is kept even as bodies come.
+    """
+    send = cycle.send
+    close_delimited = False
+
+    async def send_close_delimited(message: ASGISendEvent) -> None:
+        nonlocal close_delimited
+        if message["type"] == "http.response.start":
+            headers = [
+                (name, value)
+                for name, value in message.get("headers", [])
+                if name.lower() != b"transfer-encoding"
+            ]
+            if not any(name.lower() == b"content-length" for name, _ in headers):
+                close_delimited = True
+                cycle.chunked_encoding = False
+                cycle.keep_alive = False
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and close_delimited:
+            cycle.expected_content_length += len(message.get("body", b""))
+        await send(message)
+
+    cycle.send = send_close_delimited  # type: ignore[method-assign]
 
 
 def _cancel(timer: asyncio.TimerHandle | None) -> None:
