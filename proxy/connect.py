@@ -74,7 +74,7 @@ def check_target(target: bytes, host: str, port: int) -> tuple[str, int] | Refus
     if not _VISIBLE.match(target):
         return _malformed("the CONNECT target has whitespace, a control or a non-ASCII byte")
     text = target.decode("ascii")
-    if text.startswith("[") or text.count(":") != 1:
+    if text.startswith("[") or text.count(":") > 1:
         return _ip_literal(host, port)
     name, _, port_text = text.partition(":")
     return _check_authority(name, port_text, host, port)
