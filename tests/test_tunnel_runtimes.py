@@ -280,3 +280,40 @@ def test_java_http_client(stack: TunnelStack, api_key: str, tmp_path: Path) -> N
         stack, "Java `HttpClient`", [tool("java"), "{options}", source, ACCOUNTS], trust_store
     )
     assert_served(stack, api_key, output)
+
+
+def pasted_env(stack: TunnelStack) -> dict[str, str]:
+    """The `export` lines `make run` prints for the forward proxy, for this stack."""
+    from proxy.dev.forward import paste_lines
+
+    lines = paste_lines(stack.forward_port, stack.ca_file, "https://app.publer.com")
+    exports = re.findall(r"^  export (\w+)=(\S+)$", lines, re.MULTILINE)
+    assert {name for name, _ in exports} >= {"HTTPS_PROXY", "NO_PROXY", "SSL_CERT_FILE"}
+    return dict(exports)
+
+
+def test_the_no_proxy_hint_keeps_loopback_calls_direct(stack: TunnelStack, api_key: str) -> None:
+    """With the lines `make run` prints, plus Ruby's http_proxy, an app reaches Publer through
+    the listener and the reverse proxy on loopback directly; without NO_PROXY, the loopback
+    call goes to the listener, which refuses it."""
+    stack.sandbox.clear()
+    code = (
+        "import json, os, urllib.request, urllib.error\n"
+        "H = {'Authorization': 'Bearer-API ' + os.environ['PUBLER_API_KEY']}\n"
+        "def get(url):\n"
+        "    try:\n"
+        "        with urllib.request.urlopen(urllib.request.Request(url, headers=H)) as r:\n"
+        "            return r.status\n"
+        "    except urllib.error.HTTPError as e:\n"
+        "        return e.code\n"
+        f"print(json.dumps([get({ACCOUNTS!r}), get(os.environ['LOOPBACK'])]))\n"
+    )
+    env = pasted_env(stack)
+    env.update(
+        http_proxy=env["HTTPS_PROXY"],
+        PUBLER_API_KEY=stack.client_token,
+        LOOPBACK=f"{stack.proxy.url}/agents/api/v1/users/me",
+    )
+    assert json.loads(run_client([sys.executable, "-c", code], stack.env(**env))) == [200, 200]
+    del env["NO_PROXY"]
+    assert json.loads(run_client([sys.executable, "-c", code], stack.env(**env))) == [200, 403]
