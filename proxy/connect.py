@@ -34,6 +34,7 @@ _ABSOLUTE = re.compile(
 )
 _VISIBLE = re.compile(rb"[\x21-\x7e]+\Z")  # no whitespace, no control byte (CR LF TAB NUL DEL)
 NOT_OPEN = "this listener only opens tunnels to {target}; it is not an open proxy"
+GO_DIRECT = "; to reach {name} directly, list it in NO_PROXY"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def check_target(target: bytes, host: str, port: int) -> tuple[str, int] | Refus
         return _malformed("the CONNECT target has whitespace, a control or a non-ASCII byte")
     text = target.decode("ascii")
     if text.startswith("[") or text.count(":") > 1:
-        return _ip_literal(host, port)
+        return _ip_literal(host, port, _host_part(text))
     name, _, port_text = text.partition(":")
     return _check_authority(name, port_text, host, port)
 
@@ -85,9 +86,12 @@ def _check_authority(name: str, port_text: str, host: str, port: int) -> tuple[s
     if not port_text.isdigit() or port_text != str(int(port_text)) or not name:
         return _malformed(f"the target must be host:port; {refused}")
     if _is_ip_literal(name):
-        return _ip_literal(host, port)
-    if not _REG_NAME.match(name.lower()) or normalize_host(name) != host:
+        return _ip_literal(host, port, name)
+    if not _REG_NAME.match(name.lower()):
         return _denied(f"host {name[:100]!r} is refused; {refused}")
+    if normalize_host(name) != host:
+        go_direct = GO_DIRECT.format(name=name[:100])
+        return _denied(f"host {name[:100]!r} is refused; {refused}{go_direct}")
     if int(port_text) != port:
         return _denied(f"port {port_text} is refused; {refused}")
     return host, port
@@ -105,16 +109,23 @@ def _denied(message: str) -> Refusal:
     return Refusal.of("tunnel_refused", message, proxy_status="http_request_denied")
 
 
-def _ip_literal(host: str, port: int) -> Refusal:
+def _ip_literal(host: str, port: int, literal: str) -> Refusal:
+    go_direct = GO_DIRECT.format(name=literal[:100])
     return Refusal.of(
         "tunnel_refused",
-        f"IP literals are refused; {NOT_OPEN.format(target=f'{host}:{port}')}",
+        f"IP literals are refused; {NOT_OPEN.format(target=f'{host}:{port}')}{go_direct}",
         proxy_status="destination_ip_prohibited",
     )
 
 
 def _unauthenticated(message: str) -> Refusal:
     return Refusal.of("proxy_unauthenticated", message, proxy_status="http_request_denied")
+
+
+def _host_part(authority: str) -> str:
+    if authority.startswith("[") and "]" in authority:
+        return authority[: authority.index("]") + 1]
+    return authority.rpartition(":")[0] or authority
 
 
 def _is_ip_literal(name: str) -> bool:
@@ -208,7 +219,7 @@ def check_absolute(target: bytes, host: str, port: int) -> bytes | Refusal:
     if "@" in authority:
         return _denied(f"userinfo in the request target is refused; send {origin}/...")
     if authority.startswith("[") or authority.count(":") > 1:
-        return _ip_literal(host, port)
+        return _ip_literal(host, port, _host_part(authority))
     name, colon, port_text = authority.partition(":")
     checked = _check_authority(name, port_text if colon else "443", host, port)
     if isinstance(checked, Refusal):

@@ -485,7 +485,12 @@ class TunnelListener:
         # No SNI at all is let through: the certificate names the one host anyway, and each
         # request's Host is checked.
         if server_name is not None and normalize_host(server_name) != self._host:
-            log.warning("tunnel_refused", decision="misdirected_request", reason="TLS SNI")
+            log.warning(
+                "tunnel_refused",
+                target=server_name[:256],
+                decision="misdirected_request",
+                reason="the TLS SNI names another host",
+            )
             self._count("misdirected_request")
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         return None

@@ -241,3 +241,19 @@ def test_any_bytes_give_an_answer_or_wait(data: bytes) -> None:
     """Garbage never raises: it reads as an offer, no offer, or not yet whole."""
     result = read_client_hello(data)
     assert result is None or isinstance(result, ClientHello)
+
+
+@pytest.mark.parametrize(
+    ("request_line", "named"),
+    [
+        (b"CONNECT evil.example:443 HTTP/1.1", "list it in NO_PROXY"),
+        (b"CONNECT 10.0.0.1:443 HTTP/1.1", "to reach 10.0.0.1 directly, list it in NO_PROXY"),
+        (b"CONNECT [::1]:8200 HTTP/1.1", "to reach [::1] directly, list it in NO_PROXY"),
+        (b"GET https://[::1]/x HTTP/1.1", "to reach [::1] directly, list it in NO_PROXY"),
+    ],
+)
+def test_a_refused_host_is_told_to_go_in_no_proxy(request_line: bytes, named: str) -> None:
+    """A refusal for another host says how the client reaches it: NO_PROXY."""
+    request = head(request_line, b"Host: x")
+    refusal = refused(decide_request(request, HOST, 443, loopback=True))
+    assert named in refusal.message
