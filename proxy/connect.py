@@ -199,7 +199,7 @@ def decide_connect(head: bytes, host: str, port: int) -> Connect | Refusal:
 class AbsoluteForm:
     """An accepted absolute-form request for the upstream's origin (RFC 9112 section 3.2.2)."""
 
-    path: bytes  # the origin-form path the request names, query excluded
+    path: bytes  # what follows the authority in the target: the path (and query, if any)
 
 
 def check_absolute(target: bytes, host: str, port: int) -> bytes | Refusal:

@@ -184,10 +184,22 @@ def test_no_absolute_target_but_the_upstreams_is_ever_accepted(target: bytes) ->
     """Whatever the bytes, an accepted absolute-form target names https://app.publer.com."""
     decided = check_absolute(target, HOST, 443)
     if not isinstance(decided, Refusal):
-        text = target.decode("ascii").lower()
-        assert text.startswith(
-            ("https://app.publer.com/", "https://app.publer.com.", "https://app.publer.com:443/")
-        )
+        scheme, _, rest = target.decode("ascii").lower().partition("://")
+        authority, slash, _ = rest.partition("/")
+        assert scheme == "https" and slash == "/"
+        assert authority in {HOST, HOST + ".", HOST + ":443", HOST + ".:443"}
+        assert target.endswith(decided)
+
+
+@given(
+    st.sampled_from(["https://app.publer.com", "https://APP.publer.com.:443"]),
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30),
+)
+def test_any_visible_path_of_the_origin_is_passed_on_as_sent(origin: str, path: str) -> None:
+    """For the upstream's origin, the path (what the reverse proxy's checks judge) is passed
+    on byte for byte; nothing before it leaks into it."""
+    target = f"{origin}/{path}".encode()
+    assert check_absolute(target, HOST, 443) == f"/{path}".encode()
 
 
 @pytest.mark.parametrize(
