@@ -317,3 +317,24 @@ def test_the_no_proxy_hint_keeps_loopback_calls_direct(stack: TunnelStack, api_k
     assert json.loads(run_client([sys.executable, "-c", code], stack.env(**env))) == [200, 200]
     del env["NO_PROXY"]
     assert json.loads(run_client([sys.executable, "-c", code], stack.env(**env))) == [200, 403]
+
+
+def test_php_curl_ignores_ssl_cert_file(stack: TunnelStack) -> None:
+    """The reason for PHP's row: its libcurl keeps its own CA bundle whatever SSL_CERT_FILE
+    says, so the proxy's certificate is not trusted without curl.cainfo."""
+    stack.sandbox.clear()
+    env = stack.env(
+        HTTPS_PROXY=stack.forward_url,
+        SSL_CERT_FILE=str(stack.ca_file),
+        PUBLER_API_KEY=stack.client_token,
+    )
+    done = subprocess.run(
+        [tool("php"), str(CLIENTS_DIR / "curl_ext.php"), ACCOUNTS],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert b"certificate" in done.stderr.lower(), done.stderr
+    assert stack.sandbox.requests() == []
