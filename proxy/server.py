@@ -34,7 +34,7 @@ import uvicorn
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from proxy.errors import Refusal
+from proxy.errors import ProxyStatusError, Refusal
 from proxy.paths import ABSOLUTE_FORM_KEY
 from proxy.redact import SecretRegistry
 from proxy.settings import Settings
@@ -58,6 +58,10 @@ _Phase = Literal["head", "body", "trailers", "done"]
 
 class StrictHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits of the module docstring."""
+
+    # Set where the protocol serves the forward-proxy listener: its 400s then carry
+    # Proxy-Status (RFC 9209) like the listener's other refusals.
+    proxy_status: ProxyStatusError | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -200,7 +204,7 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """Respond 400 to what httptools refused, in the proxy's refusal envelope; then close."""
-        refusal = Refusal.of("bad_request", self._reason)
+        refusal = Refusal.of("bad_request", self._reason, proxy_status=self.proxy_status)
         request_id = uuid.uuid4().hex
         body = refusal.body(request_id)
         head = [b"HTTP/1.1 400 Bad Request\r\n"]

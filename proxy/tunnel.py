@@ -403,9 +403,7 @@ class TunnelListener:
             if isinstance(decided, AbsoluteForm):
                 # Plain HTTP on loopback: the same protocol and app, given the head read here.
                 app = RequestContext(AbsoluteFormApp(self._host, self._port))
-                await loop.connect_accepted_socket(
-                    lambda: _Prefed(self._make_protocol(app), head), sock
-                )
+                await loop.connect_accepted_socket(lambda: _Prefed(self._plain(app), head), sock)
                 handed_over = True
                 self._count("absolute_form")
                 return
@@ -472,6 +470,12 @@ class TunnelListener:
             self._refusals.labels(refusal.code).inc()
         with contextlib.suppress(OSError):
             await loop.sock_sendall(sock, refusal_response(refusal, request_id))
+
+    def _plain(self, app: ASGIApp) -> asyncio.Protocol:
+        protocol = self._make_protocol(app)
+        if hasattr(protocol, "proxy_status"):  # the strict protocol of proxy/server.py
+            protocol.proxy_status = "http_request_error"
+        return protocol
 
     def _context(self) -> ssl.SSLContext:
         leaf = self._ca.leaf()

@@ -149,6 +149,20 @@ def test_each_absolute_form_request_on_a_connection_is_checked(stack: TunnelStac
     assert len(stack.sandbox.requests()) == 1
 
 
+def test_a_malformed_request_on_an_absolute_form_connection_explains_itself(
+    stack: TunnelStack,
+) -> None:
+    """What the strict parser refuses on an absolute-form connection (ambiguous framing)
+    is a 400 with Proxy-Status too, and reaches nothing."""
+    stack.sandbox.clear()
+    users = f"https://{PUBLER_HOST}/api/v1/users/me"
+    smuggling = "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n"
+    answer = connect_raw(stack, absolute(users, extra=smuggling))
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"proxy-status: publer-proxy; error=http_request_error" in answer
+    assert stack.sandbox.requests() == []
+
+
 def test_absolute_form_for_another_origin_is_refused_before_anything(stack: TunnelStack) -> None:
     """A first absolute-form request for anything but Publer's origin is refused and closed."""
     stack.sandbox.clear()
