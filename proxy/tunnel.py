@@ -13,7 +13,13 @@ and metrics. The only differences are made at the tunnel's edge:
   sends as its "API key"), or by the open route of shortest prefix.
 
 The CONNECT head is read with MSG_PEEK, so the bytes a client sends right after it (its TLS
-ClientHello, before waiting for our 200) stay in the socket for the TLS layer.
+ClientHello, before waiting for our 200) stay in the socket for the TLS layer. The
+ClientHello is peeked at too: a client offering by ALPN only protocols other than HTTP/1.1
+gets the no_application_protocol alert (RFC 7301 section 3.2), which OpenSSL would not send.
+
+A loopback client may instead send absolute-form requests for the upstream's origin in
+plain text (axios before 1.16.1 does, with HTTPS_PROXY): the connection is then served by
+the same protocol without TLS, each request checked to name that origin (`AbsoluteFormApp`).
 """
 
 from __future__ import annotations
