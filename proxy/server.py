@@ -30,10 +30,11 @@ from typing import Any, Literal
 import httptools
 import structlog
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from proxy import signals
-from proxy.errors import Refusal
+from proxy.errors import ProxyStatusError, Refusal
 from proxy.paths import ABSOLUTE_FORM_KEY
 from proxy.redact import SecretRegistry
 from proxy.settings import Settings
@@ -57,6 +58,10 @@ _Phase = Literal["head", "body", "trailers", "done"]
 
 class StrictHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits of the module docstring."""
+
+    # Set where the protocol serves the forward-proxy listener: its 400s then carry
+    # Proxy-Status (RFC 9209) like the listener's other refusals.
+    proxy_status: ProxyStatusError | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -179,6 +184,8 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         path, _, query = target.partition(b"?")
         self.scope["raw_path"] = path
         self.scope["query_string"] = query
+        if self.scope["http_version"] == "1.0" and self.cycle is not None:
+            _close_delimited(self.cycle)
         self._enter("body")
         self._arm(BODY_IDLE_TIMEOUT_SECONDS)
 
@@ -197,7 +204,7 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """Respond 400 to what httptools refused, in the proxy's refusal envelope; then close."""
-        refusal = Refusal.of("bad_request", self._reason)
+        refusal = Refusal.of("bad_request", self._reason, proxy_status=self.proxy_status)
         request_id = uuid.uuid4().hex
         body = refusal.body(request_id)
         head = [b"HTTP/1.1 400 Bad Request\r\n"]
@@ -222,6 +229,37 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         except (AttributeError, httptools.HttpParserError):  # no parser, or no request line
             return None
         return method
+
+
+def _close_delimited(cycle: RequestResponseCycle) -> None:
+    """Frame the cycle's response without chunked coding, which an HTTP/1.0 client cannot
+    read (RFC 9112 section 6.1): a response without Content-Length is delimited by closing
+    the connection (section 6.3), which uvicorn already does after an HTTP/1.0 response.
+
+    uvicorn adds `Transfer-Encoding: chunked` whenever the Content-Length is missing; it is
+    told here that the framing is decided, and its byte count is kept even as bodies come.
+    """
+    send = cycle.send
+    close_delimited = False
+
+    async def send_close_delimited(message: ASGISendEvent) -> None:
+        nonlocal close_delimited
+        if message["type"] == "http.response.start":
+            headers = [
+                (name, value)
+                for name, value in message.get("headers", [])
+                if name.lower() != b"transfer-encoding"
+            ]
+            if not any(name.lower() == b"content-length" for name, _ in headers):
+                close_delimited = True
+                cycle.chunked_encoding = False
+                cycle.keep_alive = False
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and close_delimited:
+            cycle.expected_content_length += len(message.get("body", b""))
+        await send(message)
+
+    cycle.send = send_close_delimited  # type: ignore[method-assign]
 
 
 def _cancel(timer: asyncio.TimerHandle | None) -> None:
