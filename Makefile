@@ -13,7 +13,7 @@ BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
 
 NODE_CLIENTS := tests/clients/node_modules/.installed
 
-.PHONY: run test lint typecheck container-test bench bench-scale fuzz clean
+.PHONY: run test lint typecheck container-test bench bench-scale fuzz clean schema docs
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench: $(STAMP)
 bench-scale: $(STAMP)
 	scripts/system-deps.sh $(BENCH_TOOLS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/scale.py $(BENCH_ARGS)
+
+# The config's JSON Schema (config/proxy.schema.json), from the settings model; a test fails
+# when the checked-in file is stale.
+schema: $(STAMP)
+	$(BIN)/python -m proxy.schema --write
 
 fuzz: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.fuzz_paths --seconds 60
