@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from proxy.settings import KeyLifeSettings, Settings, source_models
 
@@ -105,7 +104,7 @@ def _default(field: FieldInfo) -> str:
         return "(its keys' defaults)"
     if factory is not None:
         return "(see meaning)"
-    if field.default is PydanticUndefined:
+    if field.is_required():
         return "required"
     if field.default is None:
         return "none"
