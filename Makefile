@@ -16,7 +16,7 @@ BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server
 
 NODE_CLIENTS := tests/clients/node_modules/.installed
 
-.PHONY: run test lint typecheck container-test bench bench-scale fuzz clean
+.PHONY: run test lint typecheck container-test bench bench-scale fuzz clean schema docs
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,8 @@ run: $(RUN_STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/publer-proxy dev --port $(PORT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests bench deploy
-	$(BIN)/ruff format --check proxy tests bench deploy
+	$(BIN)/ruff check proxy tests bench deploy docs
+	$(BIN)/ruff format --check proxy tests bench deploy docs
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -56,17 +56,30 @@ container-test: $(STAMP)
 	scripts/system-deps.sh $(TEST_TOOLS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -m container
 
+# Each part writes its figures to bench/results/<UTC date>-<commit>-<kind>.json, with the
+# command (BENCH_TARGET names the make target in it), which the docs' benchmarks page shows.
 bench: $(STAMP)
 	scripts/system-deps.sh $(BENCH_TOOLS)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/tunnel.py
+	BENCH_TARGET="make bench" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
+	BENCH_TARGET="make bench" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/tunnel.py
+	BENCH_TARGET="make bench" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/sources_rss.py
 
 bench-scale: $(STAMP)
 	scripts/system-deps.sh $(BENCH_TOOLS)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/scale.py $(BENCH_ARGS)
+	BENCH_TARGET="make bench-scale" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/scale.py $(BENCH_ARGS)
+
+# The docs site into site/, strictly (a broken link, a missing page or any warning fails).
+# Material's end-of-life banner is not a warning about this site.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The config's JSON Schema (config/proxy.schema.json), from the settings model; a test fails
+# when the checked-in file is stale.
+schema: $(STAMP)
+	$(BIN)/python -m proxy.schema --write
 
 fuzz: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.fuzz_paths --seconds 60
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/clients/node_modules
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/clients/node_modules site
