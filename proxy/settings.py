@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.browser import parse_host, parse_origin
 from proxy.redact import masked_url, url_secrets
 
 DEFAULT_CONFIG_PATH = Path("config/proxy.yaml")
@@ -90,10 +91,26 @@ def check_digest(value: str) -> str:
     return value
 
 
+def check_host_names(values: list[str]) -> list[str]:
+    """Host names a listener answers to: `name`, `name:port`, an IP address or `[v6]`."""
+    for value in values:
+        if parse_host(value) is None:
+            raise ValueError(
+                f"{value!r} is not a host name: write a name or address as clients send it"
+                " in Host, optionally with a port (proxy, proxy:8080, 10.0.0.5, [::1]:8080),"
+                " with no scheme or path"
+            )
+    return values
+
+
 class ListenSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     unix_socket: Path | None = None
+    # Names clients use for this listener, besides its loopback names and its own address.
+    allowed_hosts: list[str] = []
+
+    _hosts = field_validator("allowed_hosts")(check_host_names)
 
 
 def proxy_url(value: str | None) -> str | None:
@@ -487,6 +504,31 @@ class ForwardProxySettings(_Model):
     leaf_lifetime_hours: PositiveFloat = 24.0
     # Absent: a new CA is made in memory at every start.
     ca_vault: VaultCASettings | None = None
+    # Names clients use for this listener, besides its loopback names and its own address.
+    allowed_hosts: list[str] = []
+
+    _hosts = field_validator("allowed_hosts")(check_host_names)
+
+
+class BrowserSettings(_Model):
+    """Web pages that may call the proxy (CORS); none by default."""
+
+    allowed_origins: list[str] = []
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, values: list[str]) -> list[str]:
+        found: list[str] = []
+        for value in values:
+            origin = parse_origin(value)
+            if origin is None:
+                raise ValueError(
+                    f"{value!r} is not an origin: write scheme, host and port as the browser"
+                    " app's address bar shows them (https://app.example.com,"
+                    " http://localhost:5173), with no path; '*' and 'null' are never allowed"
+                )
+            found.append(origin)
+        return found
 
 
 class RateLimitSettings(_Model):
@@ -548,6 +590,7 @@ class Settings(_Model):
     audit: AuditSettings | None = None
     scope_map: Path | None = None
     forward_proxy: ForwardProxySettings | None = None
+    browser: BrowserSettings = BrowserSettings()
     reload: ReloadSettings = ReloadSettings()
     admin: AdminSettings = AdminSettings()
 

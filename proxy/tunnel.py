@@ -42,6 +42,7 @@ from proxy.connect import (
 )
 from proxy.errors import Refusal
 from proxy.forward import Services, send_refusal
+from proxy.guard import BrowserGuard, forward_proxy_host_refusal
 from proxy.headers import header_values
 from proxy.metrics import method_label
 from proxy.policy import Route, presented_token
@@ -257,7 +258,9 @@ class TunnelListener:
                 log.warning("tunnel_head_failed", client=peer, reason=str(exc) or "timed out")
                 self._count("bad_head")
                 return
-            decided = decide_connect(head, self._host, self._port)
+            decided = forward_proxy_host_refusal(
+                head, self._settings, self.address[1]
+            ) or decide_connect(head, self._host, self._port)
             if (
                 isinstance(decided, Connect)
                 and decided.token is not None
@@ -273,7 +276,7 @@ class TunnelListener:
             await loop.sock_sendall(sock, ESTABLISHED)
             try:
                 await loop.connect_accepted_socket(
-                    lambda: self._make_protocol(RequestContext(TunnelApp(decided))),
+                    lambda: self._make_protocol(RequestContext(_guarded(TunnelApp(decided)))),
                     sock,
                     ssl=self._context(),
                     ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS,
@@ -324,6 +327,10 @@ class TunnelListener:
             self._count("misdirected_request")
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         return None
+
+
+def _guarded(app: ASGIApp) -> ASGIApp:
+    return BrowserGuard(app, live_key=LIVE_KEY, listener="tunnel")
 
 
 def _peer(address: Any) -> str:
