@@ -150,7 +150,10 @@ def _browser(*headers: tuple[bytes, bytes], allowed: frozenset[str] = frozenset(
         (((b"sec-fetch-site", b"same-site"),), "origin_denied"),
         (((b"sec-fetch-site", b"CROSS-SITE"),), "origin_denied"),
         (((b"sec-fetch-site", b"none"), (b"sec-fetch-site", b"cross-site")), "origin_denied"),
-        (((b"origin", b"http://localhost:8080"), (b"sec-fetch-site", b"same-site")), "origin_denied"),
+        (
+            ((b"origin", b"http://localhost:8080"), (b"sec-fetch-site", b"same-site")),
+            "origin_denied",
+        ),
     ],
 )
 def test_browser_provenance(headers: tuple[tuple[bytes, bytes], ...], expected: str) -> None:
@@ -197,7 +200,9 @@ def test_preflight() -> None:
     assert answer[b"access-control-allow-methods"] == b"POST"
     assert answer[b"access-control-allow-headers"] == b"authorization, content-type"
     assert b"access-control-allow-credentials" not in answer
-    assert preflight_headers("http://x.test", [(b"access-control-request-method", b"TRACE")]) is None
+    assert (
+        preflight_headers("http://x.test", [(b"access-control-request-method", b"TRACE")]) is None
+    )
     cookie = [*asked[:1], (b"access-control-request-headers", b"x-forwarded-for")]
     assert preflight_headers("http://x.test", cookie) is None
     assert "cookie" not in CORS_REQUEST_HEADERS
