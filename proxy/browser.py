@@ -115,9 +115,10 @@ def parse_host(value: str) -> HostName | None:
 
 def listener_names(listen_host: str, allowed_hosts: Sequence[str]) -> tuple[HostName, ...]:
     """The names a listener bound to `listen_host` answers to: its loopback names when it is
-    a loopback address, its own address when that is one address, and the operator's."""
+    a loopback or wildcard address (`0.0.0.0` and `::` take loopback connections too), its
+    own address when that is one address, and the operator's."""
     names: list[str] = list(allowed_hosts)
-    if _is_loopback(listen_host):
+    if _is_loopback(listen_host) or listen_host.strip("[]") in ("0.0.0.0", "::"):
         names += LOOPBACK_NAMES
     own = parse_host(f"[{listen_host}]" if ":" in listen_host else listen_host)
     if own is not None and own.host not in ("0.0.0.0", "[::]"):

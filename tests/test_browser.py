@@ -90,15 +90,18 @@ def test_missing_host() -> None:
 
 
 def test_listed_names() -> None:
-    """A listener beyond loopback answers only to the names listed, a pinned port exactly."""
+    """A listener beyond loopback answers to the names listed (a pinned port exactly), its
+    own address, and loopback names only when it also listens on loopback."""
     assert _host([b"proxy:8080"], SERVICE) == "ok"
     assert _host([b"proxy"], SERVICE) == "ok"
     assert _host([b"publer-proxy.tools.svc"], SERVICE) == "ok"
     assert _host([b"publer-proxy.tools.svc:80"], SERVICE) == "ok"
     assert _host([b"publer-proxy.tools.svc:8080"], SERVICE) == "host_denied"
-    assert _host([b"localhost:8080"], SERVICE) == "host_denied"
+    assert _host([b"localhost:8080"], SERVICE) == "ok"  # a wildcard takes loopback too
     assert _host([b"0.0.0.0:8080"], SERVICE) == "host_denied"
+    assert _host([b"10.0.0.5:8080"], SERVICE) == "host_denied"
     assert _host([b"10.0.0.5:8080"], listener_names("10.0.0.5", [])) == "ok"
+    assert _host([b"localhost:8080"], listener_names("10.0.0.5", [])) == "host_denied"
 
 
 def test_refusal_says_what_to_do() -> None:

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -115,7 +115,7 @@ run();
 class Attacker(BaseHTTPRequestHandler):
     """The other site: serves the attack page for the targets in its query."""
 
-    targets: list[str] = []
+    targets: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         script = ATTACK_JS.replace("TARGETS", json.dumps(self.targets))
@@ -168,7 +168,7 @@ def attacker() -> Iterator[type[Attacker]]:
     """The attacker's server on a loopback port of its own; set `targets` before use."""
 
     class Page(Attacker):
-        targets: list[str] = []
+        targets: ClassVar[list[str]] = []
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
