@@ -200,7 +200,8 @@ def test_query_string_is_forwarded_byte_for_byte(proxy: Proxy, upstream: Sandbox
     query = "page=0&accounts[]=a1&accounts[]=a2&q=%41%2f+b&empty=&flag&x=%7E~"
     answer = raw_request(
         proxy.url,
-        f"GET /api/v1/posts?{query} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode(),
+        f"GET /api/v1/posts?{query} HTTP/1.1\r\nHost: localhost\r\n"
+        "Connection: close\r\n\r\n".encode(),
     )
     assert answer.startswith(b"HTTP/1.1 200"), answer
     [record] = upstream.requests()

@@ -681,7 +681,8 @@ def test_refused_request_body_is_skipped_not_parsed(
         + hidden
     )
     chunked_refused = (
-        b"POST /teamA/api/v1/posts HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST /teamA/api/v1/posts HTTP/1.1\r\nHost: localhost\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
         + f"{len(hidden):x}\r\n".encode()
         + hidden
         + b"\r\n0\r\n\r\n"
