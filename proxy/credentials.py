@@ -272,7 +272,12 @@ class CredentialStore:
             await to_thread.run_sync(session.login)
         except SourceError as exc:
             self._metrics.vault_operations.labels("login", exc.kind).inc()
-            log.warning("vault_login_failed", reason=exc.reason, auth=session.auth_summary)
+            log.warning(
+                "vault_login_failed",
+                reason=exc.reason,
+                server_said=exc.detail,
+                auth=session.auth_summary,
+            )
             for slot in self._vault_slots():
                 slot.last_error = exc.reason
                 slot.last_attempt_failed = True
@@ -298,6 +303,7 @@ class CredentialStore:
                 source=source.kind,
                 where=source.where,
                 reason=exc.reason,
+                server_said=exc.detail,
                 state=_state(slot),
             )
             return None
@@ -420,7 +426,9 @@ class CredentialStore:
             except SourceError as exc:
                 failures += 1
                 self._metrics.vault_operations.labels("renew", exc.kind).inc()
-                log.warning("vault_token_maintenance_failed", reason=exc.reason)
+                log.warning(
+                    "vault_token_maintenance_failed", reason=exc.reason, server_said=exc.detail
+                )
                 await asyncio.sleep(backoff_seconds(failures))
             else:
                 failures = 0

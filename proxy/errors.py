@@ -34,6 +34,8 @@ Code = Literal[
     "proxy_unauthenticated",
     "misdirected_request",
     "upstream_busy",
+    "host_denied",
+    "origin_denied",
 ]
 
 STATUS: dict[Code, int] = {
@@ -56,6 +58,12 @@ STATUS: dict[Code, int] = {
     "proxy_unauthenticated": 407,
     "misdirected_request": 421,
     "upstream_busy": 503,
+    # A Host naming neither this listener nor a name listed for it: a page that re-pointed
+    # its own name at this machine (DNS rebinding). 421, not 403: the request was meant for
+    # another site, and no credential would change the answer (RFC 9110 section 15.5.20).
+    "host_denied": 421,
+    # A request a browser marked as sent by a page of another site (Origin, Sec-Fetch-Site).
+    "origin_denied": 403,
 }
 # The RFC 9209 error types the forward-proxy listener's refusals use (section 2.3).
 ProxyStatusError = Literal[

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.browser import parse_host, parse_origin
 from proxy.redact import masked_url, url_secrets
 
 DEFAULT_CONFIG_PATH = Path("config/proxy.yaml")
@@ -90,12 +91,32 @@ def check_digest(value: str) -> str:
     return value
 
 
+def check_host_names(values: list[str]) -> list[str]:
+    """Host names a listener answers to: `name`, `name:port`, an IP address or `[v6]`."""
+    for value in values:
+        if parse_host(value) is None:
+            raise ValueError(
+                f"{value!r} is not a host name: write a name or address as clients send it"
+                " in Host, optionally with a port (proxy, proxy:8080, 10.0.0.5, [::1]:8080),"
+                " with no scheme or path"
+            )
+    return values
+
+
 class ListenSettings(_Model):
     host: str = Field(default="127.0.0.1", description="The address the proxy listens on.")
     port: int = Field(default=8080, ge=0, le=65535, description="The port the proxy listens on.")
     unix_socket: Path | None = Field(
         default=None, description="A unix socket to listen on instead of host and port."
     )
+    allowed_hosts: list[str] = Field(
+        default=[],
+        description="Names clients use in `Host` for this listener, besides its loopback names"
+        " and its own address (`proxy`, `proxy:8080`, `10.0.0.5`). Any other `Host` is refused"
+        " with `host_denied`.",
+    )
+
+    _hosts = field_validator("allowed_hosts")(check_host_names)
 
 
 def proxy_url(value: str | None) -> str | None:
@@ -639,6 +660,38 @@ class ForwardProxySettings(_Model):
         description="Take the CA from this Vault secret. Default: a new CA is made in memory"
         " at every start.",
     )
+    allowed_hosts: list[str] = Field(
+        default=[],
+        description="Names clients use in `Host` for this listener, besides its loopback names"
+        " and its own address. Any other `Host` is refused with `host_denied`.",
+    )
+
+    _hosts = field_validator("allowed_hosts")(check_host_names)
+
+
+class BrowserSettings(_Model):
+    """Web pages that may call the proxy (CORS); none by default."""
+
+    allowed_origins: list[str] = Field(
+        default=[],
+        description="Origins of browser apps that really call the proxy"
+        " (`https://app.example.com`); preflights are answered for these only.",
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, values: list[str]) -> list[str]:
+        found: list[str] = []
+        for value in values:
+            origin = parse_origin(value)
+            if origin is None:
+                raise ValueError(
+                    f"{value!r} is not an origin: write scheme, host and port as the browser"
+                    " app's address bar shows them (https://app.example.com,"
+                    " http://localhost:5173), with no path; '*' and 'null' are never allowed"
+                )
+            found.append(origin)
+        return found
 
 
 class RateLimitSettings(_Model):
@@ -742,6 +795,11 @@ class Settings(_Model):
         default=None,
         description="The CONNECT listener for clients that hard-code Publer's origin (see"
         ' "Clients you cannot change"). Default: off.',
+    )
+    browser: BrowserSettings = Field(
+        default=BrowserSettings(),
+        description="Web pages that may call the proxy from a browser (CORS). Default: none;"
+        " every request with browser provenance is refused.",
     )
     reload: ReloadSettings = Field(
         default=ReloadSettings(), description="Live changes without a restart."

@@ -55,6 +55,7 @@ from proxy.connect import (
 )
 from proxy.errors import Refusal
 from proxy.forward import Services
+from proxy.guard import BrowserGuard, forward_proxy_host_refusal
 from proxy.headers import header_values
 from proxy.metrics import method_label
 from proxy.paths import ABSOLUTE_FORM_KEY
@@ -392,7 +393,9 @@ class TunnelListener:
                 log.warning("tunnel_head_failed", client=peer, reason=str(exc) or "timed out")
                 self._count("bad_head")
                 return
-            decided = decide_request(head, self._host, self._port, loopback=loopback)
+            decided = forward_proxy_host_refusal(
+                head, self._settings, self.address[1]
+            ) or decide_request(head, self._host, self._port, loopback=loopback)
             if (
                 isinstance(decided, Connect)
                 and decided.token is not None
@@ -408,7 +411,7 @@ class TunnelListener:
                 return
             if isinstance(decided, AbsoluteForm):
                 # Plain HTTP on loopback: the same protocol and app, given the head read here.
-                app = RequestContext(AbsoluteFormApp(self._host, self._port))
+                app = RequestContext(_guarded(AbsoluteFormApp(self._host, self._port)))
                 await loop.connect_accepted_socket(lambda: _Prefed(self._plain(app), head), sock)
                 handed_over = True
                 self._count("absolute_form")
@@ -436,7 +439,7 @@ class TunnelListener:
                 return
             try:
                 await loop.connect_accepted_socket(
-                    lambda: self._make_protocol(RequestContext(TunnelApp(decided))),
+                    lambda: self._make_protocol(RequestContext(_guarded(TunnelApp(decided)))),
                     sock,
                     ssl=self._context(),
                     ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS,
@@ -513,6 +516,10 @@ def _is_loopback(address: Any) -> bool:
         return ipaddress.ip_address(address[0]).is_loopback
     except ValueError:
         return False
+
+
+def _guarded(app: ASGIApp) -> ASGIApp:
+    return BrowserGuard(app, live_key=LIVE_KEY, listener="tunnel")
 
 
 def _peer(address: Any) -> str:
