@@ -76,7 +76,7 @@ docs: $(STAMP)
 # The config's JSON Schema (config/proxy.schema.json), from the settings model; a test fails
 # when the checked-in file is stale.
 schema: $(STAMP)
-	$(BIN)/python -m proxy.schema --write
+	$(BIN)/python -m proxy.config.schema --write
 
 fuzz: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.fuzz_paths --seconds 60

@@ -46,7 +46,7 @@ from stack import (
     wait_status,
 )
 
-from proxy.policy import hash_token
+from proxy.rules.policy import hash_token
 
 ROUTES, CREDENTIALS, CLIENTS = 1000, 100, 1000
 MEASURED_ROUTE = ROUTES // 2

@@ -23,7 +23,7 @@ import yaml
 from naive_proxy import NAIVE_KEY_ENV
 
 from proxy.dev.stack import openbao_dev, seed_key
-from proxy.policy import hash_token
+from proxy.rules.policy import hash_token
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent

@@ -42,8 +42,8 @@ from stack import (
     wait_status,
 )
 
-from proxy.dev.forward import PUBLER_HOST, stand_in_tls
-from proxy.policy import hash_token
+from proxy.dev.forward_proxy import PUBLER_HOST, stand_in_tls
+from proxy.rules.policy import hash_token
 
 PATH = "/api/v1/posts?page=0&state=scheduled"
 TARGET_ADDED_P50_MS = 2.0

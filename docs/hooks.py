@@ -19,7 +19,7 @@ from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.structure.files import File, Files
 from mkdocs.structure.pages import Page
 
-from proxy.schema import reference_markdown
+from proxy.config.schema import reference_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_PAGE = "configuration.md"

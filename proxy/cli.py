@@ -8,12 +8,12 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from proxy import signals
-from proxy.configfile import load_config
+from proxy.config.settings import ConfigError, Settings, config_path, load_settings
 from proxy.describe import describe_routes
-from proxy.scopes import ScopeMap
-from proxy.settings import ConfigError, Settings, config_path, load_settings
-from proxy.sources import describe
+from proxy.edge import signals
+from proxy.keys.sources import describe
+from proxy.loading import load_config
+from proxy.rules.scopes import ScopeMap
 
 EXIT_OK, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -33,16 +33,15 @@ def _print_problems(error: ConfigError) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the proxy until SIGTERM."""
-    from proxy.app import create_app
-    from proxy.logs import configure_logging
-    from proxy.redact import SecretRegistry
-    from proxy.server import serve
+    from proxy.masking.secrets import SecretRegistry
+    from proxy.records.log_setup import configure_logging
+    from proxy.runtime import create_app, serve
 
     try:
         loaded = load_config(config_path(args.config))
     except ConfigError as exc:
         return _print_problems(exc)
-    from proxy.audit import AuditSinkError
+    from proxy.records.audit import AuditSinkError
 
     secrets = SecretRegistry()
     configure_logging(loaded.settings.logging, secrets)
@@ -70,7 +69,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name, credential in settings.credentials_in_use().items():
         print(f"credential {name}\n  source:     {describe(credential)}")
     if settings.forward_proxy is not None:
-        from proxy.forward_proxy import describe_forward_proxy
+        from proxy.tunnel.listener import describe_forward_proxy
 
         print("\n".join(describe_forward_proxy(settings)))
     if not args.online:
@@ -168,7 +167,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 def cmd_hash_token(_args: argparse.Namespace) -> int:
     """Read a client token on stdin, print its `sha256:<hex>` digest."""
-    from proxy.policy import hash_token
+    from proxy.rules.policy import hash_token
 
     token = sys.stdin.readline().rstrip("\r\n")
     if not token or token != token.strip():
@@ -182,7 +181,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Check an audit file's hash chain, against the published head when known."""
     from pathlib import Path
 
-    from proxy.audit import verify_file
+    from proxy.records.audit import verify_file
 
     settings = None
     if args.config:

@@ -7,8 +7,8 @@ with their shares, and the budget it spends.
 
 from __future__ import annotations
 
-from proxy.scopes import READ_METHODS, ScopeMap
-from proxy.settings import Settings
+from proxy.config.settings import Settings
+from proxy.rules.scopes import READ_METHODS, ScopeMap
 
 
 def _share_terms(weight: float, cap: int | None) -> str:

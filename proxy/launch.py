@@ -7,7 +7,7 @@ end the process without cleaning up (see `proxy/signals.py`).
 
 from __future__ import annotations
 
-from proxy import signals
+from proxy.edge import signals
 
 
 def main() -> int:

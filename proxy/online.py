@@ -2,7 +2,7 @@
 
 Each key is asked about an endpoint its routes allow (a least-privilege key without the
 `workspaces` scope is still alive), and Publer's 401 or 403 is read from status and
-message together (`proxy.publer`), so whoever runs the check learns whether to rotate
+message together (`proxy.rules.publer`), so whoever runs the check learns whether to rotate
 the key, fix a workspace, or add a scope. Publer unreachable, a TLS failure or a 5xx is
 a failed check: nothing was verified.
 """
@@ -18,20 +18,20 @@ from typing import TextIO
 
 import httpx
 
-from proxy.credentials import vault_session_maker
-from proxy.logs import configure_logging
-from proxy.outbound import publer_http_client, publer_request
-from proxy.publer import Rejection, rejection
-from proxy.redact import SecretRegistry, mask
-from proxy.settings import (
+from proxy.config.settings import (
     CredentialSettings,
     LoggingSettings,
     RouteSettings,
     Settings,
     UpstreamSettings,
 )
-from proxy.sources import make_source
-from proxy.sources.base import SecretRead, SourceError
+from proxy.keys.outbound import publer_http_client, publer_request
+from proxy.keys.sources import make_source
+from proxy.keys.sources.base import SecretRead, SourceError
+from proxy.keys.store import vault_session_maker
+from proxy.masking.secrets import SecretRegistry, mask
+from proxy.records.log_setup import configure_logging
+from proxy.rules.publer import Rejection, rejection
 
 # What to ask Publer, per scope, cheapest first: (path, whether it takes the workspace).
 # Any response but a rejected key or workspace proves the key alive, so a job id that does

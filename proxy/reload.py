@@ -36,13 +36,14 @@ import structlog
 from anyio import to_thread
 from starlette.types import Receive, Scope, Send
 
-from proxy import signals
-from proxy.configfile import LoadedConfig, load_config
-from proxy.forward import Forwarder, Services
-from proxy.policy import build_routes
-from proxy.ratelimit import Budget, MemoryBudget, make_budget
-from proxy.settings import ConfigError, RateLimitSettings, Settings
-from proxy.shares import SharePlan
+from proxy.budget.shares import SharePlan
+from proxy.budget.stores import Budget, MemoryBudget, make_budget
+from proxy.config.settings import ConfigError, RateLimitSettings, Settings
+from proxy.edge import signals
+from proxy.hop.forwarder import Forwarder
+from proxy.hop.services import Services
+from proxy.loading import LoadedConfig, load_config
+from proxy.rules.policy import build_routes
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +103,11 @@ class Live:
     def __init__(self, generation: Generation) -> None:
         self.current = generation
         self.last_reload: ReloadOutcome | None = None
+
+    @property
+    def services(self) -> Services:
+        """The services of the generation that serves new requests."""
+        return self.current.services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         generation = self.current  # read once: the request keeps this config to its end

@@ -25,14 +25,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.activity import REFUSAL_WINDOW_SECONDS
-from proxy.errors import Refusal
-from proxy.policy import presented_token, stored_digest, token_digest
-from proxy.ratelimit import window_use
+from proxy.budget.shares import ShareUse, WindowUse, headroom, nearest_limit
+from proxy.budget.stores import window_use
+from proxy.config.settings import ANONYMOUS_CLIENT, Settings, is_loopback_host
+from proxy.records.activity import REFUSAL_WINDOW_SECONDS
+from proxy.records.request_ids import REQUEST_ID_KEY
 from proxy.reload import Live
-from proxy.requestid import REQUEST_ID_KEY
-from proxy.settings import ANONYMOUS_CLIENT, Settings, is_loopback_host
-from proxy.shares import ShareUse, WindowUse, headroom, nearest_limit
+from proxy.rules.policy import presented_token, stored_digest, token_digest
+from proxy.rules.refusals import Refusal
 
 STATUS_HTML_PATH = "/status"
 STATUS_JSON_PATH = "/status.json"

@@ -11,10 +11,10 @@ from typing import Any
 
 import uvicorn
 
-import proxy.server
+import proxy.edge.server
 from proxy.cli import main
 
-_uvicorn_config = proxy.server.uvicorn_config
+_uvicorn_config = proxy.edge.server.uvicorn_config
 
 
 def _on_asyncio(settings: Any, app: Any) -> uvicorn.Config:
@@ -24,5 +24,5 @@ def _on_asyncio(settings: Any, app: Any) -> uvicorn.Config:
 
 
 if __name__ == "__main__":
-    proxy.server.uvicorn_config = _on_asyncio
+    proxy.edge.server.uvicorn_config = _on_asyncio
     sys.exit(main(sys.argv[1:]))

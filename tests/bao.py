@@ -25,7 +25,7 @@ from typing import Any
 
 import hvac
 
-from proxy.outbound import vault_http_session
+from proxy.keys.outbound import vault_http_session
 
 START_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 10.0

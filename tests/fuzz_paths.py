@@ -1,4 +1,4 @@
-"""A fuzz target for the pure allow/deny decision, `proxy.policy.decide`.
+"""A fuzz target for the pure allow/deny decision, `proxy.rules.policy.decide`.
 
     python -m tests.fuzz_paths --seconds 60          (what `make fuzz` runs)
     python -m tests.fuzz_paths --engine hypothesis   (without atheris)
@@ -32,13 +32,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-import proxy.paths
-import proxy.policy
-import proxy.scopes
-from proxy.errors import STATUS
-from proxy.policy import RequestHead, RouteTable, Verdict, build_routes, decide, hash_token
-from proxy.scopes import load_scope_map
-from proxy.settings import RouteSettings
+import proxy.rules.paths
+import proxy.rules.policy
+import proxy.rules.scopes
+from proxy.config.settings import RouteSettings
+from proxy.rules.policy import RequestHead, RouteTable, Verdict, build_routes, decide, hash_token
+from proxy.rules.refusals import STATUS
+from proxy.rules.scopes import load_scope_map
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 CLIENT_TOKEN = "fuzz-client-token-0001"
@@ -308,7 +308,11 @@ def _run_atheris(seconds: int, artifacts: Path) -> None:
         str(CORPUS),
     ]
     print(f"atheris for {seconds}s; new inputs in {scratch}, findings in {artifacts}/")
-    for module in (proxy.paths, proxy.policy, proxy.scopes):  # coverage of the decision only
+    for module in (
+        proxy.rules.paths,
+        proxy.rules.policy,
+        proxy.rules.scopes,
+    ):  # coverage of the decision only
         for value in vars(module).values():
             if getattr(value, "__module__", None) != module.__name__:
                 continue

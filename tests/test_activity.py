@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from proxy.activity import BUCKETS_PER_WINDOW, RECENT_REFUSALS, REFUSAL_WINDOW_SECONDS, Activity
+from proxy.records.activity import (
+    BUCKETS_PER_WINDOW,
+    RECENT_REFUSALS,
+    REFUSAL_WINDOW_SECONDS,
+    Activity,
+)
 
 
 class Clock:

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import redis
 
-from proxy.audit import response_ids
-from proxy.auditchain import GENESIS, Head, line_hash, seal, verify
-from proxy.policy import hash_token
+from proxy.records.audit import response_ids
+from proxy.records.audit_chain import GENESIS, Head, line_hash, seal, verify
+from proxy.rules.policy import hash_token
 from tests.bao import Bao, free_port
 from tests.servers import Process, Sandbox, proxy_config, start_proxy, start_redis
 from tests.test_budget import metric

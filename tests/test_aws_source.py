@@ -19,11 +19,11 @@ import httpx
 import pytest
 import yaml
 
-from proxy.redact import SecretRegistry
-from proxy.settings import AwsCredentialSettings
-from proxy.sources import sdk_problems
-from proxy.sources.aws import AwsKeySource
-from proxy.sources.base import SourceError
+from proxy.config.settings import AwsCredentialSettings
+from proxy.keys.sources import sdk_problems
+from proxy.keys.sources.aws import AwsKeySource
+from proxy.keys.sources.base import SourceError
+from proxy.masking.secrets import SecretRegistry
 from tests.moto import REGION, Moto, restart_moto, start_moto
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy
 from tests.waiting import eventually

@@ -6,19 +6,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.browser import (
+from proxy.config.hosts import HostName, parse_host, parse_origin
+from proxy.rules.browser import (
     CORS_REQUEST_HEADERS,
-    HostName,
     check_browser,
     check_host,
     is_preflight,
     listener_names,
-    parse_host,
-    parse_origin,
     preflight_headers,
     without_cors,
 )
-from proxy.headers import downstream_headers
+from proxy.rules.headers import downstream_headers
 
 LOOPBACK = listener_names("127.0.0.1", [])
 SERVICE = listener_names("0.0.0.0", ["proxy", "publer-proxy.tools.svc:80"])

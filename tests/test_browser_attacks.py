@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
-from proxy.policy import hash_token
+from proxy.rules.policy import hash_token
 from tests.bao import Bao, free_port
 from tests.servers import Sandbox, proxy_config, start_proxy
 from tests.tunnel_stack import start_tunnel_stack

@@ -163,9 +163,9 @@ def test_redis_ceiling_under_a_huge_limit(redis_url: str) -> None:
 
     import redis
 
-    from proxy.ratelimit import RedisBudget
-    from proxy.settings import RateLimitSettings
-    from proxy.shares import Share
+    from proxy.budget.shares import Share
+    from proxy.budget.stores import RedisBudget
+    from proxy.config.settings import RateLimitSettings
 
     settings = RateLimitSettings(requests=1_000_000_000, per_seconds=120, redis_url=redis_url)
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.outbound import publer_request
-from proxy.settings import UpstreamSettings
+from proxy.config.settings import UpstreamSettings
+from proxy.keys.outbound import publer_request
 from tests.bao import Bao, free_port
 from tests.servers import Sandbox, make_tls, proxy_config, start_sandbox
 
@@ -121,8 +121,8 @@ def test_tls_failure_names_the_certificate_problem(
 def test_probe_is_chosen_within_the_routes_scopes() -> None:
     """The cheapest endpoint a route allows is asked, with the route's workspace only
     where Publer takes one."""
+    from proxy.config.settings import RouteSettings
     from proxy.online import choose_probe
-    from proxy.settings import RouteSettings
 
     def route(scopes: list[str], workspace: str | None = WS) -> RouteSettings:
         return RouteSettings(name="r", credential="c", workspace_id=workspace, scopes=scopes)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from proxy.policy import hash_token
+from proxy.rules.policy import hash_token
 from tests.bao import Bao, free_port
 from tests.servers import Sandbox, proxy_config, start_proxy, start_sandbox
 from tests.waiting import eventually

@@ -33,8 +33,8 @@ import httpx
 import pytest
 import yaml
 
+from proxy.config.settings import parse_settings
 from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
-from proxy.settings import parse_settings
 from tests.bao import Bao, free_port, start_bao
 from tests.servers import Sandbox, start_sandbox
 from tests.test_deploy_files import Seeded, loopback_config, run_seed

@@ -27,18 +27,18 @@ import httpx
 import pytest
 import yaml
 
-from proxy.browser import check_host, listener_names
 from proxy.cli import load_all
-from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
-from proxy.policy import hash_token
-from proxy.server import GRACEFUL_SHUTDOWN_SECONDS
-from proxy.settings import (
+from proxy.config.settings import (
     KUBERNETES_TOKEN_FILE,
     CredentialSettings,
     Settings,
     is_loopback_host,
     parse_settings,
 )
+from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
+from proxy.edge.server import GRACEFUL_SHUTDOWN_SECONDS
+from proxy.rules.browser import check_host, listener_names
+from proxy.rules.policy import hash_token
 from tests.bao import Bao, bao_binary, free_port, start_bao
 from tests.servers import Sandbox, start_proxy, start_sandbox
 

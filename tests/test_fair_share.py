@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.policy import hash_token
+from proxy.rules.policy import hash_token
 from tests.bao import Bao
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy, start_redis
 from tests.test_budget import metric

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.redact import mask_opaque
+from proxy.masking.secrets import mask_opaque
 from tests.servers import Sandbox, proxy_config, start_proxy
 from tests.waiting import eventually
 

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.connect import (
+from proxy.rules.refusals import Refusal
+from proxy.tunnel.decisions import (
     AbsoluteForm,
     ClientHello,
     Connect,
@@ -19,7 +20,6 @@ from proxy.connect import (
     logged_target,
     read_client_hello,
 )
-from proxy.errors import Refusal
 
 HOST = "app.publer.com"
 FORBIDDEN = [b"\r", b"\n", b"\t", b"\x00", b" ", b"\x7f", b"\x0b", b"\x0c"]

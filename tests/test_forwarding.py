@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.policy import hash_token
+from proxy.rules.policy import hash_token
 from tests.bao import Bao, free_port
 from tests.conftest import WORKSPACE
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 
-from proxy.policy import Verdict, decide
+from proxy.rules.policy import Verdict, decide
 from tests.fuzz_paths import (
     CORPUS,
     ROUTES,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.headers import (
+from proxy.rules.headers import (
     downstream_headers,
     request_body_length,
     response_body_length,

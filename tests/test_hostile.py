@@ -24,14 +24,14 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.errors import STATUS
-from proxy.policy import hash_token
-from proxy.server import (
+from proxy.edge.server import (
     BODY_IDLE_TIMEOUT_SECONDS,
     HEADER_TIMEOUT_SECONDS,
     MAX_HEADER_BYTES,
     SEND_TIMEOUT_SECONDS,
 )
+from proxy.rules.policy import hash_token
+from proxy.rules.refusals import STATUS
 from tests.bao import Bao
 from tests.conftest import WORKSPACE
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy

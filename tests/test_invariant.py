@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from proxy.policy import hash_token
+from proxy.rules.policy import hash_token
 from tests.bao import Bao
 from tests.conftest import WORKSPACE
 from tests.fuzz_paths import PUBLER_ENDPOINTS, spec_scope, spec_takes_workspace

@@ -18,16 +18,16 @@ import pytest
 import yaml
 
 from proxy.cli import main
-from proxy.redact import SecretRegistry
-from proxy.settings import (
+from proxy.config.settings import (
     ConfigError,
     EnvCredentialSettings,
     FileCredentialSettings,
     parse_settings,
 )
-from proxy.sources.base import SourceError
-from proxy.sources.env import EnvKeySource
-from proxy.sources.files import FileKeySource, permission_problem
+from proxy.keys.sources.base import SourceError
+from proxy.keys.sources.env import EnvKeySource
+from proxy.keys.sources.files import FileKeySource, permission_problem
+from proxy.masking.secrets import SecretRegistry
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy
 from tests.waiting import eventually
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.settings import ConfigError, load_settings, parse_settings
+from proxy.config.settings import ConfigError, load_settings, parse_settings
 from tests.bao import Bao
 from tests.servers import Sandbox, proxy_config, start_proxy
 from tests.waiting import eventually

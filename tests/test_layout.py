@@ -49,10 +49,86 @@ def imports(path: Path) -> list[tuple[str, bool]]:
     return found
 
 
+# The package's groups from the bottom up. A module may import from its own group and the
+# groups below it, never from one above or beside it. The modules at the top level (the
+# command line, the runtime that assembles a config generation, reload, the status page,
+# `check --online`) may import every group; no group imports them. proxy.dev is apart.
+LAYERS: list[frozenset[str]] = [
+    frozenset({"masking"}),  # what is masked: secrets in output, in responses
+    frozenset({"config"}),  # the settings model
+    frozenset({"rules"}),  # the pure decisions
+    frozenset({"keys", "budget"}),  # the held keys and their sources; Publer's budget
+    frozenset({"records"}),  # access log, audit, activity, metrics, request ids, logs
+    frozenset({"hop"}),  # one generation's services, the forwarder, the upstream client
+    frozenset({"edge"}),  # the server, the browser guard, signals
+    frozenset({"tunnel"}),  # the forward-proxy listener and its tunnels
+]
+RANK = {group: rank for rank, layer in enumerate(LAYERS) for group in layer}
+# Annotations only (under TYPE_CHECKING, never loaded): the key store is handed the
+# process's metrics.
+TYPE_ONLY = {("proxy.keys.store", "proxy.records.metrics")}
+
+
+def group_of(module: str) -> str | None:
+    """`proxy.rules.policy` -> `rules`; None for the top level and proxy.dev."""
+    parts = module.split(".")
+    return parts[1] if len(parts) >= 2 and parts[1] in RANK else None
+
+
+def type_checking_imports(path: Path) -> set[str]:
+    """The modules a file imports only for annotations, under `if TYPE_CHECKING:`."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and inner.module:
+                    found.add(inner.module)
+    return found
+
+
+def test_every_module_belongs_to_a_group_or_the_top() -> None:
+    """Each runtime module sits in one of the groups, or is one of the few that assemble
+    them at the top level."""
+    top = {n for n in runtime_modules() if n != "proxy" and group_of(n) is None}
+    assert top == {
+        "proxy.__main__",
+        "proxy.cli",
+        "proxy.describe",
+        "proxy.launch",
+        "proxy.loading",
+        "proxy.online",
+        "proxy.reload",
+        "proxy.runtime",
+        "proxy.status",
+    }
+
+
+def test_imports_point_down_the_layers() -> None:
+    """No module imports from a group above its own or beside it, and no group imports
+    the top level: the arrows between groups run one way."""
+    wrong = []
+    for name in runtime_modules():
+        source = group_of(name)
+        if source is None:
+            continue
+        annotations = type_checking_imports(modules()[name])
+        for imported, _ in imports(modules()[name]):
+            if not imported.startswith("proxy.") or imported.startswith(DEV):
+                continue
+            target = group_of(imported)
+            if target == source:
+                continue
+            if target is None or RANK[target] >= RANK[source]:
+                if imported in annotations and (name, imported) in TYPE_ONLY:
+                    continue
+                wrong.append(f"{name} ({source}) -> {imported} ({target or 'top level'})")
+    assert wrong == []
+
+
 def test_runtime_never_imports_the_development_tools() -> None:
     """Importing every runtime module in a fresh interpreter loads nothing of proxy.dev."""
     names = [name for name in runtime_modules() if name != "proxy.__main__"]  # runs the CLI
-    assert "proxy.server" in names and "proxy.app" in names
+    assert "proxy.edge.server" in names and "proxy.runtime" in names
     code = (
         "import importlib, json, sys\n"
         f"for name in {names!r}:\n"

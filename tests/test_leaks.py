@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.policy import hash_token
+from proxy.rules.policy import hash_token
 from tests.bao import Bao, free_port, start_bao
 from tests.moto import REGION, start_moto
 from tests.origins import Origin, Request, Reset, Step, Write

@@ -8,9 +8,9 @@ import logging
 
 import structlog
 
-from proxy.logs import configure_logging
-from proxy.redact import SecretRegistry, mask
-from proxy.settings import LoggingSettings
+from proxy.config.settings import LoggingSettings
+from proxy.masking.secrets import SecretRegistry, mask
+from proxy.records.log_setup import configure_logging
 
 SECRET = "pk_live_9f8e7d6c5b4a39281706"
 

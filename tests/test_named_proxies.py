@@ -14,10 +14,10 @@ import httpx
 import pytest
 import yaml
 
-from proxy.outbound import publer_http_client, vault_http_session
-from proxy.redact import SecretRegistry
-from proxy.settings import UpstreamSettings, VaultAuthSettings, VaultSettings
-from proxy.sources.vault import VaultError, VaultSession
+from proxy.config.settings import UpstreamSettings, VaultAuthSettings, VaultSettings
+from proxy.keys.outbound import publer_http_client, vault_http_session
+from proxy.keys.sources.vault import VaultError, VaultSession
+from proxy.masking.secrets import SecretRegistry
 from tests.bao import Bao, free_port
 from tests.peers import echo_origin, forwarding_proxy, recording_listener
 from tests.servers import Sandbox, proxy_config, start_proxy

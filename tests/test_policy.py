@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import Refusal
-from proxy.paths import UnsafePath, check_path, check_query
-from proxy.policy import (
+from proxy.config.settings import RouteSettings
+from proxy.rules.paths import UnsafePath, check_path, check_query
+from proxy.rules.policy import (
     RequestHead,
     authenticate,
     build_routes,
@@ -21,8 +21,8 @@ from proxy.policy import (
     presented_token,
     select_route,
 )
-from proxy.scopes import Match, Miss, load_scope_map
-from proxy.settings import RouteSettings
+from proxy.rules.refusals import Refusal
+from proxy.rules.scopes import Match, Miss, load_scope_map
 
 SCOPES = load_scope_map()
 WS = "5f8d7a62c9e77e001f36e3a1"

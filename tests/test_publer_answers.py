@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from proxy.publer import Rejection, error_messages, rate_limit_window, rejection, rejection_hint
+from proxy.rules.publer import (
+    Rejection,
+    error_messages,
+    rate_limit_window,
+    rejection,
+    rejection_hint,
+)
 
 
 def _body(*messages: str) -> bytes:

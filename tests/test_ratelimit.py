@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.ratelimit import MemoryBudget, Queue, retry_after_header
-from proxy.settings import RateLimitSettings
-from proxy.shares import Share
+from proxy.budget.shares import Share
+from proxy.budget.stores import MemoryBudget, Queue, retry_after_header
+from proxy.config.settings import RateLimitSettings
 
 
 def one(credential: str) -> Share:

@@ -20,9 +20,9 @@ import httpx
 import pytest
 import yaml
 
-from proxy.policy import hash_token
+from proxy.config.settings import parse_settings
 from proxy.reload import restart_only_changes
-from proxy.settings import parse_settings
+from proxy.rules.policy import hash_token
 from tests.bao import Bao
 from tests.conftest import WORKSPACE
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy

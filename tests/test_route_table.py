@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.policy import API_ROOT, Route, authenticate, build_routes, hash_token
-from proxy.settings import RouteSettings
+from proxy.config.settings import RouteSettings
+from proxy.rules.policy import API_ROOT, Route, authenticate, build_routes, hash_token
 
 SEGMENTS = st.sampled_from(["a", "b", "team", "api", "v1", "v10", "x.y", "api-v1"])
 

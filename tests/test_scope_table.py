@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.policy import RequestHead, build_routes, decide
-from proxy.scopes import Match, Miss, load_scope_map
-from proxy.settings import RouteSettings
+from proxy.config.settings import RouteSettings
+from proxy.rules.policy import RequestHead, build_routes, decide
+from proxy.rules.scopes import Match, Miss, load_scope_map
 
 SCOPES = load_scope_map()
 WS = "5f8d7a62c9e77e001f36e3a1"

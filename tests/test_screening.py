@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.headers import downstream_headers
-from proxy.redact import SecretRegistry, masked_url, url_secrets
-from proxy.screening import MAX_DECODED_BYTES, mask_body, mask_headers, screen_response
-from proxy.settings import ConfigError, parse_settings
+from proxy.config.settings import ConfigError, parse_settings
+from proxy.masking.responses import MAX_DECODED_BYTES, mask_body, mask_headers, screen_response
+from proxy.masking.secrets import SecretRegistry, masked_url, url_secrets
+from proxy.rules.headers import downstream_headers
 
 KEY = "pk_live_0123456789abcdef0123456789abcdef"
 TOKEN = "hvs.CAESIJ0aVaultTokenForTests"

@@ -19,9 +19,9 @@ import pytest
 import uvicorn
 from structlog.testing import capture_logs
 
-import proxy.server
-from proxy.paths import ABSOLUTE_FORM_KEY
-from proxy.server import MAX_HEADER_BYTES, StrictHttpToolsProtocol
+import proxy.edge.server
+from proxy.edge.server import MAX_HEADER_BYTES, StrictHttpToolsProtocol
+from proxy.rules.paths import ABSOLUTE_FORM_KEY
 from tests.bao import free_port
 
 SEEN: list[dict[str, Any]] = []
@@ -44,9 +44,9 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
 def server() -> Iterator[tuple[str, int]]:
     """uvicorn with the strict protocol on uvloop, in a thread, short timeouts."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(proxy.server, "HEADER_TIMEOUT_SECONDS", 0.5)
-    patch.setattr(proxy.server, "BODY_IDLE_TIMEOUT_SECONDS", 0.5)
-    patch.setattr(proxy.server, "SEND_TIMEOUT_SECONDS", 0.5)
+    patch.setattr(proxy.edge.server, "HEADER_TIMEOUT_SECONDS", 0.5)
+    patch.setattr(proxy.edge.server, "BODY_IDLE_TIMEOUT_SECONDS", 0.5)
+    patch.setattr(proxy.edge.server, "SEND_TIMEOUT_SECONDS", 0.5)
     port = free_port()
     config = uvicorn.Config(
         app,

@@ -8,9 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.ratelimit import Budget, MemoryBudget, Queue, RedisBudget, window_use
-from proxy.settings import ConfigError, RateLimitSettings, RouteSettings, parse_settings
-from proxy.shares import (
+from proxy.budget.shares import (
     Share,
     SharePlan,
     ShareUse,
@@ -22,6 +20,8 @@ from proxy.shares import (
     nearest_limit,
     refusal_text,
 )
+from proxy.budget.stores import Budget, MemoryBudget, Queue, RedisBudget, window_use
+from proxy.config.settings import ConfigError, RateLimitSettings, RouteSettings, parse_settings
 from tests.servers import start_redis
 
 FLOOD = Share("publer", "team", "flood")

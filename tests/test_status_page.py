@@ -17,8 +17,8 @@ import pytest
 import yaml
 from starlette.requests import Request
 
-from proxy.policy import hash_token
-from proxy.settings import parse_settings
+from proxy.config.settings import parse_settings
+from proxy.rules.policy import hash_token
 from proxy.status import CSP, FILL_COLOUR, OVER_COLOUR, TRACK_COLOUR, admin_refusal
 from tests.bao import Bao
 from tests.conftest import WORKSPACE

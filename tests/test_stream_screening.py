@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.forward import SMALL_RESPONSE_BYTES
-from proxy.redact import SecretRegistry
-from proxy.screening import StreamMask
+from proxy.hop.forwarder import SMALL_RESPONSE_BYTES
+from proxy.masking.responses import StreamMask
+from proxy.masking.secrets import SecretRegistry
 from tests.bao import Bao
 from tests.origins import Origin, Request, Sleep, Step, Write
 from tests.servers import Proxy, proxy_config, start_proxy

@@ -257,7 +257,7 @@ def test_a_client_added_by_reload_opens_tunnels(
 
     import yaml
 
-    from proxy.policy import hash_token
+    from proxy.rules.policy import hash_token
     from tests.waiting import eventually
 
     own = start_tunnel_stack(tmp_path, bao, token_file, api_key)

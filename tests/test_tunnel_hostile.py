@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.ca import InterceptionCA, generate_ca
+from proxy.tunnel.ca import InterceptionCA, generate_ca
 from tests.bao import Bao
 from tests.test_tunnel_clients import header
 from tests.tunnel_stack import PUBLER_HOST, TunnelStack, start_tunnel_stack

@@ -13,8 +13,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.ca import CAError, InterceptionCA, constraint_problem, generate_ca, normalize_host
-from proxy.connect import (
+from proxy.config.settings import ConfigError, RouteSettings, parse_settings
+from proxy.rules.policy import build_routes, hash_token
+from proxy.rules.refusals import Refusal
+from proxy.tunnel.ca import CAError, InterceptionCA, constraint_problem, generate_ca, normalize_host
+from proxy.tunnel.decisions import (
     Connect,
     check_target,
     decide_connect,
@@ -22,9 +25,6 @@ from proxy.connect import (
     proxy_token,
     tunnel_route,
 )
-from proxy.errors import Refusal
-from proxy.policy import build_routes, hash_token
-from proxy.settings import ConfigError, RouteSettings, parse_settings
 
 HOST = "app.publer.com"
 

@@ -284,7 +284,7 @@ def test_java_http_client(stack: TunnelStack, api_key: str, tmp_path: Path) -> N
 
 def pasted_env(stack: TunnelStack) -> dict[str, str]:
     """The `export` lines `make run` prints for the forward proxy, for this stack."""
-    from proxy.dev.forward import paste_lines
+    from proxy.dev.forward_proxy import paste_lines
 
     lines = paste_lines(stack.forward_port, stack.ca_file, "https://app.publer.com")
     exports = re.findall(r"^  export (\w+)=(\S+)$", lines, re.MULTILINE)

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy.ca import fingerprint, generate_ca
+from proxy.tunnel.ca import fingerprint, generate_ca
 from tests.bao import Bao
 from tests.servers import proxy_config
 from tests.test_tunnel_clients import ACCOUNTS, assert_keyed_call, run_client

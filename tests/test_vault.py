@@ -1,4 +1,4 @@
-"""proxy.sources.vault against a real OpenBao dev server."""
+"""proxy.keys.sources.vault against a real OpenBao dev server."""
 
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
-from proxy.redact import SecretRegistry
-from proxy.settings import CredentialSettings, VaultAuthSettings, VaultSettings
-from proxy.sources import vault
-from proxy.sources.base import SecretRead, backoff_seconds, key_problem
-from proxy.sources.vault import VaultError, VaultSession
+from proxy.config.settings import CredentialSettings, VaultAuthSettings, VaultSettings
+from proxy.keys.sources import vault
+from proxy.keys.sources.base import SecretRead, backoff_seconds, key_problem
+from proxy.keys.sources.vault import VaultError, VaultSession
+from proxy.masking.secrets import SecretRegistry
 from tests.bao import Bao, free_port, restart_bao, start_bao
 from tests.k8s_tokenreview import ServiceAccount, TokenReviewServer, service_account_jwt
 
@@ -130,7 +130,7 @@ def sessions(registry: SecretRegistry) -> Iterator[Sessions]:
 
 @pytest.fixture
 def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[EventDict]]:
-    """Every event proxy.sources.vault logs during the test, debug included, whatever the
+    """Every event proxy.keys.sources.vault logs during the test, debug included, whatever the
     process-wide structlog level (another test may have configured and cached it)."""
     logger = structlog.wrap_logger(
         None,

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.policy import hash_token
+from proxy.rules.policy import hash_token
 from tests.bao import Bao, free_port
 from tests.servers import Proxy, Sandbox, Tls, proxy_config, start_proxy, start_sandbox
 

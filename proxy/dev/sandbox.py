@@ -52,7 +52,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.scopes import load_scope_map
+from proxy.rules.scopes import load_scope_map
 
 # Publer's scopes, as the proxy's packaged scope map names them.
 ALL_SCOPES: frozenset[str] = load_scope_map().scopes

@@ -139,15 +139,14 @@ def run_dev_source(
     listener: socket.socket,
 ) -> int:
     """The local stack with the key in a file, the environment or a local AWS."""
-    from proxy.app import create_app
-    from proxy.configfile import load_config
     from proxy.describe import describe_routes
-    from proxy.dev.forward import sandbox_certificate
+    from proxy.dev.forward_proxy import sandbox_certificate
     from proxy.dev.sandbox import DEFAULT_WORKSPACE_ID
     from proxy.dev.stack import Children, _upstream, watch_stack
-    from proxy.logs import configure_logging
-    from proxy.redact import SecretRegistry
-    from proxy.server import serve
+    from proxy.loading import load_config
+    from proxy.masking.secrets import SecretRegistry
+    from proxy.records.log_setup import configure_logging
+    from proxy.runtime import create_app, serve
 
     workdir = files.folder
     client_token = secrets_module.token_urlsafe(32)

@@ -29,17 +29,17 @@ import hvac
 import yaml
 
 from proxy.describe import describe_routes
-from proxy.dev.forward import add_forward_proxy, sandbox_certificate, stand_in_tls
+from proxy.dev.forward_proxy import add_forward_proxy, sandbox_certificate, stand_in_tls
 from proxy.dev.sandbox import (
     AUTH_ERRORS_ENV,
     DEFAULT_SANDBOX_KEY,
     DEFAULT_WORKSPACE_ID,
     SANDBOX_KEYS_ENV,
 )
-from proxy.outbound import vault_http_session
-from proxy.policy import hash_token
-from proxy.redact import SecretRegistry
-from proxy.scopes import load_scope_map
+from proxy.keys.outbound import vault_http_session
+from proxy.masking.secrets import SecretRegistry
+from proxy.rules.policy import hash_token
+from proxy.rules.scopes import load_scope_map
 
 # The processes the stack started, by what they are: watched while the proxy serves.
 Children = list[tuple[str, subprocess.Popen[bytes]]]
@@ -375,10 +375,9 @@ def run_dev(port: int = 8080, upstream: str | None = None) -> int:
 
     Refuses a port that another process holds (exit 1) before starting anything.
     """
-    from proxy.app import create_app
-    from proxy.configfile import load_config
-    from proxy.logs import configure_logging
-    from proxy.server import serve
+    from proxy.loading import load_config
+    from proxy.records.log_setup import configure_logging
+    from proxy.runtime import create_app, serve
 
     parent = os.getppid()
     listener = claim_port(port)

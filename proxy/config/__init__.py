@@ -1,0 +1,1 @@
+"""The settings model: every key of the config file, its default and its checks."""

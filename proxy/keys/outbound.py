@@ -1,0 +1,67 @@
+"""The process's own HTTP clients besides the forwarding hop: to Vault (hvac over requests)
+and, for `check --online`, to Publer (httpx). Configured here and nowhere else.
+
+None of them reads the environment. A proxy variable exported for a developer's shell or
+a CI runner (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY, in either case) would otherwise
+receive the Vault token on every Vault call, the KV response holding the key, and the key
+itself: requests honours those variables even for loopback addresses. The only proxy used
+is one the operator names in the config (`vault.proxy`, `upstream.proxy`).
+"""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import urlsplit
+
+import httpx
+import requests
+
+from proxy.config.settings import UpstreamSettings
+
+
+def vault_http_session(proxy: str | None, verify: bool | str = True) -> requests.Session:
+    """The requests session every hvac client of the process is given.
+
+    `proxy` is `vault.proxy` (None: connect directly); `verify` is what requests takes
+    (True, False, or a CA bundle path). hvac prefers a given session's `verify` over its
+    own argument, so it is set here.
+    """
+    session = requests.Session()
+    # requests would otherwise read HTTP(S)_PROXY, ALL_PROXY and NO_PROXY (sending the
+    # token and the key to that proxy), ~/.netrc (adding its Authorization to Vault calls)
+    # and REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE (trusting another CA than the config names).
+    session.trust_env = False
+    session.verify = verify
+    if proxy:
+        session.proxies = {"http": proxy, "https": proxy}
+    return session
+
+
+def publer_http_client(upstream: UpstreamSettings) -> httpx.Client:
+    """A one-off httpx client to the upstream origin, as `check --online` probes it."""
+    # Python's default client context: certificates and host names verified.
+    context = ssl.create_default_context(cafile=str(upstream.ca_file) if upstream.ca_file else None)
+    return httpx.Client(
+        verify=context,
+        # httpx would otherwise read the proxy variables, SSL_CERT_FILE and ~/.netrc.
+        trust_env=False,
+        proxy=upstream.proxy,
+        # A redirect would carry the key to whatever host Location names.
+        follow_redirects=False,
+        timeout=upstream.connect_timeout_seconds,
+    )
+
+
+def publer_request(
+    upstream: UpstreamSettings, path: str
+) -> tuple[str, dict[str, str], dict[str, str]]:
+    """Where a `check --online` request for `path` goes: (URL, extra headers, httpx request
+    extensions). With `upstream.connect_to` the URL names that address and the origin's
+    name goes in Host and in TLS (SNI, and the certificate is checked against it), as the
+    forwarding hop dials it; otherwise the origin itself."""
+    if upstream.connect_to is None:
+        return upstream.url + path, {}, {}
+    origin = urlsplit(upstream.url)
+    scheme, host = origin.scheme, origin.hostname or ""
+    headers = {"Host": origin.netloc}
+    return f"{scheme}://{upstream.connect_to}{path}", headers, {"sni_hostname": host}

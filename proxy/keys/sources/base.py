@@ -1,0 +1,99 @@
+"""The one small interface every key source implements, and what they share.
+
+A source reads one credential's key, synchronously: the credential store calls `read()`
+from a worker thread, never on the event loop. Every failure is one exception whose
+`kind` says what happened and whose `reason` is a sentence safe to log and to show. The
+reason is the proxy's own words only (which source, how it failed: the HTTP status or
+error class, what to do): a service's error text can quote a secret the proxy never read,
+so it goes in `detail`, masked without knowing the secret, and only to the log:
+
+    SourceError
+      kind="unreachable"  the service cannot be reached, times out or answers 429/5xx
+      kind="sealed"       Vault is sealed or not initialized
+      kind="auth_failed"  no credentials to be found, or the service refused them
+      kind="denied"       the identity is valid but may not read the key
+      kind="not_found"    no such secret, field, file or variable
+      kind="invalid"      the value does not look like an API key, or a file is unsafe
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import Any, Literal, Protocol
+
+from proxy.masking.secrets import mask_opaque
+
+ErrorKind = Literal["unreachable", "sealed", "denied", "not_found", "invalid", "auth_failed"]
+SourceKind = Literal["vault", "aws_secrets_manager", "file", "env"]
+
+BACKOFF_FIRST_SECONDS = 1.0
+BACKOFF_MAX_SECONDS = 300.0
+
+
+class SourceError(Exception):
+    """Reading a key failed; `reason` is safe to log and show, `kind` is what happened,
+    `detail` the service's own error text (masked by `mask_opaque`), for the log only."""
+
+    def __init__(self, reason: str, *, kind: ErrorKind, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind: ErrorKind = kind
+        self.detail = mask_opaque(detail) if detail else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, reason={self.reason!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (partial(type(self), kind=self.kind, detail=self.detail), (self.reason,))
+
+
+@dataclass(frozen=True)
+class SecretRead:
+    """One key as a source returned it: the value, its version in the source's own terms
+    (a KV v2 version number, an AWS VersionId, a count of file contents seen; None when
+    the source has no versions) and when that version was written, when known."""
+
+    value: str = field(repr=False)
+    version: int | str | None
+    created_time: datetime | None
+
+
+class KeySource(Protocol):
+    """A place one credential's key is read from."""
+
+    kind: SourceKind
+    where: str  # for logs and `check`: a path, a secret id, a variable; never a secret
+    poll_seconds: float | None  # how often `changed()` is worth asking; None: never
+
+    def read(self) -> SecretRead:
+        """Read and check the key, or raise SourceError. Blocking: run it in a thread."""
+        ...
+
+    def changed(self) -> bool:
+        """Cheap check between reads: True when the key may have changed since."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+def key_problem(value: str) -> str | None:
+    """Why a trimmed value does not look like an API key, or None when it does."""
+    if not value:
+        return "it is empty"
+    if any(ch.isspace() for ch in value):
+        return "it contains whitespace"
+    if not all(0x21 <= ord(ch) <= 0x7E for ch in value):
+        return "it contains characters that are not printable ASCII"
+    return None
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Delay before retry number `attempt` (1, 2, ...): exponential from 1 s, capped at
+    5 min, with full jitter so that replicas do not retry in step."""
+    ceiling = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2.0 ** max(attempt - 1, 0))
+    return random.uniform(BACKOFF_FIRST_SECONDS, max(BACKOFF_FIRST_SECONDS, ceiling))

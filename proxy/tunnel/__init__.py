@@ -1,0 +1,2 @@
+"""The forward-proxy listener: CONNECT decisions, the interception CA, the
+listener and its tunnels."""
