@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -174,10 +175,22 @@ def test_approle_login_serves_traffic(
     }
     proxy = start_proxy(tmp_path / "proxy", config)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # past the token's max TTL: re-login happened
+
+        def read_after_relogin() -> bool:
+            names = [e.get("event") for e in proxy.events()]
+            return (
+                "vault_token_relogin" in names
+                and "key_read" in names[names.index("vault_token_relogin") :]
+            )
+
+        # Serving all along until, past the token's max TTL, the proxy logged in again and
+        # read the key with the new token.
+        deadline = time.monotonic() + 60
+        while not read_after_relogin():
+            assert time.monotonic() < deadline, "no re-login and key read within 60 s"
             assert _status(proxy) == 200
-            time.sleep(0.5)
+            time.sleep(0.5)  # the pace of the probing requests
+        assert _status(proxy) == 200
         assert httpx.get(f"{proxy.url}/readyz").json()["status"] == "ready"
         assert secret_id not in proxy.output()
     finally:
@@ -201,21 +214,29 @@ def test_upstream_401_rereads_once_and_no_client_sees_it(
     new_key = "pk_f7_" + secrets.token_hex(16)
     try:
         statuses: list[int] = []
+        answered: list[int] = []
+        rotated = threading.Event()
 
         def client(n: int) -> list[int]:
-            with httpx.Client(timeout=10) as session:
-                return [
-                    session.get(f"{proxy.url}/api/v1/posts").status_code
-                    if i % 2
-                    else session.post(f"{proxy.url}/api/v1/posts", json={"n": n}).status_code
-                    for i in range(15)
-                ]
+            found = []
+            with httpx.Client(timeout=30) as session:
+                for i in range(15):
+                    if i == 5:  # the rest is sent once the key was rotated
+                        rotated.wait(60)
+                    if i % 2:
+                        found.append(session.get(f"{proxy.url}/api/v1/posts").status_code)
+                    else:
+                        answer = session.post(f"{proxy.url}/api/v1/posts", json={"n": n})
+                        found.append(answer.status_code)
+                    answered.append(n)
+            return found
 
         with concurrent.futures.ThreadPoolExecutor(20) as pool:
             futures = [pool.submit(client, n) for n in range(20)]
-            time.sleep(0.3)
+            eventually(lambda: len(answered) >= 20, timeout=60)  # the traffic flows
             bao.write_key(path, new_key)
             sandbox.set_keys({"key": new_key})
+            rotated.set()
             for future in futures:
                 statuses += future.result()
         assert 401 not in statuses
