@@ -112,7 +112,7 @@ class Origin:
 
     def __enter__(self) -> Origin:
         self._thread.start()
-        self._ready.wait(10)
+        self._ready.wait(60)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -64,7 +64,7 @@ class Process:
     log_path: Path
     url: str
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Stop the process; its exit status."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
