@@ -454,7 +454,7 @@ def test_echoing_origin_and_proxy_variables_get_no_secret(tmp_path: Path) -> Non
             )
         try:
             base = f"http://127.0.0.1:{port}"
-            eventually(lambda: _ready(base, dev, log_path), timeout=30)
+            eventually(lambda: _ready(base, dev, log_path), timeout=60)
             known["dev root token"] = _bao_root_token(dev.pid)
             outputs["dev answers"] = _check_answers(_ask_every_echo(base), known)
         finally:
