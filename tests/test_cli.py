@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -164,16 +165,29 @@ def test_check_online_exit_2_when_vault_is_down(tmp_path: Path, token_file: Path
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def _in_use_connections(client: httpx.Client) -> float:
+    """The proxy's gauge of connections to Publer held by a request."""
+    text = client.get("/metrics").text
+    series = 'publer_proxy_upstream_connections{state="in_use"}'
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    assert match is not None, series
+    return float(match.group(1))
+
+
 def test_sigterm_lets_a_slow_upload_finish(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
 ) -> None:
     """SIGTERM during a slow upload: the upload completes with 200, then exit 0."""
     proxy = start_proxy(tmp_path, proxy_config(bao.url, sandbox.url, token_file=token_file))
     outcome: dict[str, Any] = {}
+    signalled = threading.Event()
 
     def slow_body() -> Iterator[bytes]:
-        for _ in range(20):
-            time.sleep(0.1)
+        yield b"x" * 64 * 1024
+        # The rest is sent only once SIGTERM went out, so the signal lands mid-upload.
+        signalled.wait(60)
+        for _ in range(19):
+            time.sleep(0.1)  # the pacing that makes the upload slow
             yield b"x" * 64 * 1024
 
     def upload() -> None:
@@ -189,8 +203,11 @@ def test_sigterm_lets_a_slow_upload_finish(
 
     thread = threading.Thread(target=upload)
     thread.start()
-    time.sleep(0.5)
+    # In flight: the proxy holds a connection to the sandbox and streams the body to it.
+    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as client:
+        eventually(lambda: _in_use_connections(client) == 1, timeout=60)
     proxy.process.send_signal(signal.SIGTERM)
+    signalled.set()
     thread.join(30)
     assert proxy.process.wait(30) == 0
     assert outcome["status"] < 500 and outcome["status"] != 499
