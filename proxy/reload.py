@@ -228,6 +228,8 @@ class Reloader:
         self._retiring.clear()
 
     def _on_hangup(self) -> None:
+        # A hangup also says "logs were rotated", as for nginx: the audit file is reopened.
+        self.live.current.services.audit.reopen()
         self._spawn(self.reload("SIGHUP"))
 
     def _spawn(self, work: Any) -> None:

@@ -312,3 +312,120 @@ def test_one_audit_file_has_one_writer(
     finally:
         assert first.stop() == 0
     assert _verify(str(sink)).returncode == 0
+
+
+def _delete(proxy: Process, name: str) -> None:
+    """One audited call: a DELETE on the team route."""
+    auth = {"Authorization": f"Bearer-API {TOKEN}"}
+    response = httpx.delete(f"{proxy.url}/team/api/v1/posts/{name}", headers=auth)
+    assert response.status_code == 200
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The whole JSON lines of an audit file (a line cut short is not one)."""
+    return [
+        json.loads(line)
+        for line in path.read_bytes().splitlines(keepends=True)
+        if line.endswith(b"}\n")
+    ]
+
+
+def _paths(path: Path) -> list[str]:
+    """The `path` of each request the audit file holds, in order."""
+    records = _records(path)
+    return [r["path"].rsplit("/", 1)[-1] for r in records if "path" in r]
+
+
+def _chain_marks(path: Path) -> list[str]:
+    """The `chain` marks (continued, torn tail set aside) of an audit file, in order."""
+    records = _records(path)
+    return [r["chain"] for r in records if "chain" in r]
+
+
+def test_the_chain_lives_through_rotation_restart_and_a_crash(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox, redis_server: Process
+) -> None:
+    """Rename + SIGHUP reopens the file; copytruncate needs no signal; a restart after
+    rotation continues the chain (no head mismatch); a line torn by a crash is set aside
+    at start, not fatal; verify reads the rotated files, in any order, as one chain."""
+    import os
+    import signal
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    sink = logs / "audit.log"
+    audit = {"sink": str(sink), "redis_url": redis_server.url, "head_key": "test:rotation"}
+    config = _audited_config(bao, sandbox, token_file, audit)
+    proxy = start_proxy(tmp_path / "first", config)
+    try:
+        _delete(proxy, "a1")
+        _delete(proxy, "a2")
+        eventually(lambda: _paths(sink) == ["a1", "a2"])
+        sink.rename(logs / "audit.log.3")  # rotation by rename, then the reopen signal
+        os.kill(proxy.process.pid, signal.SIGHUP)
+        eventually(lambda: any(e.get("event") == "audit_reopened" for e in proxy.events()))
+        _delete(proxy, "b1")
+        eventually(lambda: _paths(sink) == ["b1"])  # written just after the answer
+        assert _paths(logs / "audit.log.3") == ["a1", "a2"]
+        # copytruncate, with no signal: copy, then empty the file in place.
+        (logs / "audit.log.2").write_bytes(sink.read_bytes())
+        with sink.open("r+b") as file:
+            file.truncate(0)
+        _delete(proxy, "c1")
+        eventually(lambda: _paths(sink) == ["c1"])
+        assert _chain_marks(sink) == ["continued"]
+    finally:
+        assert proxy.stop() == 0
+    # Rotated while stopped: the next start links the new file to the last head.
+    sink.rename(logs / "audit.log.1")
+    proxy = start_proxy(tmp_path / "second", config)
+    try:
+        _delete(proxy, "d1")
+        eventually(lambda: _paths(sink) == ["d1"])
+    finally:
+        assert proxy.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert not [e for e in proxy.events() if e.get("event") == "audit_head_mismatch"]
+    torn_bytes = b'{"event":"audit","seq":9,"time":"2026-12'
+    with sink.open("ab") as file:  # the crash cut the last write short
+        file.write(torn_bytes)
+    torn_line = len(sink.read_bytes().splitlines())
+    cut = _verify(*map(str, sorted(logs.glob("audit.log*"))))
+    assert cut.returncode == 1, cut.stdout
+    assert (
+        f"{sink}: line {torn_line}: torn: the last line is cut short ({len(torn_bytes)} bytes"
+        in cut.stdout
+    )
+
+    proxy = start_proxy(tmp_path / "third", config)
+    try:
+        _delete(proxy, "e1")
+    finally:
+        assert proxy.stop() == 0
+    torn = [e for e in proxy.events() if e.get("event") == "audit_torn_tail"]
+    assert [(e["line"], e["bytes"]) for e in torn] == [(torn_line, len(torn_bytes))]
+    assert "Traceback" not in proxy.output()
+    assert not [e for e in proxy.events() if e.get("event") == "audit_head_mismatch"]
+    assert _chain_marks(sink) == ["continued", "torn_tail_set_aside"]
+
+    files = sorted(logs.glob("audit.log*"))  # audit.log, audit.log.1 ...: not in order
+    whole = _verify(*map(str, files), "--config", str(proxy.config_path))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert "intact: 10 audit lines" in whole.stdout
+    assert (
+        f"note: {sink} line {torn_line}: a line cut short by a crash ({len(torn_bytes)} bytes)"
+        in whole.stdout
+    )
+
+    alone = _verify(str(sink))
+    assert alone.returncode == 0, alone.stdout
+    assert "line 1: the chain begins at seq 7, continuing earlier files" in alone.stdout
+    gap = _verify(str(logs / "audit.log.3"), str(logs / "audit.log.1"), str(sink))
+    assert gap.returncode == 1
+    assert f"{logs / 'audit.log.1'}: line 1: removed: the audit line(s) with seq 3-4" in gap.stdout
+
+    sink.write_bytes(b"")
+    emptied = _verify(str(sink), "--config", str(proxy.config_path))
+    assert emptied.returncode == 1
+    assert f"{sink}: line 1: removed: there are no audit lines, the published head says 10" in (
+        emptied.stdout
+    )
