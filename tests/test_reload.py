@@ -376,6 +376,78 @@ def test_watched_file_reloads_without_a_signal(
         proxy.stop()
 
 
+def _applied(proxy: Proxy) -> list[str]:
+    """The digests of the configs the proxy applied, in order."""
+    return [e["sha256"] for e in proxy.events() if e.get("event") == "config_reloaded"]
+
+
+def _in_halves(config: dict[str, Any], routes: list[Any], cut: int) -> tuple[bytes, bytes]:
+    """The config as YAML in two halves: the first is a whole config with only the first
+    `cut` routes, the second adds the rest."""
+    head = yaml.safe_dump({k: v for k, v in config.items() if k != "routes"})
+    first = head + yaml.safe_dump({"routes": routes[:cut]})
+    return first.encode(), yaml.safe_dump(routes[cut:]).encode()
+
+
+def test_an_editors_save_is_applied_once_and_whole(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """With reload.watch, a file written in place in two pieces (the first a valid config
+    missing a route) is applied only once complete: that route never answers 404; a save
+    through a swap file and rename, and a direct save, are each applied exactly once."""
+    config = _base_config(bao, token_file, sandbox)
+    config["reload"] = {"watch": True}
+    kept = _route("w", "/w", "publer", None)
+    config["routes"] = [*config["routes"], kept]
+    proxy = start_proxy(tmp_path, config)
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=proxy.url) as http:
+            while not done.is_set():
+                statuses.append(http.get("/w/api/v1/users/me").status_code)
+
+    poller = threading.Thread(target=poll)
+    try:
+        eventually(lambda: "config_watch_started" in proxy.output())
+        poller.start()
+        routes = [*config["routes"], _route("x", "/x", "publer", None)]
+        first, rest = _in_halves(config, routes, 2)  # the first half lacks /w
+        assert "routes" in yaml.safe_load(first)  # the first half alone is a valid config
+        whole = first + rest
+        with proxy.config_path.open("r+b") as file:  # an in-place write, in two pieces
+            file.truncate(0)
+            file.write(first)
+            file.flush()
+            time.sleep(2.0)  # the writer pauses mid-file: part of the scenario
+            file.write(rest)
+        eventually(lambda: _applied(proxy) == [hashlib.sha256(whole).hexdigest()])
+        assert httpx.get(f"{proxy.url}/x/api/v1/users/me").status_code == 200
+
+        swapped = yaml.safe_dump({**config, "routes": [*routes, _route("y", "/y", "publer", None)]})
+        swap = proxy.config_path.with_name(f".{proxy.config_path.name}.swp")
+        swap.write_text(swapped)  # vim-style: written aside, then renamed over the file
+        os.replace(swap, proxy.config_path)
+        eventually(lambda: len(_applied(proxy)) == 2)
+
+        direct = yaml.safe_dump({**config, "routes": [*routes, _route("z", "/z", "publer", None)]})
+        proxy.config_path.write_text(direct)  # a direct save: truncate, write, close
+        eventually(lambda: len(_applied(proxy)) == 3)
+        assert _applied(proxy) == [
+            hashlib.sha256(whole).hexdigest(),
+            _digest(swapped),
+            _digest(direct),
+        ]
+        assert httpx.get(f"{proxy.url}/z/api/v1/users/me").status_code == 200
+    finally:
+        done.set()
+        if poller.is_alive():
+            poller.join()
+        proxy.stop()
+    assert statuses and set(statuses) == {200}, Counter(statuses)
+
+
 def test_budget_limit_reloads_and_keeps_what_was_spent(reloading_proxy: Proxy) -> None:
     """A lower rate limit applies to the next request and counts what the window already
     spent: after 3 requests, a limit of 5 lets 2 more through, then answers 429."""
