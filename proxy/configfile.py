@@ -45,7 +45,7 @@ def load_config(path: Path) -> LoadedConfig:
     scope_map, problems = _scope_map_problems(checked.settings, checked.route_indices, str(path))
     problems = checked.problems + problems
     if problems or scope_map is None:
-        raise ConfigError(problems)
+        raise ConfigError(problems, checked.settings, checked.valid_keys)
     return LoadedConfig(
         checked.settings, scope_map, path, hashlib.sha256(data).hexdigest(), datetime.now(UTC)
     )

@@ -274,7 +274,14 @@ class Reloader:
         try:
             config = await to_thread.run_sync(load_config, self.path)
         except ConfigError as exc:
-            return _rejected(trigger, "invalid", None, exc.problems)
+            problems = list(exc.problems)
+            if exc.partial is not None:  # name the keys a restart needs, among the valid ones
+                problems += [
+                    line
+                    for line in restart_only_changes(current.config.settings, exc.partial)
+                    if line.split(":")[0].split(".")[0] in exc.valid_keys
+                ]
+            return _rejected(trigger, "invalid", None, problems)
         for value in config.settings.secret_values():  # before anything is logged
             current.services.secrets.add(value)
         if only_if_changed and config.sha256 == current.config.sha256:

@@ -6,7 +6,6 @@ secret itself. Unknown keys are an error, so a typo never silently disables a ch
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import re
@@ -56,9 +55,18 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 class ConfigError(Exception):
     """The configuration cannot be used; `problems` holds one line per mistake."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(
+        self,
+        problems: list[str],
+        partial: Settings | None = None,
+        valid_keys: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        # What of the file did validate (top-level keys, defaults where absent), so a
+        # reload can also name the keys that would need a restart.
+        self.partial = partial
+        self.valid_keys = valid_keys
 
 
 class _Model(BaseModel):
@@ -804,6 +812,7 @@ class CheckedSettings:
     settings: Settings
     problems: list[str]
     route_indices: list[int]
+    valid_keys: frozenset[str] = frozenset(Settings.model_fields)
 
 
 def parse_settings(data: Any, *, source: str = "config") -> Settings:
@@ -828,18 +837,22 @@ def check_settings(data: Any, *, source: str = "config") -> CheckedSettings:
     problems: list[str] = []
     for error in errors:
         problems.extend(_describe(error))
-    partial, indices, defined = _valid_parts(data)
+    partial, indices, defined, valid = _valid_parts(data)
     if any(error["loc"] for error in errors):  # the checks between keys did not run
         if data.get("routes") == []:
             problems.append("routes: at least one route is needed")
         problems += partial.cross_problems(indices, defined)
-    return CheckedSettings(partial, list(dict.fromkeys(problems)), indices)
+    return CheckedSettings(partial, list(dict.fromkeys(problems)), indices, valid)
 
 
-def _valid_parts(data: dict[str, Any]) -> tuple[Settings, list[int], set[str]]:
+def _valid_parts(
+    data: dict[str, Any],
+) -> tuple[Settings, list[int], set[str], frozenset[str]]:
     """The settings made of the keys that validate on their own (each route and each
-    credential apart), the positions of the routes kept, and every credential name."""
+    credential apart), the positions of the routes kept, every credential name, and the
+    top-level keys that are wholly valid (or absent: their defaults)."""
     fields: dict[str, Any] = {"routes": [], "credentials": {}}
+    invalid: set[str] = set()
     indices: list[int] = []
     defined: set[str] = set()
     for name, info in Settings.model_fields.items():
@@ -848,19 +861,26 @@ def _valid_parts(data: dict[str, Any]) -> tuple[Settings, list[int], set[str]]:
         value = data[name]
         if name == "routes" and isinstance(value, list):
             for index, item in enumerate(value):
-                with contextlib.suppress(ValidationError):
+                try:
                     fields["routes"].append(RouteSettings.model_validate(item))
                     indices.append(index)
+                except ValidationError:
+                    invalid.add(name)
         elif name == "credentials" and isinstance(value, dict):
             defined = {str(key) for key in value}
             adapter: TypeAdapter[Any] = TypeAdapter(AnyCredential)
             for key, item in value.items():
-                with contextlib.suppress(ValidationError):
+                try:
                     fields["credentials"][key] = adapter.validate_python(item)
+                except ValidationError:
+                    invalid.add(name)
         elif info.annotation is not None:
-            with contextlib.suppress(ValidationError):
+            try:
                 fields[name] = TypeAdapter(info.annotation).validate_python(value)
-    return Settings.model_construct(**fields), indices, defined
+            except ValidationError:
+                invalid.add(name)
+    valid = frozenset(Settings.model_fields) - invalid
+    return Settings.model_construct(**fields), indices, defined, valid
 
 
 def config_path(explicit: str | Path | None) -> Path:

@@ -261,12 +261,13 @@ def test_sandbox_on_a_taken_port_announces_nothing() -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
 
 
-def _one_mistake_per_stage(config: dict[str, Any]) -> list[str]:
+def one_mistake_per_stage(config: dict[str, Any]) -> list[str]:
     """Put one mistake of each stage into `config`; the key paths each must be named by."""
     same = hash_token("shared-token-0123456789abcdef")
+    first = len(config["routes"])
     team = {
-        "name": "team",
-        "prefix": "/team",
+        "name": "typo",
+        "prefix": "/typo",
         "credential": "publer",
         "workspace_id": "5f8d7a62c9e77e001f36e3a1",
         "scopes": ["posts", "analytcs"],  # not a scope of the scope map
@@ -276,8 +277,8 @@ def _one_mistake_per_stage(config: dict[str, Any]) -> list[str]:
         ],
     }
     other = {
-        "name": "other",
-        "prefix": "/other",
+        "name": "dangling",
+        "prefix": "/dangling",
         "credential": "ghost",  # not a defined credential
         "workspace_id": "5f8d7a62c9e77e001f36e3a1",
         "scopes": ["posts"],
@@ -289,10 +290,11 @@ def _one_mistake_per_stage(config: dict[str, Any]) -> list[str]:
     return [
         "listen.prot: unknown key",
         "rate_limit.requests: Input should be greater than 0; correct the value",
-        "routes.1.clients.1.token_sha256: client 'two' has the same token as client 'one'",
-        "routes.2.clients.0.token_sha256: client 'three' has the same token as client 'one'",
-        "routes.2.credential: 'ghost' is not defined under credentials",
-        "routes.1.scopes: 'analytcs' (route 'team') is not a scope of the scope map",
+        f"routes.{first}.clients.1.token_sha256: client 'two' has the same token as client 'one'",
+        f"routes.{first + 1}.clients.0.token_sha256: client 'three' has the same token as"
+        " client 'one'",
+        f"routes.{first + 1}.credential: 'ghost' is not defined under credentials",
+        f"routes.{first}.scopes: 'analytcs' (route 'typo') is not a scope of the scope map",
     ]
 
 
@@ -300,7 +302,7 @@ def test_every_mistake_of_every_stage_in_one_check(tmp_path: Path) -> None:
     """One run of `check` (and of `serve`) names every mistake of every stage (keys, the
     checks between keys, client tokens, the scope map), each with its key path."""
     config = proxy_config("http://127.0.0.1:8200", "http://127.0.0.1:9")
-    expected = _one_mistake_per_stage(config)
+    expected = one_mistake_per_stage(config)
     path = write_config(tmp_path, config)
     for command in ("check", "serve"):
         result = run_cli(command, "--config", str(path))

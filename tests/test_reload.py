@@ -26,6 +26,7 @@ from proxy.settings import parse_settings
 from tests.bao import Bao
 from tests.conftest import WORKSPACE
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy
+from tests.test_cli import one_mistake_per_stage
 from tests.waiting import eventually
 
 TOKEN_A = "app-a-" + secrets.token_hex(16)
@@ -347,6 +348,24 @@ def test_unreadable_new_credential_refuses_the_reload(
     problems = _rejections(proxy)[-1]["problems"]
     assert any(line.startswith("credentials.ghost:") for line in problems), problems
     assert httpx.get(f"{proxy.url}/ghost/api/v1/users/me").json()["code"] == "no_route"
+    assert httpx.get(f"{proxy.url}/api/v1/users/me").status_code == 200
+
+
+def test_a_rejected_reload_names_every_mistake_at_once(reloading_proxy: Proxy) -> None:
+    """One rejected reload's log event lists every mistake of every stage (keys, checks
+    between keys, client tokens, the scope map) and a changed restart-only key, and the
+    running config keeps serving."""
+    proxy = reloading_proxy
+    config = _serving(proxy)
+    expected = one_mistake_per_stage(config)
+    config["logging"]["level"] = "warning"  # valid, but only a restart applies it
+    state = _write_and_reload(proxy, yaml.safe_dump(config))
+    assert state["last_reload"]["result"] == "invalid"
+    rejections = _rejections(proxy)
+    assert len(rejections) == 1
+    problems = rejections[0]["problems"]
+    for line in [*expected, "logging.level: cannot change while the proxy runs"]:
+        assert any(line in problem for problem in problems), (line, problems)
     assert httpx.get(f"{proxy.url}/api/v1/users/me").status_code == 200
 
 
