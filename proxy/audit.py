@@ -233,7 +233,11 @@ class _FileSink:
         self._append(seal(link_record(_now(), self.head), self.head.lines + 1, self.head.hash))
 
     def reopen(self, why: str) -> None:
-        """Open the path anew (after a rename), linking its chain on."""
+        """Open the path anew (after a rename), linking its chain on; nothing to do when
+        the path is still the file being written."""
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:
+                return
         old = self._file
         try:
             file = _open_file(self.path)

@@ -359,8 +359,11 @@ def test_the_chain_lives_through_rotation_restart_and_a_crash(
     proxy = start_proxy(tmp_path / "first", config)
     try:
         _delete(proxy, "a1")
+        os.kill(proxy.process.pid, signal.SIGHUP)  # a hangup with nothing rotated
+        eventually(lambda: any(e.get("event") == "config_reloaded" for e in proxy.events()))
         _delete(proxy, "a2")
         eventually(lambda: _paths(sink) == ["a1", "a2"])
+        assert not [e for e in proxy.events() if e.get("event") == "audit_reopen_failed"]
         sink.rename(logs / "audit.log.3")  # rotation by rename, then the reopen signal
         os.kill(proxy.process.pid, signal.SIGHUP)
         eventually(lambda: any(e.get("event") == "audit_reopened" for e in proxy.events()))
