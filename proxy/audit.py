@@ -10,7 +10,13 @@ The chain (`proxy.auditchain`) shows altered, removed and reordered lines; its h
 count and last hash) is published out of the writer's reach after every line: to Redis
 (`audit.redis_url`, else `rate_limit.redis_url`), to the metric
 `publer_proxy_audit_lines`, and as an `audit_head` event in the proxy's own log.
-`publer-proxy audit verify FILE` checks a file against it.
+`publer-proxy audit verify FILE...` checks a file and its rotated files against it.
+
+The file follows logrotate's and nginx's conventions: renamed away, it is reopened on
+SIGHUP (or noticed before the next line); emptied in place (copytruncate), the chain goes
+on in it. Either way, and after a restart that finds a new file, the new file's first line
+links to the last head (kept beside the file, or published), so the files stay one
+chain. A last line cut short by a crash is set aside at start, in the chain, not fatal.
 """
 
 from __future__ import annotations

@@ -15,7 +15,16 @@ import pytest
 import redis
 
 from proxy.audit import response_ids
-from proxy.auditchain import GENESIS, Head, line_hash, seal, verify
+from proxy.auditchain import (
+    GENESIS,
+    Head,
+    line_hash,
+    link_record,
+    seal,
+    torn_record,
+    verify,
+    verify_files,
+)
 from proxy.policy import hash_token
 from tests.bao import Bao, free_port
 from tests.servers import Process, Sandbox, proxy_config, start_proxy, start_redis
@@ -106,6 +115,79 @@ def test_removed_or_altered_last_lines_need_the_head() -> None:
     altered = [*lines[:5], lines[5].replace(b'"status":200', b'"status":201')]
     assert check(altered) == (None, None)
     assert check(altered, head) == (6, "altered: its hash is not the published head's")
+
+
+def rotated(sizes: list[int]) -> list[list[bytes]]:
+    """One chain written into files of `sizes` request lines, each file after the first
+    opening with the link line the proxy writes."""
+    files: list[list[bytes]] = []
+    seq, prev = 0, GENESIS
+    for index, size in enumerate(sizes):
+        lines: list[bytes] = []
+        records = [{"path": f"/api/v1/posts/{index}-{n}"} for n in range(size)]
+        if index:
+            records.insert(0, link_record("2026-12-06T00:00:00.000+00:00", Head(seq, prev)))
+        for record in records:
+            seq += 1
+            line = seal(record, seq, prev)
+            prev = line_hash(line)
+            lines.append(line + b"\n")
+        files.append(lines)
+    return files
+
+
+def check_files(
+    files: list[list[bytes]], head: Head | None = None
+) -> tuple[str, int | None, str | None, str | None]:
+    """Where verify found the first problem across `files` (named f0, f1 ...), and what."""
+    report = verify_files(
+        [(f"f{i}", lambda lines=lines: lines) for i, lines in enumerate(files)], head
+    )
+    return report.file, report.line_number, report.problem, report.note
+
+
+def test_the_chain_runs_across_rotated_files() -> None:
+    """Rotated files read in order are one chain; a missing middle file, a file that starts
+    a chain of its own, a torn last line and an emptied file are each reported with the
+    file and line; the oldest file given may continue earlier ones (a note)."""
+    first, second, third = rotated([2, 2, 1])
+    head = Head(7, line_hash(third[-1].rstrip(b"\n")))
+    assert check_files([first, second, third], head)[2:] == (None, None)
+
+    _, _, problem, note = check_files([second, third], head)
+    assert problem is None
+    assert note is not None and note.startswith("f0 line 1: the chain begins at seq 3")
+
+    name, number, problem, _ = check_files([first, third], head)
+    assert (name, number) == ("f1", 1)
+    assert problem == "removed: the audit line(s) with seq 3-5 before it are gone"
+
+    name, number, problem, _ = check_files([first, chain(2)])
+    assert (name, number) == ("f1", 1)
+    assert problem is not None and problem.startswith("not linked: a new chain starts at seq 1")
+
+    cut = b'{"event":"audit","seq":8,"ti'
+    torn = [*third, cut]
+    name, number, problem, _ = check_files([first, second, torn])
+    assert (name, number) == ("f2", 3)
+    assert problem is not None and problem.startswith(
+        f"torn: the last line is cut short ({len(cut)} bytes"
+    )
+
+    marker = seal(torn_record("t", 3, len(cut)), 8, line_hash(third[-1].rstrip(b"\n"))) + b"\n"
+    set_aside = [*third, torn[-1] + b"\n", marker]
+    _, _, problem, note = check_files([first, second, set_aside])
+    assert problem is None
+    assert note == (
+        f"f2 line 3: a line cut short by a crash ({len(cut)} bytes) was set aside by the proxy"
+        " at its next start"
+    )
+
+    name, number, problem, _ = check_files([[]], head)
+    assert (name, number) == ("f0", 1)
+    assert problem is not None and problem.startswith(
+        "removed: there are no audit lines, the published head says 7"
+    )
 
 
 @pytest.mark.parametrize(
