@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from proxy.audit import response_ids
 from proxy.auditchain import (
     GENESIS,
     Head,
+    Source,
     line_hash,
     link_record,
     seal,
@@ -140,9 +142,8 @@ def check_files(
     files: list[list[bytes]], head: Head | None = None
 ) -> tuple[str, int | None, str | None, str | None]:
     """Where verify found the first problem across `files` (named f0, f1 ...), and what."""
-    report = verify_files(
-        [(f"f{i}", lambda lines=lines: lines) for i, lines in enumerate(files)], head
-    )
+    sources: list[Source] = [(f"f{i}", partial(list, lines)) for i, lines in enumerate(files)]
+    report = verify_files(sources, head)
     return report.file, report.line_number, report.problem, report.note
 
 
