@@ -230,6 +230,27 @@ class _FileSink:
             log.info("audit_chain_continued", sink=str(self.path), after=str(head))
             self._link()
 
+    def extends(self, published: str, start: Head) -> bool:
+        """Whether the file holds the published head's line, before where it ended."""
+        try:
+            head = Head.parse(published)
+        except ValueError:
+            return False
+        if not 0 < head.lines < start.lines:
+            return False
+        try:
+            with self.path.open("rb") as file:
+                for raw in file:
+                    if b'"event":"audit"' not in raw or not raw.endswith(b"\n"):
+                        continue
+                    raw = raw.rstrip(b"\r\n")
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        if orjson.loads(raw).get("seq") == head.lines:
+                            return line_hash(raw) == head.hash
+        except OSError:
+            return False
+        return False
+
     def _adopt(self, file: BinaryIO) -> None:
         self._file = file
         status = os.fstat(file.fileno())
@@ -385,6 +406,17 @@ class AuditLog:
             with contextlib.suppress(ValueError):
                 self._file.continue_from(Head.parse(published))
                 self._published_change()
+            return
+        if self._file is not None and self._file.extends(published, self._start_head):
+            # A crash (or a stop) came between writing lines and publishing the head;
+            # the lines after the published head are in the file and linked to it.
+            log.info(
+                "audit_head_behind",
+                published=published,
+                file=str(self._start_head),
+                head_key=key,
+            )
+            self._changed.set()
             return
         if published != str(self._start_head):
             # The file does not end where it ended when the head was published: lines

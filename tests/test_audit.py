@@ -406,6 +406,8 @@ def _delete(proxy: Process, name: str) -> None:
 
 def _records(path: Path) -> list[dict[str, Any]]:
     """The whole JSON lines of an audit file (a line cut short is not one)."""
+    if not path.exists():
+        return []  # not made yet: a renamed file is made anew at the next line
     return [
         json.loads(line)
         for line in path.read_bytes().splitlines(keepends=True)
@@ -460,6 +462,10 @@ def test_the_chain_lives_through_rotation_restart_and_a_crash(
         _delete(proxy, "c1")
         eventually(lambda: _paths(sink) == ["c1"])
         assert _chain_marks(sink) == ["continued"]
+        sink.rename(logs / "audit.log.x")  # renamed with no signal: seen before the next line
+        _delete(proxy, "c2")
+        eventually(lambda: _paths(sink) == ["c2"])
+        assert _paths(logs / "audit.log.x") == ["c1"]
     finally:
         assert proxy.stop() == 0
     # Rotated while stopped: the next start links the new file to the last head.
@@ -471,7 +477,11 @@ def test_the_chain_lives_through_rotation_restart_and_a_crash(
     finally:
         assert proxy.stop(signal.SIGKILL) == -signal.SIGKILL
     assert not [e for e in proxy.events() if e.get("event") == "audit_head_mismatch"]
-    torn_bytes = b'{"event":"audit","seq":9,"time":"2026-12'
+    # The crash came before the last line's head was published: Redis is one line behind.
+    link = sink.read_bytes().splitlines()[0]
+    with redis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+        client.hset("test:rotation", "head", f"9:{line_hash(link)}")
+    torn_bytes = b'{"event":"audit","seq":11,"time":"2026-12'
     with sink.open("ab") as file:  # the crash cut the last write short
         file.write(torn_bytes)
     torn_line = len(sink.read_bytes().splitlines())
@@ -491,12 +501,15 @@ def test_the_chain_lives_through_rotation_restart_and_a_crash(
     assert [(e["line"], e["bytes"]) for e in torn] == [(torn_line, len(torn_bytes))]
     assert "Traceback" not in proxy.output()
     assert not [e for e in proxy.events() if e.get("event") == "audit_head_mismatch"]
+    assert [e["published"] for e in proxy.events() if e.get("event") == "audit_head_behind"] == [
+        f"9:{line_hash(link)}"
+    ]
     assert _chain_marks(sink) == ["continued", "torn_tail_set_aside"]
 
     files = sorted(logs.glob("audit.log*"))  # audit.log, audit.log.1 ...: not in order
     whole = _verify(*map(str, files), "--config", str(proxy.config_path))
     assert whole.returncode == 0, whole.stdout + whole.stderr
-    assert "intact: 10 audit lines" in whole.stdout
+    assert "intact: 12 audit lines" in whole.stdout
     assert (
         f"note: {sink} line {torn_line}: a line cut short by a crash ({len(torn_bytes)} bytes)"
         in whole.stdout
@@ -504,14 +517,14 @@ def test_the_chain_lives_through_rotation_restart_and_a_crash(
 
     alone = _verify(str(sink))
     assert alone.returncode == 0, alone.stdout
-    assert "line 1: the chain begins at seq 7, continuing earlier files" in alone.stdout
+    assert "line 1: the chain begins at seq 9, continuing earlier files" in alone.stdout
     gap = _verify(str(logs / "audit.log.3"), str(logs / "audit.log.1"), str(sink))
     assert gap.returncode == 1
-    assert f"{logs / 'audit.log.1'}: line 1: removed: the audit line(s) with seq 3-4" in gap.stdout
+    assert f"{logs / 'audit.log.1'}: line 1: removed: the audit line(s) with seq 3-6" in gap.stdout
 
     sink.write_bytes(b"")
     emptied = _verify(str(sink), "--config", str(proxy.config_path))
     assert emptied.returncode == 1
-    assert f"{sink}: line 1: removed: there are no audit lines, the published head says 10" in (
+    assert f"{sink}: line 1: removed: there are no audit lines, the published head says 12" in (
         emptied.stdout
     )
