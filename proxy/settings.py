@@ -538,7 +538,7 @@ class ReloadSettings(_Model):
     # SIGHUP always reloads; this also reloads when the config file changes.
     watch: bool = False
     # A file written in place is applied once it stayed unchanged this long, seconds.
-    settle_seconds: float = Field(default=2.0, gt=0, le=60)
+    settle_seconds: float = Field(default=3.0, gt=0, le=60)
 
 
 class AdminSettings(_Model):

@@ -412,8 +412,9 @@ def test_an_editors_save_is_applied_once_and_whole(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
 ) -> None:
     """With reload.watch, a file written in place in two pieces (the first a valid config
-    missing a route) is applied only once complete: that route never answers 404; a save
-    through a swap file and rename, and a direct save, are each applied exactly once."""
+    missing a route) is applied only once complete, by one writer or two: that route never
+    answers 404; a save through a swap file and rename, and a direct save, are each
+    applied exactly once."""
     config = _base_config(bao, token_file, sandbox)
     config["reload"] = {"watch": True}
     kept = _route("w", "/w", "publer", None)
@@ -453,12 +454,23 @@ def test_an_editors_save_is_applied_once_and_whole(
         direct = yaml.safe_dump({**config, "routes": [*routes, _route("z", "/z", "publer", None)]})
         proxy.config_path.write_text(direct)  # a direct save: truncate, write, close
         eventually(lambda: len(_applied(proxy)) == 3)
+        assert httpx.get(f"{proxy.url}/z/api/v1/users/me").status_code == 200
+
+        # Two writers one after the other (`cat a > f; cat b >> f`), the file closed in
+        # between: the settle time alone keeps the first piece from being applied.
+        again, more = _in_halves(config, [*routes, _route("v", "/v", "publer", None)], 2)
+        proxy.config_path.write_bytes(again)
+        time.sleep(1.0)  # the pause between the two writers: part of the scenario
+        with proxy.config_path.open("ab") as file:
+            file.write(more)
+        eventually(lambda: len(_applied(proxy)) == 4)
         assert _applied(proxy) == [
             hashlib.sha256(whole).hexdigest(),
             _digest(swapped),
             _digest(direct),
+            hashlib.sha256(again + more).hexdigest(),
         ]
-        assert httpx.get(f"{proxy.url}/z/api/v1/users/me").status_code == 200
+        assert httpx.get(f"{proxy.url}/v/api/v1/users/me").status_code == 200
     finally:
         done.set()
         if poller.is_alive():
