@@ -461,8 +461,8 @@ def test_an_editors_save_is_applied_once_and_whole(
         again, more = _in_halves(config, [*routes, _route("v", "/v", "publer", None)], 2)
         proxy.config_path.write_bytes(again)
         time.sleep(1.0)  # the pause between the two writers: part of the scenario
-        with proxy.config_path.open("ab") as file:
-            file.write(more)
+        with proxy.config_path.open("ab") as appending:
+            appending.write(more)
         eventually(lambda: len(_applied(proxy)) == 4)
         assert _applied(proxy) == [
             hashlib.sha256(whole).hexdigest(),
