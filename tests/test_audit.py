@@ -3,6 +3,7 @@ reading it back, over real processes and a real redis-server."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -506,6 +507,9 @@ def test_the_chain_lives_through_rotation_restart_and_a_crash(
     ]
     assert _chain_marks(sink) == ["continued", "torn_tail_set_aside"]
 
+    oldest = logs / "audit.log.3"  # logrotate's compress
+    (logs / "audit.log.3.gz").write_bytes(gzip.compress(oldest.read_bytes()))
+    oldest.unlink()
     files = sorted(logs.glob("audit.log*"))  # audit.log, audit.log.1 ...: not in order
     whole = _verify(*map(str, files), "--config", str(proxy.config_path))
     assert whole.returncode == 0, whole.stdout + whole.stderr
@@ -518,7 +522,7 @@ def test_the_chain_lives_through_rotation_restart_and_a_crash(
     alone = _verify(str(sink))
     assert alone.returncode == 0, alone.stdout
     assert "line 1: the chain begins at seq 9, continuing earlier files" in alone.stdout
-    gap = _verify(str(logs / "audit.log.3"), str(logs / "audit.log.1"), str(sink))
+    gap = _verify(str(logs / "audit.log.3.gz"), str(logs / "audit.log.1"), str(sink))
     assert gap.returncode == 1
     assert f"{logs / 'audit.log.1'}: line 1: removed: the audit line(s) with seq 3-6" in gap.stdout
 
