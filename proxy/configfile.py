@@ -38,12 +38,13 @@ class LoadedConfig:
 
 def load_config(path: Path) -> LoadedConfig:
     """Read, validate and cross-check a config file; raises ConfigError with every problem
-    of every stage (keys, the checks between keys, the scope map), one line each, each
-    naming its key."""
+    of every stage (keys given twice, each key, the checks between keys, the scope map),
+    one line each, each naming its key or line."""
     data = read_config_file(path)
-    checked = check_settings(yaml_data(config_text(data, path), path), source=str(path))
+    document, duplicates = yaml_data(config_text(data, path), path)
+    checked = check_settings(document, source=str(path))
     scope_map, problems = _scope_map_problems(checked.settings, checked.route_indices, str(path))
-    problems = checked.problems + problems
+    problems = duplicates + checked.problems + problems
     if problems or scope_map is None:
         raise ConfigError(problems, checked.settings, checked.valid_keys)
     return LoadedConfig(

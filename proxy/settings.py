@@ -918,16 +918,52 @@ def config_text(data: bytes, path: Path) -> str:
 
 def settings_from_text(text: str, path: Path) -> Settings:
     """Validate a config file's text, or raise ConfigError with one line per problem."""
-    return parse_settings(yaml_data(text, path), source=str(path))
+    data, duplicates = yaml_data(text, path)
+    checked = check_settings(data, source=str(path))
+    if duplicates or checked.problems:
+        raise ConfigError(duplicates + checked.problems)
+    return checked.settings
 
 
-def yaml_data(text: str, path: Path) -> Any:
-    """A config file's text parsed as YAML, or ConfigError naming the line it breaks at
-    (nothing after a YAML error can be checked)."""
+class _Loader(SAFE_LOADER):  # type: ignore[misc,valid-type]
+    """The safe loader, noting each key given twice in one mapping (YAML would keep the
+    later value and drop the earlier without a word)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, int, int]] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                self.duplicates.append((str(key), seen[key], line))
+            else:
+                seen[key] = line
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
+def yaml_data(text: str, path: Path) -> tuple[Any, list[str]]:
+    """A config file's text parsed as YAML, and one problem per key given twice in one
+    mapping; ConfigError naming the line a YAML error is at (nothing after it can be
+    checked)."""
+    loader = _Loader(text)
     try:
-        data = yaml.load(text, Loader=SAFE_LOADER)  # noqa: S506 (a safe loader)
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"{path}: not valid YAML{where}"]) from None
-    return data
+    finally:
+        loader.dispose()
+    problems = [
+        f"{path}: line {line}: key {key!r} is given twice in one mapping (first at line"
+        f" {first}); YAML would keep only the later one, so remove or merge one of them"
+        for key, first, line in sorted(loader.duplicates, key=lambda found: found[2])
+    ]
+    return data, problems

@@ -4,6 +4,7 @@ line naming its key path; hostile shapes give sentences, never another exception
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from proxy.policy import hash_token
-from proxy.settings import ConfigError, Settings, check_settings, parse_settings
+from proxy.settings import (
+    ConfigError,
+    Settings,
+    check_settings,
+    parse_settings,
+    settings_from_text,
+)
 
 WORKSPACE = "5f8d7a62c9e77e001f36e3a1"
 
@@ -163,3 +170,27 @@ def test_damaged_configs_give_key_paths_never_a_crash(damage: list[Any]) -> None
     for line in checked.problems:
         key = line.split(":")[0]
         assert key == "(top level)" or (key and " " not in key), line
+
+
+def test_a_key_given_twice_is_named_with_the_other_mistakes(tmp_path: Path) -> None:
+    """A key written twice in one mapping (YAML would silently keep the later) is a
+    problem naming both lines, reported beside the file's other mistakes."""
+    text = (
+        "credentials:\n"
+        "  publer: {path: publer/api}\n"
+        "  publer: {path: publer/other}\n"
+        "routes:\n"
+        "  - {name: a, credential: ghost, scopes: [posts]}\n"
+        "rate_limit: {requests: 0}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        settings_from_text(text, tmp_path / "proxy.yaml")
+    found = caught.value.problems
+    assert found[0] == (
+        f"{tmp_path / 'proxy.yaml'}: line 3: key 'publer' is given twice in one mapping (first"
+        " at line 2); YAML would keep only the later one, so remove or merge one of them"
+    )
+    assert [line.split(":")[0] for line in found[1:]] == [
+        "rate_limit.requests",
+        "routes.0.credential",
+    ], found
