@@ -111,13 +111,8 @@ def _read_tail(path: Path) -> _Tail:
             tail = file.read()
             torn = None
             if tail and not tail.endswith(b"\n"):
-                cut = tail.rsplit(b"\n", 1)[-1]
-                file.seek(0)
-                torn = (
-                    sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b"")) + 1,
-                    len(cut),
-                )
-                tail = tail[: len(tail) - len(cut)]
+                torn = _torn_line(file, size)
+                tail = tail[: max(0, len(tail) - torn[1])]
     except FileNotFoundError:
         return _Tail(None, None)
     for raw in reversed(tail.splitlines()):
@@ -130,6 +125,19 @@ def _read_tail(path: Path) -> _Tail:
         if isinstance(record, dict) and isinstance(record.get("seq"), int):
             return _Tail(raw, torn)
     return _Tail(None, torn)
+
+
+def _torn_line(file: BinaryIO, size: int) -> tuple[int, int]:
+    """The line number and length of a file's last line, which has no line end."""
+    file.seek(0)
+    lines, last_end, offset = 0, 0, 0
+    for chunk in iter(lambda: file.read(1 << 20), b""):
+        found = chunk.count(b"\n")
+        if found:
+            lines += found
+            last_end = offset + chunk.rindex(b"\n") + 1
+        offset += len(chunk)
+    return lines + 1, size - last_end
 
 
 class AuditSinkError(Exception):

@@ -4,6 +4,7 @@ reading it back, over real processes and a real redis-server."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from proxy.audit import response_ids
+from proxy.audit import _torn_line, response_ids
 from proxy.auditchain import (
     GENESIS,
     Head,
@@ -190,6 +191,22 @@ def test_the_chain_runs_across_rotated_files() -> None:
     assert problem is not None and problem.startswith(
         "removed: there are no audit lines, the published head says 7"
     )
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"abc", (1, 3)),
+        (b"a\nbc", (2, 2)),
+        (b"\n\nq", (3, 1)),
+        (b"a\n" * 3 + b"x" * (3 << 20), (4, 3 << 20)),  # longer than the tail read at start
+    ],
+)
+def test_a_torn_last_line_is_found_by_line_and_bytes(
+    data: bytes, expected: tuple[int, int]
+) -> None:
+    """The line number and length of a last line with no line end, however long it is."""
+    assert _torn_line(io.BytesIO(data), len(data)) == expected
 
 
 @pytest.mark.parametrize(
