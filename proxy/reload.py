@@ -392,11 +392,18 @@ class Reloader:
 def _open_for_writing(path: Path) -> bool:
     """Whether some process has the file open for writing, as far as the kernel says: a
     read lease cannot be taken on such a file (fcntl(2), F_SETLEASE). Where a lease is
-    not allowed (a file this process does not own, leases off) this says False and the
-    settle time alone decides."""
+    not allowed (a file this process does not own, leases off, not the main thread) this
+    says False and the settle time alone decides."""
+    try:
+        # A writer opening the file while the lease is held breaks it, and the kernel
+        # tells the holder with SIGIO, whose default action ends the process.
+        previous = signal.signal(signal.SIGIO, signal.SIG_IGN)
+    except ValueError:
+        return False
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
+        signal.signal(signal.SIGIO, previous)
         return False
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
@@ -407,6 +414,7 @@ def _open_for_writing(path: Path) -> bool:
         return False
     finally:
         os.close(fd)
+        signal.signal(signal.SIGIO, previous)
 
 
 def _rejected(

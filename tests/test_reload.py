@@ -479,6 +479,47 @@ def test_an_editors_save_is_applied_once_and_whole(
     assert statuses and set(statuses) == {200}, Counter(statuses)
 
 
+_LEASE_BROKEN = """
+import fcntl, subprocess, sys, time
+from pathlib import Path
+from proxy import reload
+
+path = Path(sys.argv[1])
+take = fcntl.fcntl
+
+def fcntl_then_a_writer(fd, command, arg=0):
+    result = take(fd, command, arg)
+    if command == fcntl.F_SETLEASE and arg == fcntl.F_RDLCK:
+        # A writer opens the file while the lease is held: the kernel breaks the lease.
+        writer = subprocess.Popen([sys.executable, "-c", f"open({str(path)!r}, 'a')"])
+        deadline = time.monotonic() + 10
+        wchan = Path(f"/proc/{writer.pid}/wchan")
+        while wchan.read_text() != "__break_lease" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert wchan.read_text() == "__break_lease"
+    return result
+
+reload.fcntl.fcntl = fcntl_then_a_writer
+print("writer:", reload._open_for_writing(path), flush=True)
+"""
+
+
+def test_the_writer_probe_survives_a_writer_arriving(tmp_path: Path) -> None:
+    """A writer opening the config while the proxy probes it for writers (the kernel then
+    signals the probe) does not end the proxy's process."""
+    config = tmp_path / "proxy.yaml"
+    config.write_text("routes: []\n")
+    probe = subprocess.run(
+        [sys.executable, "-c", _LEASE_BROKEN, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert probe.returncode == 0, (probe.returncode, probe.stderr)
+    assert probe.stdout == "writer: False\n"
+
+
 def test_budget_limit_reloads_and_keeps_what_was_spent(reloading_proxy: Proxy) -> None:
     """A lower rate limit applies to the next request and counts what the window already
     spent: after 3 requests, a limit of 5 lets 2 more through, then answers 429."""
