@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import platform
 import re
 import subprocess
 from collections.abc import Callable, Sequence
@@ -12,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 
+import results
 from load import Transfer, WrkResult
 
 UPSTREAM, NGINX, NAIVE, PUBLER = "upstream", "nginx", "naive", "publer-proxy"
@@ -56,16 +55,7 @@ def _version(command: list[str], pattern: str) -> str:
 
 
 def machine() -> dict[str, str]:
-    """What the numbers were measured on."""
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """What the numbers were measured on: results.machine(), the tools and the packages."""
     packages = ("httpx", "aiohttp", "uvicorn", "uvloop", "httptools", "starlette", "structlog")
     versions = {}
     for name in packages:
@@ -73,13 +63,8 @@ def machine() -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "-"
-    load = os.getloadavg()
     return {
-        "load": f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
-        "nproc": str(os.cpu_count()),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **results.machine(),
         "nginx": _version(["nginx", "-v"], r"nginx/(\S+)"),
         "wrk": _version(["wrk", "-v"], r"wrk (\S+)"),
         "packages": ", ".join(f"{k} {v}" for k, v in versions.items()),

@@ -13,8 +13,9 @@ is also timed from process start to /readyz 200. Every server runs one process (
 worker, one uvicorn worker); on a machine with 2+ CPUs the server under test gets CPU 0
 and wrk, the upstream and this script the others.
 
-Results: one table on stdout, and bench/results/latest.md and latest.json (plus a
-timestamped copy of each). `--variants tree:PATH` adds publer-proxy from another checkout
+Results: one table on stdout, and the figures with the date, commit, machine and command
+in bench/results/<UTC date>-<commit>-proxy.json (see bench/results.py), which the docs'
+benchmarks page shows. `--variants tree:PATH` adds publer-proxy from another checkout
 (see bench/launch.py), interleaved in the same rounds.
 """
 
@@ -30,12 +31,12 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import hotspots
 import report
+import results
 from load import MIB, WrkResult, download, run_wrk, upload
 from report import NAIVE, NGINX, PUBLER, TITLES, UPSTREAM, ServerResult
 from stack import (
@@ -168,14 +169,14 @@ class Bench:
         start_rss = {key: server.rss() / MIB for key, server in servers.items()}
         best = self.load_rounds(servers)
         time.sleep(IDLE_SETTLE_SECONDS)
-        results = {}
+        measured = {}
         for key, server in servers.items():
             one, fifty = best[key]
             title = self.title(key)
-            results[key] = ServerResult(key, title, one, fifty, server.rss() / MIB, start_rss[key])
+            measured[key] = ServerResult(key, title, one, fifty, server.rss() / MIB, start_rss[key])
         for key, server in servers.items():
-            self.transfers(results[key], server)
-        return results
+            self.transfers(measured[key], server)
+        return measured
 
     def profile(self, server: Server) -> list[str]:
         """py-spy samples of publer-proxy under 50 connections, summed by component."""
@@ -269,56 +270,56 @@ class Results:
     profile: list[str] = field(default_factory=list)
 
 
-def render(bench: Bench, found: Results, machine: dict[str, str]) -> str:
-    """The Markdown report: the table, the targets, the transports, the profile, the
-    machine."""
-    a = bench.args
-    results = found.servers
-    lines = [
-        "## publer-proxy benchmark",
-        "",
-        f"wrk, 1 thread, best of {a.repeat} interleaved run(s) of {a.seconds} s after a"
-        f" {a.warmup} s warm-up, GET `{POSTS_PATH}` (a {len(posts_page()):,}-byte JSON page with"
-        f" Publer's headers); transfers of {a.stream_mib:g} MiB through POST and GET"
-        f" `{MEDIA_PATH}`. Ratios are publer-proxy's value divided by the other's.",
-        "",
-        *report.main_table(results, a.stream_mib),
-    ]
-    targets = report.targets(results)
-    if targets:
-        lines += ["", *report.targets_table(targets)]
-    if found.variants:
-        lines += ["", "publer-proxy from other checkouts (same run, same load):", ""]
-        lines += report.variants_table(found.variants, results.get(NAIVE))
-    if found.profile:
-        lines += ["", f"Where publer-proxy's time goes (py-spy, {a.profile} s at 50 connections):"]
-        lines += ["", *found.profile]
-    placement = (
+def placement(bench: Bench) -> str:
+    """Where the processes ran."""
+    where = (
         f"server under test pinned to CPU {bench.server_cpus}; wrk, the upstream nginx and"
         f" the bench script on CPU {bench.load_cpus}"
         if bench.pin
         else "no CPU pinning"
     )
-    m = machine
-    lines += [
+    return f"{where}; one worker process per server"
+
+
+def render_body(bench: Bench, found: Results) -> str:
+    """The figures in Markdown: the table, the targets, the variants, the profile."""
+    a = bench.args
+    servers = found.servers
+    lines = [
+        f"wrk, 1 thread, best of {a.repeat} interleaved run(s) of {a.seconds} s after a"
+        f" {a.warmup} s warm-up, GET `{POSTS_PATH}` (a {len(posts_page()):,}-byte JSON page with"
+        f" Publer's headers); transfers of {a.stream_mib:g} MiB through POST and GET"
+        f" `{MEDIA_PATH}`. Ratios are publer-proxy's value divided by the other's.",
         "",
-        f"Machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']},"
-        f" nginx {m['nginx']}, wrk {m['wrk']}; {placement}; one worker process per server;"
-        f" load average {m['load']} at the end of the run.",
-        f"Packages: {m['packages']}. Measured {m['date']}.",
+        *report.main_table(servers, a.stream_mib),
     ]
+    targets = report.targets(servers)
+    if targets:
+        lines += ["", *report.targets_table(targets)]
+    if found.variants:
+        lines += ["", "publer-proxy from other checkouts (same run, same load):", ""]
+        lines += report.variants_table(found.variants, servers.get(NAIVE))
+    if found.profile:
+        lines += ["", f"Where publer-proxy's time goes (py-spy, {a.profile} s at 50 connections):"]
+        lines += ["", *found.profile]
     return "\n".join(lines) + "\n"
 
 
-def save(text: str, data: dict[str, Any], out: Path) -> Path:
-    """Write latest.md/.json and a timestamped copy of each."""
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    payload = json.dumps(data, indent=2, default=str) + "\n"
-    for name in ("latest", stamp):
-        (out / f"{name}.md").write_text(text)
-        (out / f"{name}.json").write_text(payload)
-    return out / "latest.md"
+def render(bench: Bench, found: Results, machine: dict[str, str]) -> str:
+    """The Markdown report for the terminal: the figures, then the machine."""
+    m = machine
+    return "\n".join(
+        [
+            "## publer-proxy benchmark",
+            "",
+            render_body(bench, found),
+            f"Machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python"
+            f" {m['python']}, nginx {m['nginx']}, wrk {m['wrk']}; {placement(bench)};"
+            f" load average {m['load']} at the end of the run.",
+            f"Packages: {m['packages']}. Measured {m['date']}.",
+            "",
+        ]
+    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -380,17 +381,24 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     machine = report.machine()
     text = render(bench, found, machine)
-    data = {
-        "machine": machine,
+    figures = {
         "options": {k: str(v) for k, v in vars(args).items()},
         "results": {k: asdict(v) for k, v in found.servers.items()},
         "variants": {k: asdict(v) for k, v in found.variants.items()},
         "targets": [asdict(t) for t in report.targets(found.servers)],
         "profile": found.profile,
     }
-    path = save(text, data, args.out)
+    extra = {k: machine[k] for k in ("nginx", "wrk", "packages")}
+    record = results.record(
+        "proxy",
+        "publer-proxy beside nginx and a naive proxy",
+        render_body(bench, found),
+        figures,
+        {**extra, "placement": placement(bench)},
+    )
+    path = results.save(record, args.out)
     print(text)
-    bench.log(f"written to {path} and {path.with_suffix('.json')}")
+    bench.log(f"written to {path}")
     return 0
 
 

@@ -12,25 +12,25 @@ the load authenticates as the last of them. Measured, as `make bench` does:
 Targets: start to ready at most 2 s, idle RSS at most 20 MiB above the one-route config,
 p50 at 1 connection within 10 % of the one-route figure.
 
-Results: a table on stdout, and bench/results/scale-latest.md and .json.
+Results: a table on stdout, and the figures with the date, commit, machine and command in
+bench/results/<UTC date>-<commit>-scale.json (see bench/results.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import hvac
 import report
+import results
 from load import MIB, WrkResult, run_wrk
 from run import POSTS_PATH, make_www
 from stack import (
@@ -216,14 +216,14 @@ class ScaleBench:
             found[title].fifty = max(by_count[50], key=lambda r: r.rps)
 
 
-def render(args: argparse.Namespace, found: dict[str, Measured], machine: dict[str, str]) -> str:
-    """The Markdown report: both configs, then the targets."""
+TITLE = f"publer-proxy at scale: {ROUTES:,} routes, {CREDENTIALS} credentials, {CLIENTS:,} clients"
+
+
+def render_body(args: argparse.Namespace, found: dict[str, Measured]) -> str:
+    """The figures in Markdown: both configs, then the targets."""
     one, large = found[ONE], found[LARGE]
     assert one.one and one.fifty and large.one and large.fifty
     lines = [
-        f"## publer-proxy at scale: {ROUTES:,} routes, {CREDENTIALS} credentials,"
-        f" {CLIENTS:,} clients",
-        "",
         f"wrk, 1 thread, {args.repeat} interleaved round(s) of {args.seconds} s after a"
         f" {args.warmup} s warm-up, GET a page of posts; at 1 connection the round with the"
         " lowest p50 is kept, at 50 the one with the most requests. Start to ready: median"
@@ -255,12 +255,23 @@ def render(args: argparse.Namespace, found: dict[str, Measured], machine: dict[s
         f" {'yes' if rss <= RSS_LIMIT_MIB else 'no'} |",
         f"| p50 at 1 connection ÷ one-route p50 | ≤ {P50_LIMIT_RATIO:.2f} | {p50:.3f} |"
         f" {'yes' if p50 <= P50_LIMIT_RATIO else 'no'} |",
-        "",
-        f"Machine: {machine['nproc']} CPUs ({machine['cpu']}), Linux {machine['kernel']},"
-        f" Python {machine['python']}; load average {machine['load']} at the end."
-        f" Measured {machine['date']}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def render(args: argparse.Namespace, found: dict[str, Measured], machine: dict[str, str]) -> str:
+    """The Markdown report for the terminal: the title, the figures, the machine."""
+    return "\n".join(
+        [
+            f"## {TITLE}",
+            "",
+            render_body(args, found),
+            f"Machine: {machine['nproc']} CPUs ({machine['cpu']}), Linux {machine['kernel']},"
+            f" Python {machine['python']}; load average {machine['load']} at the end."
+            f" Measured {machine['date']}.",
+            "",
+        ]
+    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -293,13 +304,13 @@ def main() -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     text = render(args, found, report.machine())
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    data = {k: asdict(v) for k, v in found.items()}
-    for name in ("scale-latest", f"scale-{stamp}"):
-        (args.out / f"{name}.md").write_text(text)
-        (args.out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    figures = {
+        "options": {k: str(v) for k, v in vars(args).items()},
+        "configs": {k: asdict(v) for k, v in found.items()},
+    }
+    record = results.record("scale", TITLE, render_body(args, found), figures, {})
     print(text)
+    print(f"written to {results.save(record, args.out)}", file=sys.stderr)
     return 0
 
 

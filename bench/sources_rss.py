@@ -1,15 +1,25 @@
-"""Idle memory of the proxy per key source: `python bench/sources_rss.py [--runs N]`.
+"""Idle memory of the proxy per key source and per configuration (part of `make bench`):
+`python bench/sources_rss.py [--runs N]`.
 
-Starts the sandbox once, then for each source (OpenBao, a file, the environment, AWS
-Secrets Manager on moto) a proxy holding its key, and reads its resident set size from
-/proc once it is ready and idle. Shows what each source's client library costs (hvac,
-boto3) and that a source nobody configured costs nothing.
+Starts the sandbox, OpenBao, moto (AWS Secrets Manager) and redis-server once, then a proxy
+for each case, and reads its resident set size from /proc once it is ready and has been
+idle for SETTLE_SECONDS; each figure is the median of `--runs` starts.
+  - per key source (OpenBao, a file, the environment, AWS Secrets Manager): what each
+    source's client library costs, and that a source nobody configured costs nothing;
+  - per configuration, each adding one feature to the one before: one Vault credential,
+    + the forward proxy, + a Redis budget, + reload.watch, + the audit log, + a second
+    credential in AWS Secrets Manager. What a feature costs when it is configured.
+
+Results: a table on stdout, and the figures with the date, commit, machine and command in
+bench/results/<UTC date>-<commit>-idle-rss.json (see bench/results.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import hvac
+import results
 import yaml
 
 from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
@@ -28,6 +39,7 @@ from proxy.dev.sources import DEV_AWS_IDENTITY, DEV_REGION, DEV_SECRET_ID, moto_
 from proxy.dev.stack import free_port, openbao_dev, sandbox_process, wait_http
 
 SETTLE_SECONDS = 2.0
+BENCH_DIR = Path(__file__).resolve().parent
 
 
 def rss_mib(pid: int) -> float:
@@ -39,18 +51,49 @@ def rss_mib(pid: int) -> float:
 
 
 @contextmanager
-def proxy(
-    workdir: Path, upstream: str, credential: dict[str, Any], env: dict[str, str]
-) -> Iterator[int]:
-    """`publer-proxy serve` with one credential, once ready: its pid."""
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A redis-server on a free loopback port, without persistence: its redis:// URL."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     port = free_port()
-    config = {
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "no", "--dir", str(workdir)]
+    with (workdir / "redis.log").open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def base_config(port: int, upstream: str, credential: dict[str, Any]) -> dict[str, Any]:
+    """One credential and one open route on loopback, JSON logs at warning."""
+    return {
         "listen": {"host": "127.0.0.1", "port": port},
         "upstream": {"url": upstream},
         "credentials": {"publer": credential},
         "routes": [{"name": "d", "credential": "publer", "scopes": ["posts"]}],
         "logging": {"format": "json", "level": "warning"},
     }
+
+
+@contextmanager
+def proxy(workdir: Path, config: dict[str, Any], env: dict[str, str]) -> Iterator[int]:
+    """`publer-proxy serve` on `config`, once ready: its pid."""
+    port = config["listen"]["port"]
     path = workdir / f"proxy-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "AWS_"))}
@@ -69,57 +112,158 @@ def proxy(
         process.wait(15)
 
 
-def main() -> int:
-    """Print the idle RSS of a proxy per key source, median of --runs."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    key = DEFAULT_SANDBOX_KEY
-    with tempfile.TemporaryDirectory(prefix="bench-sources-") as tmp, ExitStack() as stack:
-        workdir = Path(tmp)
-        upstream = stack.enter_context(sandbox_process(workdir, key))
-        vault_url, token = stack.enter_context(openbao_dev(workdir))
-        client = hvac.Client(url=vault_url, token=token)
+class Stack:
+    """The servers every case shares, and how to reach them."""
+
+    def __init__(self, stack: ExitStack, workdir: Path) -> None:
+        key = DEFAULT_SANDBOX_KEY
+        self.workdir = workdir
+        self.upstream = stack.enter_context(sandbox_process(workdir, key))
+        self.vault_url, self.token = stack.enter_context(openbao_dev(workdir))
+        client = hvac.Client(url=self.vault_url, token=self.token)
         client.secrets.kv.v2.create_or_update_secret(path="publer/api", secret={"api_key": key})
-        token_file = workdir / "vault-token"
-        token_file.write_text(token)
-        moto_url = stack.enter_context(moto_process(workdir))
+        self.moto_url = stack.enter_context(moto_process(workdir))
         import boto3
 
         aws = boto3.client(
             "secretsmanager",
-            endpoint_url=moto_url,
+            endpoint_url=self.moto_url,
             region_name=DEV_REGION,
             aws_access_key_id=DEV_AWS_IDENTITY["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=DEV_AWS_IDENTITY["AWS_SECRET_ACCESS_KEY"],
         )
         aws.create_secret(Name=DEV_SECRET_ID, SecretString=key)
-        key_file = workdir / "api_key"
-        key_file.write_text(key)
-        key_file.chmod(0o600)
-        cases: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
-            "vault": ({"path": "publer/api"}, {"VAULT_ADDR": vault_url, "VAULT_TOKEN": token}),
-            "file": ({"source": "file", "path": str(key_file)}, {}),
-            "env": ({"source": "env"}, {"PUBLER_API_KEY": key}),
-            "aws_secrets_manager": (
-                {
-                    "source": "aws_secrets_manager",
-                    "secret_id": DEV_SECRET_ID,
-                    "region": DEV_REGION,
-                    "endpoint_url": moto_url,
-                },
-                DEV_AWS_IDENTITY,
-            ),
+        self.redis_url = stack.enter_context(redis_server(workdir))
+        self.key_file = workdir / "api_key"
+        self.key_file.write_text(key)
+        self.key_file.chmod(0o600)
+        self.key = key
+
+    @property
+    def vault_env(self) -> dict[str, str]:
+        """How a proxy reaches OpenBao."""
+        return {"VAULT_ADDR": self.vault_url, "VAULT_TOKEN": self.token}
+
+    @property
+    def aws_credential(self) -> dict[str, Any]:
+        """A credential kept in the local Secrets Manager."""
+        return {
+            "source": "aws_secrets_manager",
+            "secret_id": DEV_SECRET_ID,
+            "region": DEV_REGION,
+            "endpoint_url": self.moto_url,
         }
-        print(f"{'source':<22} idle RSS MiB (median of {args.runs}, each run)")
-        for name, (credential, env) in cases.items():
-            samples = []
-            for _ in range(args.runs):
-                with proxy(workdir, upstream, credential, env) as pid:
-                    time.sleep(SETTLE_SECONDS)
-                    samples.append(rss_mib(pid))
-            runs = ", ".join(f"{s:.1f}" for s in samples)
-            print(f"{name:<22} {statistics.median(samples):6.1f}   ({runs})", flush=True)
+
+    def source_cases(self) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
+        """One credential of each source: (config, environment)."""
+        port, up = free_port(), self.upstream
+        return {
+            "vault": (base_config(port, up, {"path": "publer/api"}), self.vault_env),
+            "file": (base_config(port, up, {"source": "file", "path": str(self.key_file)}), {}),
+            "env": (base_config(port, up, {"source": "env"}), {"PUBLER_API_KEY": self.key}),
+            "aws_secrets_manager": (base_config(port, up, self.aws_credential), DEV_AWS_IDENTITY),
+        }
+
+    def config_cases(self) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
+        """One Vault credential, then one feature more at each step: (config, environment)."""
+        config = base_config(free_port(), self.upstream, {"path": "publer/api"})
+        env = dict(self.vault_env)
+        cases = {"one Vault credential": (copy.deepcopy(config), dict(env))}
+        # Clients tunnel to Publer's real name; the origin is dialled here, never at idle.
+        sandbox_port = self.upstream.rsplit(":", 1)[1]
+        config["upstream"] = {
+            "url": "https://app.publer.com",
+            "connect_to": f"127.0.0.1:{sandbox_port}",
+        }
+        config["forward_proxy"] = {
+            "port": free_port(),
+            "ca_certificate_file": str(self.workdir / "forward-ca.pem"),
+        }
+        cases["+ forward proxy"] = (copy.deepcopy(config), dict(env))
+        config["rate_limit"] = {"redis_url": self.redis_url}
+        cases["+ Redis budget"] = (copy.deepcopy(config), dict(env))
+        config["reload"] = {"watch": True}
+        cases["+ reload.watch"] = (copy.deepcopy(config), dict(env))
+        config["audit"] = {"sink": str(self.workdir / "audit.log")}
+        cases["+ audit log"] = (copy.deepcopy(config), dict(env))
+        config["credentials"]["aws"] = self.aws_credential
+        config["routes"].append(
+            {"name": "a", "prefix": "/aws", "credential": "aws", "scopes": ["posts"]}
+        )
+        cases["+ AWS Secrets Manager credential"] = (config, {**env, **DEV_AWS_IDENTITY})
+        return cases
+
+
+def measure(
+    stack: Stack, cases: dict[str, tuple[dict[str, Any], dict[str, str]]], runs: int
+) -> dict[str, list[float]]:
+    """Idle RSS samples of each case, printed as they come."""
+    found: dict[str, list[float]] = {}
+    for name, (config, env) in cases.items():
+        samples = []
+        for _ in range(runs):
+            with proxy(stack.workdir, config, env) as pid:
+                time.sleep(SETTLE_SECONDS)
+                samples.append(rss_mib(pid))
+        found[name] = samples
+        runs_text = ", ".join(f"{s:.1f}" for s in samples)
+        print(f"  {name:<34} {statistics.median(samples):6.1f}   ({runs_text})", flush=True)
+    return found
+
+
+def table(head: str, found: dict[str, list[float]], steps: bool) -> list[str]:
+    """A Markdown table of medians (and, for steps, the difference with the step before)."""
+    lines = [f"| {head} | idle RSS MiB | " + ("+ MiB | " if steps else "") + "runs |"]
+    lines.append("|---|---:|" + ("---:|" if steps else "") + "---|")
+    before: float | None = None
+    for name, samples in found.items():
+        median = statistics.median(samples)
+        delta = "-" if before is None else f"{median - before:+.1f}"
+        runs_text = ", ".join(f"{s:.1f}" for s in samples)
+        lines.append(
+            f"| {name} | {median:.1f} | " + (f"{delta} | " if steps else "") + f"{runs_text} |"
+        )
+        before = median
+    return lines
+
+
+def main() -> int:
+    """Measure idle RSS per key source and per configuration, print it, save it."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--runs", type=int, default=3, help="starts per case (default 3)")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-sources-") as tmp, ExitStack() as exits:
+        stack = Stack(exits, Path(tmp))
+        print(f"idle RSS MiB, median of {args.runs} start(s), each run in brackets")
+        print("per key source:")
+        sources = measure(stack, stack.source_cases(), args.runs)
+        print("per configuration (each step adds to the one before):")
+        configs = measure(stack, stack.config_cases(), args.runs)
+    report = "\n".join(
+        [
+            f"`publer-proxy serve` started {args.runs} time(s) per case, ready and idle for"
+            f" {SETTLE_SECONDS:g} s; VmRSS from /proc, median of the starts. One open route on"
+            " loopback; the keys in OpenBao (dev server), a 0600 file, the environment, and"
+            " moto's Secrets Manager.",
+            "",
+            "Per configuration, each step adding one feature to the step before:",
+            "",
+            *table("configuration", configs, steps=True),
+            "",
+            "Per key source, one credential and nothing else:",
+            "",
+            *table("key source", sources, steps=False),
+        ]
+    )
+    figures = {
+        "runs": args.runs,
+        "settle_seconds": SETTLE_SECONDS,
+        "configurations_mib": configs,
+        "sources_mib": sources,
+    }
+    record = results.record("idle-rss", "Idle RSS per configuration", report, figures, {})
+    print(f"written to {results.save(record, args.out)}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,9 @@ connection kept alive, after its handshake, the median latency of GET /api/v1/po
 the tunnel is compared with the same client against the origin alone (target: at most 2 ms
 more). Then new tunnels are opened one after another (CONNECT, TLS handshake, one request)
 for handshakes per second.
+
+Results: the report on stdout, and the figures with the date, commit, machine and command
+in bench/results/<UTC date>-<commit>-tunnel.json (see bench/results.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import tempfile
 import time
 from base64 import b64encode
 from pathlib import Path
+from typing import Any
 
+import results
 import yaml
 from run import posts_page
 from stack import (
@@ -66,7 +71,7 @@ def tunnel_connection(proxy_port: int, context: ssl.SSLContext) -> http.client.H
 
 
 def main() -> int:
-    """Measure, print a short report, write bench/results/tunnel-latest.md."""
+    """Measure, print a short report, write its results file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="per latency run")
     parser.add_argument("--handshake-seconds", type=float, default=5.0)
@@ -138,21 +143,23 @@ def main() -> int:
                     f"http://127.0.0.1:{proxy_port}",
                 )
                 wait_status(proxy, "/readyz")
-                report = measure(origin_port, forward_port, cert, ca_file, args)
+                report, figures = measure(origin_port, forward_port, cert, ca_file, args)
         finally:
             if proxy is not None:
                 proxy.stop()
             origin.stop()
     print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tunnel-latest.md").write_text(report)
+    title, _, body = report.partition("\n")
+    record = results.record("tunnel", title.removeprefix("## "), body, figures, {})
+    print(f"written to {results.save(record, args.out)}", file=sys.stderr)
     return 0
 
 
 def measure(
     origin_port: int, forward_port: int, origin_ca: Path, proxy_ca: Path, args: argparse.Namespace
-) -> str:
-    """The report: p50/p99 direct and through the tunnel, the difference, handshakes/s."""
+) -> tuple[str, dict[str, Any]]:
+    """The report (p50/p99 direct and through the tunnel, the difference, handshakes/s)
+    and the same figures as numbers."""
     direct_context = ssl.create_default_context(cafile=str(origin_ca))
     tunnel_context = ssl.create_default_context(cafile=str(proxy_ca))
     direct = http.client.HTTPSConnection("127.0.0.1", origin_port, context=direct_context)
@@ -184,7 +191,24 @@ def measure(
 
     added = statistics.median(tunnel_ms) - statistics.median(direct_ms)
     verdict = "met" if added <= TARGET_ADDED_P50_MS else "MISSED"
-    return "\n".join(
+    figures = {
+        "paths": {
+            "origin alone (nginx, TLS)": {
+                "p50 ms": statistics.median(direct_ms),
+                "p99 ms": pct(direct_ms, 99),
+            },
+            "through the tunnel": {
+                "p50 ms": statistics.median(tunnel_ms),
+                "p99 ms": pct(tunnel_ms, 99),
+            },
+        },
+        "added_p50_ms": added,
+        "target_added_p50_ms": TARGET_ADDED_P50_MS,
+        "new_tunnels_per_second": per_second,
+        "handshake_seconds": args.handshake_seconds,
+        "requests": args.requests,
+    }
+    text = "\n".join(
         [
             "## Forward proxy (CONNECT tunnel), 1 connection kept alive",
             "",
@@ -202,6 +226,7 @@ def measure(
             "",
         ]
     )
+    return text, figures
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from proxy.audit import AuditLog
 from proxy.configfile import LoadedConfig, in_code
 from proxy.credentials import CredentialStore
 from proxy.forward import Forwarder, Services
+from proxy.guard import BrowserGuard
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.policy import build_routes
 from proxy.ratelimit import make_budget, window_use
@@ -191,4 +192,4 @@ def create_app(
         else:
             await ops(scope, receive, send)
 
-    return RequestContext(dispatch)
+    return RequestContext(BrowserGuard(dispatch, live_key=LIVE_KEY, listener="listen"))

@@ -8,6 +8,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from proxy import signals
 from proxy.configfile import load_config
 from proxy.describe import describe_routes
 from proxy.scopes import ScopeMap
@@ -292,10 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_hangup(command: str) -> None:
+    """What SIGHUP means to each command: `serve` reloads its config, `dev` stops (its
+    terminal is gone), the others have nothing to reload and take the default action."""
+    if command == "dev":
+        signals.hangup_stops()
+    elif command != "serve":
+        signals.hangup_default()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `publer-proxy` console script."""
+    """Run one command (`proxy/launch.py` calls it, with the signal handlers in place)."""
     args = build_parser().parse_args(argv)
     try:
+        _take_hangup(args.command)
         status: int = args.func(args)
     except KeyboardInterrupt:
         return 130

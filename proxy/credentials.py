@@ -272,7 +272,12 @@ class CredentialStore:
             await to_thread.run_sync(session.login)
         except SourceError as exc:
             self._metrics.vault_operations.labels("login", exc.kind).inc()
-            log.warning("vault_login_failed", reason=exc.reason, auth=session.auth_summary)
+            log.warning(
+                "vault_login_failed",
+                reason=exc.reason,
+                server_said=exc.detail,
+                auth=session.auth_summary,
+            )
             for slot in self._vault_slots():
                 slot.last_error = exc.reason
                 slot.last_attempt_failed = True
@@ -298,11 +303,22 @@ class CredentialStore:
                 source=source.kind,
                 where=source.where,
                 reason=exc.reason,
+                server_said=exc.detail,
                 state=_state(slot),
             )
             return None
         self._count_read(slot, "ok")
         held = HeldKey(read.value, read.version, read.created_time, time.monotonic())
+        # Every source's every read, whatever it finds: what an operator debugging a
+        # source (AWS, a file) looks for first.
+        log.debug(
+            "key_read",
+            credential=slot.name,
+            source=source.kind,
+            where=source.where,
+            key=held.masked,
+            key_version=held.version,
+        )
         previous = slot.key
         slot.key, slot.last_error, slot.last_attempt_failed = held, None, False
         if previous is None:
@@ -410,7 +426,9 @@ class CredentialStore:
             except SourceError as exc:
                 failures += 1
                 self._metrics.vault_operations.labels("renew", exc.kind).inc()
-                log.warning("vault_token_maintenance_failed", reason=exc.reason)
+                log.warning(
+                    "vault_token_maintenance_failed", reason=exc.reason, server_said=exc.detail
+                )
                 await asyncio.sleep(backoff_seconds(failures))
             else:
                 failures = 0

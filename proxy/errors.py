@@ -34,6 +34,8 @@ Code = Literal[
     "proxy_unauthenticated",
     "misdirected_request",
     "upstream_busy",
+    "host_denied",
+    "origin_denied",
 ]
 
 STATUS: dict[Code, int] = {
@@ -56,7 +58,20 @@ STATUS: dict[Code, int] = {
     "proxy_unauthenticated": 407,
     "misdirected_request": 421,
     "upstream_busy": 503,
+    # A Host naming neither this listener nor a name listed for it: a page that re-pointed
+    # its own name at this machine (DNS rebinding). 421, not 403: the request was meant for
+    # another site, and no credential would change the answer (RFC 9110 section 15.5.20).
+    "host_denied": 421,
+    # A request a browser marked as sent by a page of another site (Origin, Sec-Fetch-Site).
+    "origin_denied": 403,
 }
+# The RFC 9209 error types the forward-proxy listener's refusals use (section 2.3).
+ProxyStatusError = Literal[
+    "http_request_error",  # the request is malformed
+    "http_request_denied",  # well-formed, but this proxy does not forward it
+    "destination_ip_prohibited",  # an IP literal named as the destination
+]
+PROXY_NAME = "publer-proxy"
 ERROR_HEADER = "x-publer-proxy-error"
 RATE_LIMIT_MESSAGE = "Rate limit exceeded. Retry later."
 
@@ -89,6 +104,8 @@ class Refusal:
     retry_after: int | None = None
     rate_limit: RateLimitHeaders | None = None
     limit: str | None = None  # rate_limited: which limit refused (`limit` in the body)
+    # The forward-proxy listener's refusals: the RFC 9209 error type its Proxy-Status names.
+    proxy_status: ProxyStatusError | None = None
 
     @classmethod
     def of(
@@ -99,9 +116,10 @@ class Refusal:
         retry_after: int | None = None,
         rate_limit: RateLimitHeaders | None = None,
         limit: str | None = None,
+        proxy_status: ProxyStatusError | None = None,
     ) -> Refusal:
         """A refusal with the status that the refusal table gives its code."""
-        return cls(code, message, STATUS[code], retry_after, rate_limit, limit)
+        return cls(code, message, STATUS[code], retry_after, rate_limit, limit, proxy_status)
 
     def body(self, request_id: str) -> bytes:
         """The JSON body, UTF-8: Publer's error envelope `{"errors": [message]}` (its API
@@ -130,7 +148,16 @@ class Refusal:
             headers.append((b"retry-after", str(self.retry_after).encode()))
         if self.rate_limit is not None:
             headers += self.rate_limit.raw()
+        if self.proxy_status is not None:
+            headers.append((b"proxy-status", self.proxy_status_value()))
         return headers
+
+    def proxy_status_value(self) -> bytes:
+        """`Proxy-Status` (RFC 9209): `publer-proxy; error=TYPE; details="message"`, the
+        message made a structured-field string (printable ASCII, `"` and `\\` escaped)."""
+        details = "".join(c if " " <= c <= "~" else "?" for c in self.message)
+        details = details.replace("\\", "\\\\").replace('"', '\\"')
+        return f'{PROXY_NAME}; error={self.proxy_status}; details="{details}"'.encode("ascii")
 
 
 class ProxyError(Exception):

@@ -48,7 +48,8 @@ def describe_forward_proxy(settings: Settings) -> list[str]:
     path = forward.ca_certificate_file
     lines = [
         "forward proxy",
-        f"  listen:     {forward.host}:{forward.port}  (CONNECT {host}:{port} only)",
+        f"  listen:     {forward.host}:{forward.port}  (CONNECT {host}:{port} only;"
+        " absolute form for its origin from loopback clients)",
         "  CA key:     "
         + (
             f"read from Vault {forward.ca_vault.mount}/{forward.ca_vault.path} at start,"

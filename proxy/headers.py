@@ -123,7 +123,7 @@ def upstream_headers(
 def downstream_headers(upstream: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
     """The headers sent back to the client: Publer's minus hop-by-hop ones, and minus any
     named like the proxy's own (`X-Publer-Proxy-*`), so that a client can trust those
-    came from the proxy.
+    came from the proxy, and minus Publer's `Access-Control-*`.
 
     Content-Length stays when Publer sent it: the body is passed on byte for byte.
     """
@@ -136,6 +136,9 @@ def downstream_headers(upstream: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
             or canonical in named
             or canonical == b"x-request-id"
             or canonical.startswith(PROXY_MARKER_PREFIX)
+            # CORS is the proxy's to grant (browser.allowed_origins), never Publer's: an
+            # upstream `Access-Control-Allow-Origin: *` would let any page read answers.
+            or canonical.startswith(b"access-control-")
         ):
             continue
         out.append((name.lower(), value))

@@ -23,6 +23,27 @@ def mask(value: str | None) -> str | None:
     return MASK + value[-4:] if len(value) > 8 else MASK
 
 
+# A run of the characters keys and tokens are made of (base64, hex, URL-safe), long enough
+# to be one: a Vault token is 28+, an AWS secret key 40, a Publer key longer still.
+_OPAQUE = re.compile(r"[A-Za-z0-9+/=_.~-]{16,}")
+OPAQUE_MASK = "[masked]"
+MAX_FOREIGN_TEXT = 200
+
+
+def mask_opaque(text: str) -> str:
+    """Foreign text (another service's error message) made fit for the log without knowing
+    which secrets it may quote: every long run of token characters that holds a digit, or
+    is 32 characters or more, is replaced by `[masked]`; control characters become spaces,
+    runs of blanks one space; the result is at most 200 characters."""
+
+    def masked(found: re.Match[str]) -> str:
+        run = found.group(0)
+        return OPAQUE_MASK if len(run) >= 32 or any(c.isdigit() for c in run) else run
+
+    flat = "".join(c if c.isprintable() else " " for c in text)
+    return " ".join(_OPAQUE.sub(masked, flat).split())[:MAX_FOREIGN_TEXT]
+
+
 def masked_url(url: str | None) -> str | None:
     """The URL with the password of its user info shown as `***`, for logs and messages."""
     if url is None:

@@ -44,6 +44,7 @@ import structlog
 from anyio import to_thread
 from starlette.types import Receive, Scope, Send
 
+from proxy import signals
 from proxy.configfile import LoadedConfig, load_config
 from proxy.forward import Forwarder, Services
 from proxy.policy import build_routes
@@ -208,22 +209,28 @@ class Reloader:
     _settling: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Take SIGHUP, watch the file if configured, and catch up with a file that changed
-        while the proxy was starting (a SIGHUP then was ignored)."""
+        """Take SIGHUP (unless it stops this program, as in `dev`), watch the file if
+        configured, and catch up with a SIGHUP or a file change that came while the proxy
+        was starting."""
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(ValueError, RuntimeError):  # not the main thread
-            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        hangup_during_start = False
+        if signals.hangup_reloads():
+            hangup_during_start = signals.register_reload(
+                lambda: loop.call_soon_threadsafe(self._on_hangup)
+            )
             self._hangup = True
         self._sync_watcher(self.live.current.config.settings)
-        if await to_thread.run_sync(self._file_digest) != self.live.current.config.sha256:
+        if hangup_during_start:
+            await self.reload("SIGHUP")
+        elif await to_thread.run_sync(self._file_digest) != self.live.current.config.sha256:
             await self.reload("changed during start", only_if_changed=True)
 
     async def stop(self) -> None:
-        """Stop taking signals and watching; close budgets still waiting for their
-        requests (the server has finished every request by now)."""
+        """Stop taking signals (a SIGHUP from now on is only remembered) and watching;
+        close budgets still waiting for their requests (the server has finished every
+        request by now)."""
         if self._hangup:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signals.register_reload(None)
         self._watch_stop.set()
         tasks = [*self._tasks, *self._retiring]
         if self._watcher is not None:

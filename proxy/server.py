@@ -23,7 +23,6 @@ here, because the apps that call the proxy are not trusted to be well-behaved:
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 import uuid
 from typing import Any, Literal
@@ -31,9 +30,11 @@ from typing import Any, Literal
 import httptools
 import structlog
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from proxy.errors import Refusal
+from proxy import signals
+from proxy.errors import ProxyStatusError, Refusal
 from proxy.paths import ABSOLUTE_FORM_KEY
 from proxy.redact import SecretRegistry
 from proxy.settings import Settings
@@ -57,6 +58,10 @@ _Phase = Literal["head", "body", "trailers", "done"]
 
 class StrictHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits of the module docstring."""
+
+    # Set where the protocol serves the forward-proxy listener: its 400s then carry
+    # Proxy-Status (RFC 9209) like the listener's other refusals.
+    proxy_status: ProxyStatusError | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -179,6 +184,8 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         path, _, query = target.partition(b"?")
         self.scope["raw_path"] = path
         self.scope["query_string"] = query
+        if self.scope["http_version"] == "1.0" and self.cycle is not None:
+            _close_delimited(self.cycle)
         self._enter("body")
         self._arm(BODY_IDLE_TIMEOUT_SECONDS)
 
@@ -197,7 +204,7 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """Respond 400 to what httptools refused, in the proxy's refusal envelope; then close."""
-        refusal = Refusal.of("bad_request", self._reason)
+        refusal = Refusal.of("bad_request", self._reason, proxy_status=self.proxy_status)
         request_id = uuid.uuid4().hex
         body = refusal.body(request_id)
         head = [b"HTTP/1.1 400 Bad Request\r\n"]
@@ -222,6 +229,37 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         except (AttributeError, httptools.HttpParserError):  # no parser, or no request line
             return None
         return method
+
+
+def _close_delimited(cycle: RequestResponseCycle) -> None:
+    """Frame the cycle's response without chunked coding, which an HTTP/1.0 client cannot
+    read (RFC 9112 section 6.1): a response without Content-Length is delimited by closing
+    the connection (section 6.3), which uvicorn already does after an HTTP/1.0 response.
+
+    uvicorn adds `Transfer-Encoding: chunked` whenever the Content-Length is missing; it is
+    told here that the framing is decided, and its byte count is kept even as bodies come.
+    """
+    send = cycle.send
+    close_delimited = False
+
+    async def send_close_delimited(message: ASGISendEvent) -> None:
+        nonlocal close_delimited
+        if message["type"] == "http.response.start":
+            headers = [
+                (name, value)
+                for name, value in message.get("headers", [])
+                if name.lower() != b"transfer-encoding"
+            ]
+            if not any(name.lower() == b"content-length" for name, _ in headers):
+                close_delimited = True
+                cycle.chunked_encoding = False
+                cycle.keep_alive = False
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and close_delimited:
+            cycle.expected_content_length += len(message.get("body", b""))
+        await send(message)
+
+    cycle.send = send_close_delimited  # type: ignore[method-assign]
 
 
 def _cancel(timer: asyncio.TimerHandle | None) -> None:
@@ -266,19 +304,20 @@ def serve(
 
     `sockets`, when given, are bound sockets to serve on instead of `settings.listen`.
 
-    uvicorn re-raises the signal it caught once it has shut down, which would make a
-    graceful SIGTERM exit with -15; the no-op handler it restores turns that into 0.
+    SIGTERM and SIGHUP belong to `proxy.signals` until uvicorn takes SIGTERM over (and
+    after it gives it back): a SIGTERM at any moment stops the server gracefully and the
+    status is 0; a SIGHUP waits for the reloader.
     """
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
-    # SIGHUP reloads the config once the app has started (proxy/reload.py); until then it
-    # must not end the process, its default action. The reloader catches up on a file
-    # changed meanwhile.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signals.install()
     config = uvicorn_config(settings, app)
     server = uvicorn.Server(config)
     if settings.forward_proxy is not None:
         from proxy.forward_proxy import TunnellingServer
 
         server = TunnellingServer(config, settings, secrets or SecretRegistry())
-    server.run(sockets=sockets)
+    signals.register_server(server.handle_exit)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        signals.register_server(None)
     return 0 if server.started else 1

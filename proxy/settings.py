@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.browser import parse_host, parse_origin
 from proxy.redact import masked_url, url_secrets
 
 DEFAULT_CONFIG_PATH = Path("config/proxy.yaml")
@@ -102,10 +103,32 @@ def check_digest(value: str) -> str:
     return value
 
 
+def check_host_names(values: list[str]) -> list[str]:
+    """Host names a listener answers to: `name`, `name:port`, an IP address or `[v6]`."""
+    for value in values:
+        if parse_host(value) is None:
+            raise ValueError(
+                f"{value!r} is not a host name: write a name or address as clients send it"
+                " in Host, optionally with a port (proxy, proxy:8080, 10.0.0.5, [::1]:8080),"
+                " with no scheme or path"
+            )
+    return values
+
+
 class ListenSettings(_Model):
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    unix_socket: Path | None = None
+    host: str = Field(default="127.0.0.1", description="The address the proxy listens on.")
+    port: int = Field(default=8080, ge=0, le=65535, description="The port the proxy listens on.")
+    unix_socket: Path | None = Field(
+        default=None, description="A unix socket to listen on instead of host and port."
+    )
+    allowed_hosts: list[str] = Field(
+        default=[],
+        description="Names clients use in `Host` for this listener, besides its loopback names"
+        " and its own address (`proxy`, `proxy:8080`, `10.0.0.5`). Any other `Host` is refused"
+        " with `host_denied`.",
+    )
+
+    _hosts = field_validator("allowed_hosts")(check_host_names)
 
 
 def proxy_url(value: str | None) -> str | None:
@@ -128,20 +151,58 @@ def proxy_url(value: str | None) -> str | None:
 
 
 class UpstreamSettings(_Model):
-    url: str = DEFAULT_UPSTREAM_URL
+    url: str = Field(
+        default=DEFAULT_UPSTREAM_URL,
+        description="The only origin keys are ever sent to; must be `https://` unless loopback.",
+    )
     # An HTTP proxy named on purpose; environment proxy variables are never used.
-    proxy: str | None = Field(default=None, repr=False)
+    proxy: str | None = Field(
+        default=None,
+        repr=False,
+        description="An HTTP proxy to reach Publer through, `http://[user:password@]host:port`;"
+        " the environment's proxy variables are never used (see the security model). The"
+        " forwarding hop and `check --online` use it (a CONNECT tunnel to an HTTPS Publer)."
+        " Default: none (direct).",
+    )
     # Publer's guide: always HTTPS. Plain HTTP to a non-loopback host needs this loud opt-out.
-    insecure_allow_plain_http: bool = False
-    ca_file: Path | None = None
-    connect_timeout_seconds: PositiveFloat = 10.0
-    read_timeout_seconds: PositiveFloat = 120.0
-    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0)
-    max_connections: int = Field(default=100, gt=0)
-    retries: int = Field(default=2, ge=0, le=5)
+    insecure_allow_plain_http: bool = Field(
+        default=False,
+        description="Allow `http://` to a non-loopback upstream (warned at every start).",
+    )
+    ca_file: Path | None = Field(
+        default=None,
+        description="Trust this CA for the upstream only. Default: the system's CAs.",
+    )
+    connect_timeout_seconds: PositiveFloat = Field(
+        default=10.0, description="Seconds to connect to the upstream, then 502."
+    )
+    read_timeout_seconds: PositiveFloat = Field(
+        default=120.0, description="Seconds to wait for the upstream's answer, then 504."
+    )
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        gt=0,
+        description="Larger request bodies get 413, while streaming (200 MiB by default).",
+    )
+    max_connections: int = Field(
+        default=100,
+        gt=0,
+        description="Connections to Publer; a request that finds all busy waits up to"
+        " `connect_timeout_seconds`, then gets 503 `upstream_busy`.",
+    )
+    retries: int = Field(
+        default=2,
+        ge=0,
+        le=5,
+        description="GET and HEAD retries on connect errors and on 502, 503 and 504.",
+    )
     # Dial this host:port instead of resolving the origin's name; TLS still checks the
     # name (curl's --connect-to): a stand-in of Publer reached by its real name.
-    connect_to: str | None = None
+    connect_to: str | None = Field(
+        default=None,
+        description="`host:port` to dial instead of resolving the upstream's name; TLS still"
+        " checks the name (a stand-in reached as `app.publer.com`).",
+    )
 
     @field_validator("connect_to")
     @classmethod
@@ -189,14 +250,34 @@ KUBERNETES_TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/toke
 
 
 class VaultAuthSettings(_Model):
-    method: AuthMethod = "token"
-    token_file: Path | None = None
-    role_id: str | None = None
-    role_id_file: Path | None = None
-    secret_id_file: Path | None = None
-    role: str | None = None
-    jwt_file: Path | None = None
-    mount: str | None = None
+    method: AuthMethod = Field(
+        default="token", description="How the proxy logs in to Vault or OpenBao."
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="Token method: the file holding the token, used when `$VAULT_TOKEN` is"
+        " unset (default `~/.vault-token`); a token or secret id file every user can read is"
+        " used with a warning (`secret_file_exposed`): chmod 600, or 640 for a group.",
+    )
+    role_id: str | None = Field(default=None, description="AppRole: the role id.")
+    role_id_file: Path | None = Field(
+        default=None, description="AppRole: a file holding the role id, instead of `role_id`."
+    )
+    secret_id_file: Path | None = Field(
+        default=None,
+        description="AppRole: a file holding the secret id (never the secret id itself).",
+    )
+    role: str | None = Field(
+        default=None, description="Kubernetes and JWT: the Vault role to log in as."
+    )
+    jwt_file: Path | None = Field(
+        default=None,
+        description="JWT: a file holding the JWT (Kubernetes: the service-account token by"
+        " default).",
+    )
+    mount: str | None = Field(
+        default=None, description="The auth mount path. Default: the method's name."
+    )
 
     @model_validator(mode="after")
     def _method_fields(self) -> VaultAuthSettings:
@@ -221,20 +302,36 @@ class VaultAuthSettings(_Model):
 
 
 class VaultSettings(_Model):
-    url: str = Field(default_factory=lambda: os.environ.get("VAULT_ADDR") or DEFAULT_VAULT_URL)
-    namespace: str | None = Field(default_factory=lambda: os.environ.get("VAULT_NAMESPACE"))
+    url: str = Field(
+        default_factory=lambda: os.environ.get("VAULT_ADDR") or DEFAULT_VAULT_URL,
+        description="Vault's or OpenBao's URL; plain HTTP beyond loopback is warned."
+        f" Default: `$VAULT_ADDR`, else `{DEFAULT_VAULT_URL}`.",
+    )
+    namespace: str | None = Field(
+        default_factory=lambda: os.environ.get("VAULT_NAMESPACE"),
+        description="The Vault namespace. Default: `$VAULT_NAMESPACE`.",
+    )
     ca_cert: Path | None = Field(
-        default_factory=lambda: Path(p) if (p := os.environ.get("VAULT_CACERT")) else None
+        default_factory=lambda: Path(p) if (p := os.environ.get("VAULT_CACERT")) else None,
+        description="Trust this CA for Vault. Default: `$VAULT_CACERT`.",
     )
     skip_verify: bool = Field(
         default_factory=lambda: (
             os.environ.get("VAULT_SKIP_VERIFY", "").lower() in ("1", "true", "yes")
-        )
+        ),
+        description="Do not check Vault's TLS certificate (warned). Default: `$VAULT_SKIP_VERIFY`.",
     )
-    timeout_seconds: PositiveFloat = 5.0
+    timeout_seconds: PositiveFloat = Field(default=5.0, description="Seconds per Vault call.")
     # An HTTP proxy named on purpose; environment proxy variables are never used.
-    proxy: str | None = Field(default=None, repr=False)
-    auth: VaultAuthSettings = VaultAuthSettings()
+    proxy: str | None = Field(
+        default=None,
+        repr=False,
+        description="An HTTP proxy to reach Vault through, `http://[user:password@]host:port`;"
+        " with a plain-HTTP Vault it sees the token, which is warned. Default: none (direct).",
+    )
+    auth: VaultAuthSettings = Field(
+        default=VaultAuthSettings(), description="How the proxy logs in to Vault."
+    )
 
     @field_validator("proxy")
     @classmethod
@@ -251,19 +348,31 @@ class VaultSettings(_Model):
 class KeyLifeSettings(_Model):
     """What every credential shares, whatever its source: how its key is kept current."""
 
-    refresh_seconds: PositiveFloat = 300.0
-    max_stale_seconds: NonNegativeFloat = 3600.0
-    rotate_after_days: PositiveFloat = DEFAULT_ROTATE_AFTER_DAYS
+    refresh_seconds: PositiveFloat = Field(
+        default=300.0, description="Seconds between background re-reads of the key."
+    )
+    max_stale_seconds: NonNegativeFloat = Field(
+        default=3600.0,
+        description="How long the last good key serves while its source fails.",
+    )
+    rotate_after_days: PositiveFloat = Field(
+        default=DEFAULT_ROTATE_AFTER_DAYS,
+        description="Warn when the key's version is older than this (Publer's guide: rotate"
+        " every 90 to 180 days).",
+    )
 
 
 class CredentialSettings(KeyLifeSettings):
     """A key in Vault or OpenBao KV (the default source)."""
 
-    source: Literal["vault"] = "vault"
-    mount: str = "secret"
-    path: str
-    field: str = "api_key"
-    kv_version: Literal[1, 2] = 2
+    source: Literal["vault"] = Field(
+        default="vault",
+        description="Where the key is kept: `vault`, `aws_secrets_manager`, `file` or `env`.",
+    )
+    mount: str = Field(default="secret", description="The KV secrets engine's mount path.")
+    path: str = Field(description="The secret's path under the mount.")
+    field: str = Field(default="api_key", description="The secret's field holding the key.")
+    kv_version: Literal[1, 2] = Field(default=2, description="The KV engine's version.")
 
     @field_validator("mount", "path")
     @classmethod
@@ -277,14 +386,30 @@ class CredentialSettings(KeyLifeSettings):
 class AwsCredentialSettings(KeyLifeSettings):
     """A key in AWS Secrets Manager, read with the SDK's standard credential chain."""
 
-    source: Literal["aws_secrets_manager"]
-    secret_id: str = Field(min_length=1, max_length=2048)
-    region: str | None = None  # default: AWS_REGION, AWS_DEFAULT_REGION, the profile's
-    field: str | None = None  # a field of a JSON secret; None: the whole secret string
-    profile: str | None = None  # default: AWS_PROFILE, else the chain's default
-    endpoint_url: str | None = None  # a Secrets Manager-compatible endpoint (tests, VPC)
-    proxy: str | None = None  # an HTTP(S) proxy for AWS calls; environment proxies never
-    timeout_seconds: PositiveFloat = 5.0
+    source: Literal["aws_secrets_manager"] = Field(description="`aws_secrets_manager`.")
+    secret_id: str = Field(min_length=1, max_length=2048, description="The secret's name or ARN.")
+    region: str | None = Field(
+        default=None,
+        description="The AWS region. Default: `$AWS_REGION`, `$AWS_DEFAULT_REGION`, the profile's.",
+    )
+    field: str | None = Field(
+        default=None,
+        description="A field of a JSON secret. Default: the whole secret string is the key.",
+    )
+    profile: str | None = Field(
+        default=None,
+        description="The AWS profile. Default: `$AWS_PROFILE`, else the SDK chain's default.",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="A Secrets Manager-compatible endpoint (tests, a VPC endpoint). Default:"
+        " AWS's.",
+    )
+    proxy: str | None = Field(
+        default=None,
+        description="An HTTP(S) proxy for AWS calls; the environment's proxies are never used.",
+    )
+    timeout_seconds: PositiveFloat = Field(default=5.0, description="Seconds per AWS call.")
 
     @field_validator("endpoint_url", "proxy")
     @classmethod
@@ -309,20 +434,29 @@ class AwsCredentialSettings(KeyLifeSettings):
 class FileCredentialSettings(KeyLifeSettings):
     """A key in a file: a Kubernetes Secret volume, a Docker secret, a Vault Agent file."""
 
-    source: Literal["file"]
-    path: Path
-    # Who besides the file's owner may read it: owner (mode 0600/0400), group (0640/0440,
-    # as Kubernetes writes a volume for a pod with fsGroup), or anyone (0644: don't).
-    readable_by: Literal["owner", "group", "anyone"] = "owner"
-    poll_seconds: PositiveFloat = 1.0  # how often the file is checked for a change
+    source: Literal["file"] = Field(description="`file`.")
+    path: Path = Field(description="The file holding the key.")
+    readable_by: Literal["owner", "group", "anyone"] = Field(
+        default="owner",
+        description="Who besides the file's owner may read it: `owner` (mode 0600 or 0400),"
+        " `group` (0640 or 0440, as Kubernetes writes a volume for a pod with fsGroup), or"
+        " `anyone` (0644: warned).",
+    )
+    poll_seconds: PositiveFloat = Field(
+        default=1.0, description="How often, in seconds, the file is checked for a change."
+    )
 
 
 class EnvCredentialSettings(KeyLifeSettings):
     """A key in an environment variable (or a .env file): for local development."""
 
-    source: Literal["env"]
-    variable: str = "PUBLER_API_KEY"
-    env_file: Path | None = None  # a .env file read when the variable is not set
+    source: Literal["env"] = Field(description="`env`.")
+    variable: str = Field(
+        default="PUBLER_API_KEY", description="The environment variable holding the key."
+    )
+    env_file: Path | None = Field(
+        default=None, description="A `.env` file read when the variable is not set."
+    )
 
     @field_validator("variable")
     @classmethod
@@ -339,6 +473,11 @@ _SOURCE_MODELS: dict[str, type[KeyLifeSettings]] = {
     "env": EnvCredentialSettings,
 }
 SOURCES = tuple(_SOURCE_MODELS)
+
+
+def source_models() -> dict[str, type[KeyLifeSettings]]:
+    """Each credential source's model, by the `source` value that selects it."""
+    return dict(_SOURCE_MODELS)
 
 
 def _source_of(value: Any) -> str:
@@ -373,9 +512,17 @@ class _Share(_Model):
     route), `max_requests` its cap per window.
     """
 
-    name: str
-    weight: PositiveFloat = 1.0
-    max_requests: PositiveInt | None = None
+    name: str = Field(
+        description="Its name in logs, metrics and the audit log: letters, digits, `.`, `_` or `-`."
+    )
+    weight: PositiveFloat = Field(
+        default=1.0,
+        description="A route's share of its credential's budget, or a client's part of its"
+        " route's.",
+    )
+    max_requests: PositiveInt | None = Field(
+        default=None, description="A hard cap of requests per window. Default: none."
+    )
 
     @field_validator("name")
     @classmethod
@@ -389,7 +536,10 @@ class _Share(_Model):
 
 
 class ClientSettings(_Share):
-    token_sha256: str
+    token_sha256: str = Field(
+        description="`sha256:` and the hex digest of the client's token (`publer-proxy"
+        " hash-token`); the name may not be `anonymous`."
+    )
 
     @field_validator("name")
     @classmethod
@@ -407,13 +557,23 @@ class ClientSettings(_Share):
 
 
 class RouteSettings(_Share):
-    prefix: str = ""
-    credential: str
-    workspace_id: str | None = None
-    workspace_ids: list[str] | None = None
-    scopes: list[str]
-    read_only: bool = False
-    clients: list[ClientSettings] | None = None
+    prefix: str = Field(default="", description="Clients call `{prefix}/api/v1/...`.")
+    credential: str = Field(description="A name under `credentials`.")
+    workspace_id: str | None = Field(
+        default=None, description="Sent as `Publer-Workspace-Id`. Default: none."
+    )
+    workspace_ids: list[str] | None = Field(
+        default=None,
+        description="Instead of `workspace_id`: the workspaces a client may choose, the first"
+        " the default.",
+    )
+    scopes: list[str] = Field(description="The allowed Publer scopes (see the scope map).")
+    read_only: bool = Field(default=False, description="Only GET and HEAD pass.")
+    clients: list[ClientSettings] | None = Field(
+        default=None,
+        description="The clients allowed on the route, each with its token's digest."
+        " Default: none (open, on loopback only).",
+    )
 
     @field_validator("prefix")
     @classmethod
@@ -482,39 +642,96 @@ class RouteSettings(_Share):
 class VaultCASettings(_Model):
     """A CA kept in Vault (KV): its certificate and private key, both PEM."""
 
-    mount: str = "secret"
-    path: str
-    kv_version: Literal[1, 2] = 2
-    certificate_field: str = "certificate"
-    private_key_field: str = "private_key"
+    mount: str = Field(default="secret", description="The KV secrets engine's mount path.")
+    path: str = Field(description="The secret's path under the mount.")
+    kv_version: Literal[1, 2] = Field(default=2, description="The KV engine's version.")
+    certificate_field: str = Field(
+        default="certificate", description="The field holding the CA certificate (PEM)."
+    )
+    private_key_field: str = Field(
+        default="private_key",
+        description="The field holding the CA's private key (PEM, unencrypted, EC or RSA).",
+    )
 
 
 class ForwardProxySettings(_Model):
     """The CONNECT listener for clients that hard-code Publer's origin (off when absent)."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=3128, ge=0, le=65535)
-    # Written at start, for clients to trust (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, ...).
-    ca_certificate_file: Path
-    leaf_lifetime_hours: PositiveFloat = 24.0
-    # Absent: a new CA is made in memory at every start.
-    ca_vault: VaultCASettings | None = None
+    host: str = Field(default="127.0.0.1", description="The address the CONNECT listener uses.")
+    port: int = Field(default=3128, ge=0, le=65535, description="The CONNECT listener's port.")
+    ca_certificate_file: Path = Field(
+        description="Where the CA certificate is written at start, for clients to trust"
+        " (`SSL_CERT_FILE`, `NODE_EXTRA_CA_CERTS`, ...)."
+    )
+    leaf_lifetime_hours: PositiveFloat = Field(
+        default=24.0,
+        description="Life of the certificate served in tunnels; renewed half-way.",
+    )
+    ca_vault: VaultCASettings | None = Field(
+        default=None,
+        description="Take the CA from this Vault secret. Default: a new CA is made in memory"
+        " at every start.",
+    )
+    allowed_hosts: list[str] = Field(
+        default=[],
+        description="Names clients use in `Host` for this listener, besides its loopback names"
+        " and its own address. Any other `Host` is refused with `host_denied`.",
+    )
+
+    _hosts = field_validator("allowed_hosts")(check_host_names)
+
+
+class BrowserSettings(_Model):
+    """Web pages that may call the proxy (CORS); none by default."""
+
+    allowed_origins: list[str] = Field(
+        default=[],
+        description="Origins of browser apps that really call the proxy"
+        " (`https://app.example.com`); preflights are answered for these only.",
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, values: list[str]) -> list[str]:
+        found: list[str] = []
+        for value in values:
+            origin = parse_origin(value)
+            if origin is None:
+                raise ValueError(
+                    f"{value!r} is not an origin: write scheme, host and port as the browser"
+                    " app's address bar shows them (https://app.example.com,"
+                    " http://localhost:5173), with no path; '*' and 'null' are never allowed"
+                )
+            found.append(origin)
+        return found
 
 
 class RateLimitSettings(_Model):
-    requests: int = Field(default=100, gt=0)
-    per_seconds: PositiveFloat = 120.0
-    max_wait_seconds: NonNegativeFloat = 0.0
-    redis_url: str | None = None
+    requests: int = Field(
+        default=100, gt=0, description="Requests per window, per credential (Publer's limit)."
+    )
+    per_seconds: PositiveFloat = Field(default=120.0, description="The window, in seconds.")
+    max_wait_seconds: NonNegativeFloat = Field(
+        default=0.0, description="Queue for budget this long before a local 429."
+    )
+    redis_url: str | None = Field(
+        default=None, description="One budget for every replica, kept in this Redis."
+    )
 
 
 class AuditSettings(_Model):
-    # "stdout", "stderr", or a file the proxy appends to (one file per proxy process).
-    sink: str
-    # Where the chain head (line count and last hash) is published, out of the writer's
-    # reach; default: rate_limit.redis_url when set.
-    redis_url: str | None = None
-    head_key: str | None = None
+    sink: str = Field(
+        description="`stdout`, `stderr`, or a file to append to (one per proxy process)."
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Where the audit chain's head (line count and last hash) is published,"
+        " out of the writer's reach. Default: `rate_limit.redis_url`.",
+    )
+    head_key: str | None = Field(
+        default=None,
+        description="The Redis key of the chain's head. Default: `publer-proxy:audit:HOST:SINK`.",
+    )
 
     @field_validator("sink")
     @classmethod
@@ -525,8 +742,12 @@ class AuditSettings(_Model):
 
 
 class LoggingSettings(_Model):
-    format: Literal["json", "console", "auto"] = "auto"
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console", "auto"] = Field(
+        default="auto", description="`auto` is console on a TTY, else JSON."
+    )
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="The lowest level logged."
+    )
 
     @field_validator("level", mode="before")
     @classmethod
@@ -535,15 +756,25 @@ class LoggingSettings(_Model):
 
 
 class ReloadSettings(_Model):
-    # SIGHUP always reloads; this also reloads when the config file changes.
-    watch: bool = False
-    # A file written in place is applied once it stayed unchanged this long, seconds.
-    settle_seconds: float = Field(default=3.0, gt=0, le=60)
+    watch: bool = Field(
+        default=False,
+        description="Also reload when the config file changes (SIGHUP always reloads).",
+    )
+    settle_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        le=60,
+        description="A file written in place is applied once it stayed unchanged this long"
+        " (seconds); a file renamed into place is applied at once.",
+    )
 
 
 class AdminSettings(_Model):
-    # The status page is served to loopback clients, and to others with this token.
-    token_sha256: str | None = None
+    token_sha256: str | None = Field(
+        default=None,
+        description="Lets clients beyond loopback see the status page with this token"
+        " (loopback clients always may).",
+    )
 
     @field_validator("token_sha256")
     @classmethod
@@ -552,18 +783,47 @@ class AdminSettings(_Model):
 
 
 class Settings(_Model):
-    listen: ListenSettings = ListenSettings()
-    upstream: UpstreamSettings = UpstreamSettings()
-    vault: VaultSettings = Field(default_factory=VaultSettings)
-    credentials: dict[str, AnyCredential]
-    routes: list[RouteSettings]
-    rate_limit: RateLimitSettings = RateLimitSettings()
-    logging: LoggingSettings = LoggingSettings()
-    audit: AuditSettings | None = None
-    scope_map: Path | None = None
-    forward_proxy: ForwardProxySettings | None = None
-    reload: ReloadSettings = ReloadSettings()
-    admin: AdminSettings = AdminSettings()
+    listen: ListenSettings = Field(default=ListenSettings(), description="Where the proxy listens.")
+    upstream: UpstreamSettings = Field(
+        default=UpstreamSettings(), description="Publer, the one origin keys go to."
+    )
+    vault: VaultSettings = Field(
+        default_factory=VaultSettings,
+        description="The Vault or OpenBao server of the `vault` credentials and the CA.",
+    )
+    credentials: dict[str, AnyCredential] = Field(
+        description="The keys, by name, each with where it is kept (its `source`)."
+    )
+    routes: list[RouteSettings] = Field(
+        description="What clients may call: each route maps a prefix to a credential, its"
+        " scopes and its clients."
+    )
+    rate_limit: RateLimitSettings = Field(
+        default=RateLimitSettings(), description="Publer's budget, per credential."
+    )
+    logging: LoggingSettings = Field(default=LoggingSettings(), description="The proxy's logs.")
+    audit: AuditSettings | None = Field(
+        default=None,
+        description="The audit log of every call other than GET and HEAD. Default: none.",
+    )
+    scope_map: Path | None = Field(
+        default=None,
+        description="Replace the endpoint allow-list. Default: the packaged `config/scopes.yaml`.",
+    )
+    forward_proxy: ForwardProxySettings | None = Field(
+        default=None,
+        description="The CONNECT listener for clients that hard-code Publer's origin (see"
+        ' "Clients you cannot change"). Default: off.',
+    )
+    browser: BrowserSettings = Field(
+        default=BrowserSettings(),
+        description="Web pages that may call the proxy from a browser (CORS). Default: none;"
+        " every request with browser provenance is refused.",
+    )
+    reload: ReloadSettings = Field(
+        default=ReloadSettings(), description="Live changes without a restart."
+    )
+    admin: AdminSettings = Field(default=AdminSettings(), description="The status page.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:

@@ -27,6 +27,7 @@ import httpx
 import pytest
 import yaml
 
+from proxy.browser import check_host, listener_names
 from proxy.cli import load_all
 from proxy.dev.sandbox import DEFAULT_SANDBOX_KEY
 from proxy.policy import hash_token
@@ -1037,3 +1038,45 @@ def test_forward_kubernetes_sidecar_agrees_with_its_config(tmp_path: Path) -> No
         "/readyz",
     )
     assert spec["terminationGracePeriodSeconds"] > GRACEFUL_SHUTDOWN_SECONDS
+
+
+_PROXY_CALL = re.compile(r"http://([A-Za-z0-9.\-\[\]:]+?):(\d+)/")
+
+
+def _calls_pass_host_check(settings: Settings, text: str, extra: list[str]) -> list[str]:
+    """The URLs in `text` (and `extra`) aimed at the proxy's port whose Host the proxy
+    would refuse."""
+    names = listener_names(settings.listen.host, settings.listen.allowed_hosts)
+    port = settings.listen.port
+    refused = []
+    for url in [*(m.group(0) for m in _PROXY_CALL.finditer(text)), *extra]:
+        parts = urlsplit(url)
+        if parts.port != port:
+            continue
+        verdict = check_host(
+            [parts.netloc.encode()], names, port, http_version="1.1", key="listen.allowed_hosts"
+        )
+        if verdict is not None:
+            refused.append(url)
+    return refused
+
+
+def test_deploy_files_call_the_proxy_by_names_it_accepts(tmp_path: Path) -> None:
+    """Every URL a deploy file uses to reach the proxy (apps' PROXY_URL, health checks,
+    probes) names a host the config it serves lists or reaches on loopback, so none is
+    refused as a foreign Host."""
+    compose_text = COMPOSE.read_text(encoding="utf-8")
+    compose_config = settings_file(ROOT / "deploy" / "proxy.compose.yaml")
+    assert "proxy" in compose_config.listen.allowed_hosts
+    app_url = compose()["services"]["app"]["environment"]["PROXY_URL"] + "/"
+    assert _calls_pass_host_check(compose_config, compose_text, [app_url]) == []
+    sidecar_text = SIDECAR.read_text(encoding="utf-8")
+    sidecar_config = settings_file(ROOT / "deploy" / "proxy.sidecar.yaml")
+    assert _calls_pass_host_check(sidecar_config, sidecar_text, []) == []
+    for path in (KUBERNETES, FORWARD_KUBERNETES):
+        text = path.read_text(encoding="utf-8")
+        objects = {doc["kind"]: doc for doc in yaml.safe_load_all(text) if doc}
+        settings = settings_text(objects["ConfigMap"]["data"]["proxy.yaml"], tmp_path)
+        assert _calls_pass_host_check(settings, text, []) == []
+    # The check itself refuses a name no config lists.
+    assert _calls_pass_host_check(compose_config, "http://publer-proxy:8080/", []) != []

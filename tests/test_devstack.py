@@ -216,8 +216,13 @@ def test_taken_port_is_refused_before_anything_starts(command: list[str]) -> Non
         assert result.stdout == ""
 
 
-def _start_stack(tmp_path: Path, command: list[str]) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """`command` (which runs `dev`) in a session of its own, as a terminal would; ready."""
+def _start_stack(
+    tmp_path: Path, command: list[str], *, hangup: signal.Handlers = signal.SIG_DFL
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`command` (which runs `dev`) in a session of its own, as a terminal would; ready.
+
+    SIGHUP starts with `hangup` (a terminal's default, whatever the test runner ignores;
+    SIG_IGN is what `nohup` gives)."""
     port = free_port()
     log = tmp_path / "stack.log"
     env = {
@@ -233,10 +238,19 @@ def _start_stack(tmp_path: Path, command: list[str]) -> tuple[subprocess.Popen[b
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, hangup),
         )
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, process, log)
     return process, url, log
+
+
+def _program(pid: int) -> bytes:
+    """The program a process runs (its argv[0]), empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return b""
 
 
 def _wait_gone(pids: set[int], log: Path) -> None:
@@ -263,6 +277,84 @@ def test_closed_terminal_stops_the_whole_stack(tmp_path: Path) -> None:
         assert "stopping the stack" in log.read_text()
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/healthz")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_a_hangup_of_dev_alone_stops_the_whole_stack(tmp_path: Path) -> None:
+    """A SIGHUP that reaches only `dev` (its terminal closed, its parent a supervisor that
+    lives on) stops everything it started, with status 0: a hangup is not a reload here."""
+    process, url, log = _start_stack(tmp_path, [sys.executable, "-m", "proxy", "dev"])
+    try:
+        started = descendants(process.pid)
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(60) == 0, log.read_text()[-3000:]
+        _wait_gone(started, log)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz")
+        assert "config_reloaded" not in log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_nohup_keeps_the_stack_through_a_hangup(tmp_path: Path) -> None:
+    """Started with SIGHUP ignored (`nohup make run &`), `dev` and what it started keep
+    ignoring it, as nohup asks; SIGTERM still stops everything with status 0."""
+    process, url, log = _start_stack(
+        tmp_path, [sys.executable, "-m", "proxy", "dev"], hangup=signal.SIG_IGN
+    )
+    try:
+        started = descendants(process.pid)
+        # OpenBao catches SIGHUP (it reloads its config); the Python processes ignore it.
+        pythons = {pid for pid in started if _program(pid) == _program(process.pid)}
+        assert len(pythons) == 1  # the sandbox
+        for pid in {process.pid, *pythons}:
+            status = Path(f"/proc/{pid}/status").read_text()
+            mask = next(s for s in status.splitlines() if s.startswith("SigIgn:")).split()[1]
+            assert int(mask, 16) & (1 << (signal.SIGHUP - 1)), f"{pid} would die of a hangup"
+        os.killpg(process.pid, signal.SIGHUP)
+        assert httpx.get(f"{url}/api/v1/users/me").status_code == 200
+        assert all(alive(pid) for pid in started)
+        process.terminate()
+        assert process.wait(60) == 0, log.read_text()[-3000:]
+        _wait_gone(started, log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_terminate_while_openbao_starts_stops_it_too(tmp_path: Path) -> None:
+    """SIGTERM while `dev` is still starting (OpenBao up, the proxy not yet) ends `dev`
+    with status 0 and stops the OpenBao it had started: nothing is left running."""
+    port = free_port()
+    log = tmp_path / "stack.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("PUBLER_API_KEY",)}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "dev", "--port", str(port)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        bao: set[int] = set()
+        while not bao:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            bao = {pid for pid in descendants(process.pid) if _program(pid).endswith(b"/bao")}
+            time.sleep(0.01)
+        process.terminate()
+        assert process.wait(60) == 0, log.read_text()
+        _wait_gone(bao, log)
+        assert "Traceback" not in log.read_text()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

@@ -179,7 +179,7 @@ def test_refusals_never_reach_publer(
     code: str,
 ) -> None:
     """Each proxy refusal comes in Publer's envelope, and Publer saw nothing."""
-    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     if "Content-Length" not in headers and method in ("POST", "PATCH"):
         head += "Content-Length: 2\r\n\r\n{}"
@@ -200,7 +200,8 @@ def test_query_string_is_forwarded_byte_for_byte(proxy: Proxy, upstream: Sandbox
     query = "page=0&accounts[]=a1&accounts[]=a2&q=%41%2f+b&empty=&flag&x=%7E~"
     answer = raw_request(
         proxy.url,
-        f"GET /api/v1/posts?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+        f"GET /api/v1/posts?{query} HTTP/1.1\r\nHost: localhost\r\n"
+        "Connection: close\r\n\r\n".encode(),
     )
     assert answer.startswith(b"HTTP/1.1 200"), answer
     [record] = upstream.requests()
@@ -214,7 +215,7 @@ def test_non_ascii_header_value_is_refused_before_the_hop(proxy: Proxy, upstream
     client would re-encode it as UTF-8, so it could not pass byte for byte."""
     answer = raw_request(
         proxy.url,
-        b"GET /api/v1/posts HTTP/1.1\r\nHost: x\r\nX-Note: caf\xe9 \x80\r\n"
+        b"GET /api/v1/posts HTTP/1.1\r\nHost: localhost\r\nX-Note: caf\xe9 \x80\r\n"
         b"Connection: close\r\n\r\n",
     )
     assert answer.startswith(b"HTTP/1.1 400"), answer

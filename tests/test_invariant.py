@@ -110,7 +110,7 @@ class Generated:
     def raw(self) -> bytes:
         """The request as bytes on the wire."""
         head = f"{self.method} ".encode() + self.path + self.query + b" HTTP/1.1\r\n"
-        head += b"Host: proxy\r\nConnection: close\r\n" + self.extra
+        head += b"Host: localhost\r\nConnection: close\r\n" + self.extra
         if self.authorization is not None:
             head += f"Authorization: {self.authorization}\r\n".encode()
         for workspace in self.workspaces:

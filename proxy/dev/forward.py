@@ -103,17 +103,26 @@ def add_forward_proxy(config: dict[str, object], workdir: Path, sandbox_ca: Path
 
 
 def paste_lines(port: int, ca_file: Path, origin: str) -> str:
-    """What a client that hard-codes the origin needs in its environment, per ecosystem."""
+    """What a client that hard-codes the origin needs in its environment, per ecosystem.
+
+    NO_PROXY keeps loopback calls direct: with a proxy variable set, Python, Ruby and others
+    would send even `http://127.0.0.1:...` (this proxy's own port, OpenBao) to the listener,
+    which refuses every host but the origin's; the origin's host must never be in it.
+    """
     proxy = f"http://127.0.0.1:{port}"
     return (
         f"Clients that hard-code {origin}: set HTTPS_PROXY and your ecosystem's CA variable.\n\n"
         f"  export HTTPS_PROXY={proxy}\n"
+        "  # loopback calls (this proxy, OpenBao) go direct; add the other hosts your app calls\n"
+        "  export NO_PROXY=127.0.0.1,localhost,::1\n"
         "  # Python (urllib, httpx, aiohttp), Ruby, Go; requests; Node; curl:\n"
         f"  export SSL_CERT_FILE={ca_file}\n"
         f"  export REQUESTS_CA_BUNDLE={ca_file}\n"
         f"  export NODE_EXTRA_CA_CERTS={ca_file}\n"
         f"  export CURL_CA_BUNDLE={ca_file}\n\n"
         f"  curl -s {origin}/api/v1/users/me\n\n"
-        "Node's fetch needs NODE_USE_ENV_PROXY=1 (Node 24+) or undici's EnvHttpProxyAgent;"
+        f"Ruby's Net::HTTP reads http_proxy instead (export http_proxy={proxy});"
+        " Node's fetch needs NODE_USE_ENV_PROXY=1 (Node 24+) or undici's EnvHttpProxyAgent;"
+        " Java needs -Dhttps.proxyHost/-Dhttps.proxyPort and a trust store;"
         " see the README, 'Clients you cannot change'.\n"
     )

@@ -59,7 +59,7 @@ _PROXY_VARIABLES = (
 _XML_ERROR = re.compile(
     r"<Code>(?P<code>[A-Za-z.]+)</Code>\s*<Message>(?P<message>[^<]*)</Message>"
 )
-_MAX_SERVER_MESSAGE = 200
+_ERROR_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9.]{0,63}$")
 _REFUSED_IDENTITY = frozenset(
     {
         "UnrecognizedClientException",
@@ -221,10 +221,6 @@ class AwsKeySource:
             raise SourceError(f"field {name!r} of {self.where} is not a string", kind="invalid")
         return raw
 
-    def _server_says(self, message: Any) -> str:
-        text = " ".join(self._secrets.redact(str(message or "")).split())[:_MAX_SERVER_MESSAGE]
-        return f": {text}" if text else ""
-
     def _refused(self, exc: botocore.exceptions.ClientError) -> SourceError:
         error = exc.response.get("Error", {}) if isinstance(exc.response, dict) else {}
         code, message = str(error.get("Code", "")), str(error.get("Message", ""))
@@ -232,38 +228,47 @@ class AwsKeySource:
             # An error in the query protocol's XML (as some endpoints answer a refused
             # signature) is not parsed by the JSON protocol's reader: read it here.
             code, message = found.group("code"), found.group("message")
-        says = self._server_says(message)
+        # The error code is shown only when it has the shape of one: an endpoint can put
+        # anything there, and only the proxy's own sentences leave it.
+        code = code if _ERROR_CODE.match(code) else ""
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        status = status if isinstance(status, int) else None
+        answer = code or (f"HTTP {status}" if status else "an unrecognised error")
         kind: ErrorKind
         if code in _REFUSED_IDENTITY:
-            reason = f"AWS refused the credentials in use ({code}{says}); check the identity"
+            reason = f"AWS refused the credentials in use ({code}); check the identity"
             return SourceError(
                 reason + " the proxy runs with (AWS_PROFILE, the keys, the role)",
                 kind="auth_failed",
+                detail=message,
             )
         if code == "AccessDeniedException":
-            reason = f"AWS denied secretsmanager:GetSecretValue on {self.where}{says}"
+            reason = f"AWS denied secretsmanager:GetSecretValue on {self.where}"
             kind = "denied"
         elif code == "DecryptionFailure":
-            reason = f"KMS could not decrypt {self.where} for this identity{says}"
+            reason = f"KMS could not decrypt {self.where} for this identity"
             kind = "denied"
         elif code == "ResourceNotFoundException":
-            reason = f"no {self.where} (or no {CURRENT_STAGE} version of it){says}"
+            reason = f"no {self.where} (or no {CURRENT_STAGE} version of it)"
             kind = "not_found"
-        elif code in _UNAVAILABLE or (isinstance(status, int) and status >= 500):
-            reason = f"Secrets Manager answered {code or status}{says}"
+        elif code in _UNAVAILABLE or (status is not None and status >= 500):
+            reason = f"Secrets Manager answered {answer}; retry later"
             kind = "unreachable"
         else:
-            reason = f"Secrets Manager refused to read {self.where} ({code or status}{says})"
+            reason = f"Secrets Manager refused to read {self.where} ({answer})"
             kind = "invalid"
-        return SourceError(reason, kind=kind)
+        return SourceError(reason, kind=kind, detail=message)
 
     def _failed(self, exc: botocore.exceptions.BotoCoreError) -> SourceError:
         where = self._settings.endpoint_url or "Secrets Manager"
         if isinstance(exc, botocore.exceptions.NoCredentialsError):
             return SourceError(_NO_CREDENTIALS, kind="auth_failed")
         if isinstance(exc, botocore.exceptions.PartialCredentialsError):
-            return SourceError(f"incomplete AWS credentials: {exc}", kind="auth_failed")
+            return SourceError(
+                "incomplete AWS credentials (an access key without its secret, or the"
+                " reverse); check the environment or profile the proxy runs with",
+                kind="auth_failed",
+            )
         if isinstance(exc, botocore.exceptions.ProfileNotFound):
             return SourceError(
                 f"the AWS profile {self._settings.profile!r} does not exist in ~/.aws",

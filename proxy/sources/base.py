@@ -2,7 +2,10 @@
 
 A source reads one credential's key, synchronously: the credential store calls `read()`
 from a worker thread, never on the event loop. Every failure is one exception whose
-`kind` says what happened and whose `reason` is a sentence safe to log and to show:
+`kind` says what happened and whose `reason` is a sentence safe to log and to show. The
+reason is the proxy's own words only (which source, how it failed: the HTTP status or
+error class, what to do): a service's error text can quote a secret the proxy never read,
+so it goes in `detail`, masked without knowing the secret, and only to the log:
 
     SourceError
       kind="unreachable"  the service cannot be reached, times out or answers 429/5xx
@@ -21,6 +24,8 @@ from datetime import datetime
 from functools import partial
 from typing import Any, Literal, Protocol
 
+from proxy.redact import mask_opaque
+
 ErrorKind = Literal["unreachable", "sealed", "denied", "not_found", "invalid", "auth_failed"]
 SourceKind = Literal["vault", "aws_secrets_manager", "file", "env"]
 
@@ -29,18 +34,20 @@ BACKOFF_MAX_SECONDS = 300.0
 
 
 class SourceError(Exception):
-    """Reading a key failed; `reason` is safe to log and show, `kind` is what happened."""
+    """Reading a key failed; `reason` is safe to log and show, `kind` is what happened,
+    `detail` the service's own error text (masked by `mask_opaque`), for the log only."""
 
-    def __init__(self, reason: str, *, kind: ErrorKind) -> None:
+    def __init__(self, reason: str, *, kind: ErrorKind, detail: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.kind: ErrorKind = kind
+        self.detail = mask_opaque(detail) if detail else None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, reason={self.reason!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (partial(type(self), kind=self.kind), (self.reason,))
+        return (partial(type(self), kind=self.kind, detail=self.detail), (self.reason,))
 
 
 @dataclass(frozen=True)

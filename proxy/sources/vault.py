@@ -55,7 +55,6 @@ DEFAULT_TOKEN_FILE = Path("~/.vault-token")
 RENEW_AT_FRACTION = 2 / 3
 RENEW_JITTER = 0.1
 MIN_MAINTENANCE_SECONDS = 1.0
-_MAX_SERVER_MESSAGE = 200
 
 # Vault's response to a bad, expired or revoked token, or a refused renewal or login.
 # OpenBao responds 403 (never 401) to a bad token, 400 to "lease is not renewable".
@@ -289,8 +288,10 @@ class VaultSession:
             response = self._call(login)
         except _REFUSALS as exc:
             raise VaultError(
-                f"Vault refused the {method} login at auth/{mount}{self._server_says(exc)}",
+                f"Vault refused the {method} login at auth/{mount} ({_answer(exc)});"
+                " check the role and its credentials",
                 kind="auth_failed",
+                detail=_server_text(exc),
             ) from None
         grant = _mapping(_mapping(response).get("auth"))
         token = grant.get("client_token")
@@ -409,7 +410,9 @@ class VaultSession:
             raise VaultError(f"no secret at {where}", kind="not_found") from None
         except (hvac.exceptions.InvalidRequest, hvac.exceptions.Unauthorized) as exc:
             raise VaultError(
-                f"Vault refused to read {where}{self._server_says(exc)}", kind="invalid"
+                f"Vault refused to read {where} ({_answer(exc)})",
+                kind="invalid",
+                detail=_server_text(exc),
             ) from None
         found: dict[str, str] = {}
         for name in fields:
@@ -440,7 +443,9 @@ class VaultSession:
             raise VaultError(self._missing(where, credential, exc), kind="not_found") from None
         except (hvac.exceptions.InvalidRequest, hvac.exceptions.Unauthorized) as exc:
             raise VaultError(
-                f"Vault refused to read {where}{self._server_says(exc)}", kind="invalid"
+                f"Vault refused to read {where} ({_answer(exc)})",
+                kind="invalid",
+                detail=_server_text(exc),
             ) from None
 
         data = _mapping(_mapping(response).get("data"))
@@ -489,15 +494,6 @@ class VaultSession:
 
     # -- mapping failures --------------------------------------------------------------
 
-    def _server_says(self, exc: Exception) -> str:
-        """Vault's own error text, redacted and shortened, as ': ...' or ''."""
-        errors = getattr(exc, "errors", None)
-        if not errors or not isinstance(errors, list):
-            return ""
-        text = "; ".join(str(error) for error in errors)
-        text = " ".join(self._secrets.redact(text).split())[:_MAX_SERVER_MESSAGE]
-        return f": {text}" if text else ""
-
     def _call(self, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one hvac call. Transport trouble and unavailability become VaultError;
         refusals (403, 404, 400) stay hvac exceptions, for the caller to name."""
@@ -541,8 +537,9 @@ class VaultSession:
     def _server_error(self, status: int | None, exc: Exception) -> VaultError:
         answered = f"answered {status}" if status else "answered with an unexpected error"
         return VaultError(
-            f"Vault at {self._settings.url} {answered}{self._server_says(exc)}",
+            f"Vault at {self._settings.url} {answered}; retry later, or check the Vault server",
             kind="unreachable",
+            detail=_server_text(exc),
         )
 
 
@@ -570,3 +567,27 @@ class VaultKeySource:
 
     def close(self) -> None:
         """The shared session is closed by whoever made it."""
+
+
+_ANSWERS: dict[type[Exception], str] = {
+    hvac.exceptions.InvalidRequest: "HTTP 400, invalid request",
+    hvac.exceptions.Unauthorized: "HTTP 401, unauthorized",
+    hvac.exceptions.Forbidden: "HTTP 403, permission denied",
+    hvac.exceptions.InvalidPath: "HTTP 404, not found",
+}
+
+
+def _answer(exc: Exception) -> str:
+    """How Vault refused, in the proxy's words: the HTTP status and its meaning."""
+    return next(
+        (text for kind, text in _ANSWERS.items() if isinstance(exc, kind)),
+        f"{type(exc).__name__}",
+    )
+
+
+def _server_text(exc: Exception) -> str | None:
+    """Vault's own error text, for the log only (SourceError masks it)."""
+    errors = getattr(exc, "errors", None)
+    if not errors or not isinstance(errors, list):
+        return None
+    return "; ".join(str(error) for error in errors)
