@@ -276,3 +276,54 @@ def test_sandbox_on_a_taken_port_announces_nothing() -> None:
     assert done.stdout == ""
     assert "Traceback" not in done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def one_mistake_per_stage(config: dict[str, Any]) -> list[str]:
+    """Put one mistake of each stage into `config`; the key paths each must be named by."""
+    same = hash_token("shared-token-0123456789abcdef")
+    first = len(config["routes"])
+    team = {
+        "name": "typo",
+        "prefix": "/typo",
+        "credential": "publer",
+        "workspace_id": "5f8d7a62c9e77e001f36e3a1",
+        "scopes": ["posts", "analytcs"],  # not a scope of the scope map
+        "clients": [
+            {"name": "one", "token_sha256": same},
+            {"name": "two", "token_sha256": same},  # the same token twice in one route
+        ],
+    }
+    other = {
+        "name": "dangling",
+        "prefix": "/dangling",
+        "credential": "ghost",  # not a defined credential
+        "workspace_id": "5f8d7a62c9e77e001f36e3a1",
+        "scopes": ["posts"],
+        "clients": [{"name": "three", "token_sha256": same}],  # and across routes
+    }
+    config["routes"] = [*config["routes"], team, other]
+    config["listen"]["prot"] = 1  # an unknown key
+    config["rate_limit"] = {"requests": -5, "per_seconds": 120}  # a bad value
+    return [
+        "listen.prot: unknown key",
+        "rate_limit.requests: Input should be greater than 0; correct the value",
+        f"routes.{first}.clients.1.token_sha256: client 'two' has the same token as client 'one'",
+        f"routes.{first + 1}.clients.0.token_sha256: client 'three' has the same token as"
+        " client 'one'",
+        f"routes.{first + 1}.credential: 'ghost' is not defined under credentials",
+        f"routes.{first}.scopes: 'analytcs' (route 'typo') is not a scope of the scope map",
+    ]
+
+
+def test_every_mistake_of_every_stage_in_one_check(tmp_path: Path) -> None:
+    """One run of `check` (and of `serve`) names every mistake of every stage (keys, the
+    checks between keys, client tokens, the scope map), each with its key path."""
+    config = proxy_config("http://127.0.0.1:8200", "http://127.0.0.1:9")
+    expected = one_mistake_per_stage(config)
+    path = write_config(tmp_path, config)
+    for command in ("check", "serve"):
+        result = run_cli(command, "--config", str(path))
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        for line in expected:
+            assert line in result.stderr, (line, result.stderr)
+        assert "Traceback" not in result.stderr + result.stdout
