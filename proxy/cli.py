@@ -191,7 +191,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             return _print_problems(exc)
     audit = settings.audit if settings else None
     status, lines = verify_file(
-        Path(args.file),
+        [Path(name) for name in args.file],
         head=args.head,
         redis_url=args.redis_url
         or (audit.redis_url if audit else None)
@@ -275,9 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser(
         "verify",
-        help="report the first line of an audit file that was altered, removed or reordered",
+        help="report the first line of an audit file (and its rotated files) that was"
+        " altered, removed, reordered or cut short",
     )
-    verify.add_argument("file", help="the audit file")
+    verify.add_argument(
+        "file",
+        nargs="+",
+        help="the audit file, and its rotated files in any order (audit.log*): they are read"
+        " oldest first, by the first sequence number each holds",
+    )
     verify.add_argument("--head", metavar="LINES:HASH", help="the published head to check against")
     verify.add_argument("--redis-url", help="read the published head from this Redis")
     verify.add_argument("--head-key", help="its key (default: the config's, or this host's)")

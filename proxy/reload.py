@@ -17,16 +17,24 @@ request ever sees half of each.
   replaces it, and the old one is closed once the requests that hold it are done.
 
 With `reload.watch: true` the config file's directory is watched (watchfiles: inotify on
-Linux) and a change of the file, or of the `..data` link through which Kubernetes swaps a
-mounted ConfigMap, reloads it once the writes settle. A file caught half-written is
-invalid and changes nothing; the write that completes it reloads it.
+Linux). A file that arrives whole, by rename (an editor's or a deploy's atomic write, or
+the `..data` link through which Kubernetes swaps a mounted ConfigMap), is reloaded at once.
+A file written in place is reloaded only once it is complete: no process holds it open
+for writing (when the kernel can tell, through a lease probe) and its size, time and
+digest stayed the same for `reload.settle_seconds` (editors and `cat >` write in
+several pieces, with pauses between them). A file caught half-written, even one that
+happens to be valid YAML, is never applied.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import hashlib
+import os
+import signal
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -204,6 +212,7 @@ class Reloader:
     _watch_stop: asyncio.Event = field(default_factory=asyncio.Event)
     _hangup: bool = False
     _attempts: int = 0
+    _settling: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Take SIGHUP (unless it stops this program, as in `dev`), watch the file if
@@ -232,6 +241,8 @@ class Reloader:
         tasks = [*self._tasks, *self._retiring]
         if self._watcher is not None:
             tasks.append(self._watcher)
+        if self._settling is not None:
+            tasks.append(self._settling)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -240,6 +251,8 @@ class Reloader:
         self._retiring.clear()
 
     def _on_hangup(self) -> None:
+        # A hangup also says "logs were rotated", as for nginx: the audit file is reopened.
+        self.live.current.services.audit.reopen()
         self._spawn(self.reload("SIGHUP"))
 
     def _spawn(self, work: Any) -> None:
@@ -274,7 +287,14 @@ class Reloader:
         try:
             config = await to_thread.run_sync(load_config, self.path)
         except ConfigError as exc:
-            return _rejected(trigger, "invalid", None, exc.problems)
+            problems = list(exc.problems)
+            if exc.partial is not None:  # name the keys a restart needs, among the valid ones
+                problems += [
+                    line
+                    for line in restart_only_changes(current.config.settings, exc.partial)
+                    if line.split(":")[0].split(".")[0] in exc.valid_keys
+                ]
+            return _rejected(trigger, "invalid", None, problems)
         for value in config.settings.secret_values():  # before anything is logged
             current.services.secrets.add(value)
         if only_if_changed and config.sha256 == current.config.sha256:
@@ -333,20 +353,24 @@ class Reloader:
 
     async def _watch(self, stop: asyncio.Event) -> None:
         # Imported here: only a proxy that watches its file pays for the library.
-        from watchfiles import awatch
+        from watchfiles import Change, awatch
 
         directory = self.path.absolute().parent
         names = {self.path.name, KUBERNETES_DATA_LINK}
         while not stop.is_set():
             try:
-                async for _changes in awatch(
+                async for changes in awatch(
                     directory,
                     watch_filter=lambda _change, changed: Path(changed).name in names,
                     step=WATCH_STEP_MS,
                     stop_event=stop,
                     recursive=False,
                 ):
-                    await self.reload("file change", only_if_changed=True)
+                    # Only names arriving (a rename onto them) and nothing written: whole.
+                    arrived = all(change == Change.added for change, _ in changes)
+                    if self._settling is not None:
+                        self._settling.cancel()
+                    self._settling = asyncio.create_task(self._apply_when_complete(arrived))
             except (OSError, RuntimeError) as exc:
                 log.warning(
                     "config_watch_failed",
@@ -356,6 +380,54 @@ class Reloader:
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), WATCH_RETRY_SECONDS)
+
+    async def _apply_when_complete(self, arrived: bool) -> None:
+        """Reload once the file is complete: at once when it arrived by rename and nobody
+        writes it, else once it stayed unchanged for `reload.settle_seconds` with no writer."""
+        if not arrived or _open_for_writing(self.path):
+            settled = None
+            while True:
+                seen = await to_thread.run_sync(self._signature)
+                if seen == settled and not _open_for_writing(self.path):
+                    break
+                settled = seen
+                await asyncio.sleep(self.live.current.config.settings.reload.settle_seconds)
+        self._spawn(self.reload("file change", only_if_changed=True))
+
+    def _signature(self) -> tuple[int, int, int, str | None] | None:
+        try:
+            status = self.path.stat()
+        except OSError:
+            return None
+        return status.st_ino, status.st_size, status.st_mtime_ns, self._file_digest()
+
+
+def _open_for_writing(path: Path) -> bool:
+    """Whether some process has the file open for writing, as far as the kernel says: a
+    read lease cannot be taken on such a file (fcntl(2), F_SETLEASE). Where a lease is
+    not allowed (a file this process does not own, leases off, not the main thread) this
+    says False and the settle time alone decides."""
+    try:
+        # A writer opening the file while the lease is held breaks it, and the kernel
+        # tells the holder with SIGIO, whose default action ends the process.
+        previous = signal.signal(signal.SIGIO, signal.SIG_IGN)
+    except ValueError:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        signal.signal(signal.SIGIO, previous)
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EBUSY)
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
+        signal.signal(signal.SIGIO, previous)
 
 
 def _rejected(

@@ -27,7 +27,7 @@ import hvac
 
 from proxy.keys.outbound import vault_http_session
 
-START_TIMEOUT_SECONDS = 10.0
+START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
 _UNSEAL_KEY_RE = re.compile(r"^Unseal Key: (\S+)$", re.MULTILINE)
 

@@ -24,7 +24,7 @@ import httpx
 from tests.bao import free_port
 
 REGION = "eu-west-1"
-START_TIMEOUT_SECONDS = 20.0
+START_TIMEOUT_SECONDS = 60.0
 # With auth on, this many calls go unchecked: create_secret, create_user,
 # create_access_key, put_user_policy (see `setup_reader`).
 SETUP_CALLS = 4

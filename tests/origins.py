@@ -63,6 +63,9 @@ class Request:
     headers: dict[str, str]
     body: bytes
     idle_before: float  # seconds the connection was idle before this request
+    # Set once the origin performed every step of its script for this request (its last
+    # bytes written, its close or reset done, or the peer gone after a Hold).
+    performed: threading.Event = field(default_factory=threading.Event)
 
     @property
     def query(self) -> dict[str, str]:
@@ -109,7 +112,7 @@ class Origin:
 
     def __enter__(self) -> Origin:
         self._thread.start()
-        self._ready.wait(10)
+        self._ready.wait(60)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -166,6 +169,7 @@ class Origin:
                     elif isinstance(step, Sleep):
                         await asyncio.sleep(step.seconds)
                     elif isinstance(step, Close):
+                        request.performed.set()
                         return
                     elif isinstance(step, Reset):
                         sock = writer.get_extra_info("socket")
@@ -173,6 +177,7 @@ class Origin:
                             socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                         )
                         writer.transport.abort()
+                        request.performed.set()
                         return
                     else:
                         try:
@@ -181,7 +186,9 @@ class Origin:
                         except ConnectionError:
                             pass
                         connection.closed_by_peer.set()
+                        request.performed.set()
                         return
+                request.performed.set()
                 idle_since = time.monotonic()
         finally:
             if reader.at_eof():

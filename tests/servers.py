@@ -24,7 +24,7 @@ import yaml
 from proxy.dev.sandbox import SANDBOX_KEYS_ENV
 from tests.bao import free_port
 
-START_TIMEOUT_SECONDS = 20.0
+START_TIMEOUT_SECONDS = 60.0
 
 
 def _wait(
@@ -64,7 +64,7 @@ class Process:
     log_path: Path
     url: str
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Stop the process; its exit status."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -181,7 +181,7 @@ class Proxy(Process):
         """The access events (one per request)."""
         return [e for e in self.events() if e.get("event") == "request"]
 
-    def access_event(self, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
+    def access_event(self, request_id: str, timeout: float = 30.0) -> dict[str, Any]:
         """The access event of one request; it is written just after the answer."""
         deadline = time.monotonic() + timeout
         while True:
@@ -281,7 +281,7 @@ def start_redis(workdir: Path) -> Process:
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     server = Process(process, log_path, f"redis://127.0.0.1:{port}/0")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
     client = redis.Redis(port=port)
     try:
         while True:

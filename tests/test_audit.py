@@ -3,10 +3,13 @@ reading it back, over real processes and a real redis-server."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,18 @@ import httpx
 import pytest
 import redis
 
-from proxy.records.audit import response_ids
-from proxy.records.audit_chain import GENESIS, Head, line_hash, seal, verify
+from proxy.records.audit import _torn_line, response_ids
+from proxy.records.audit_chain import (
+    GENESIS,
+    Head,
+    Source,
+    line_hash,
+    link_record,
+    seal,
+    torn_record,
+    verify,
+    verify_files,
+)
 from proxy.rules.policy import hash_token
 from tests.bao import Bao, free_port
 from tests.servers import Process, Sandbox, proxy_config, start_proxy, start_redis
@@ -106,6 +119,94 @@ def test_removed_or_altered_last_lines_need_the_head() -> None:
     altered = [*lines[:5], lines[5].replace(b'"status":200', b'"status":201')]
     assert check(altered) == (None, None)
     assert check(altered, head) == (6, "altered: its hash is not the published head's")
+
+
+def rotated(sizes: list[int]) -> list[list[bytes]]:
+    """One chain written into files of `sizes` request lines, each file after the first
+    opening with the link line the proxy writes."""
+    files: list[list[bytes]] = []
+    seq, prev = 0, GENESIS
+    for index, size in enumerate(sizes):
+        lines: list[bytes] = []
+        records = [{"path": f"/api/v1/posts/{index}-{n}"} for n in range(size)]
+        if index:
+            records.insert(0, link_record("2026-12-06T00:00:00.000+00:00", Head(seq, prev)))
+        for record in records:
+            seq += 1
+            line = seal(record, seq, prev)
+            prev = line_hash(line)
+            lines.append(line + b"\n")
+        files.append(lines)
+    return files
+
+
+def check_files(
+    files: list[list[bytes]], head: Head | None = None
+) -> tuple[str, int | None, str | None, str | None]:
+    """Where verify found the first problem across `files` (named f0, f1 ...), and what."""
+    sources: list[Source] = [(f"f{i}", partial(list, lines)) for i, lines in enumerate(files)]
+    report = verify_files(sources, head)
+    return report.file, report.line_number, report.problem, report.note
+
+
+def test_the_chain_runs_across_rotated_files() -> None:
+    """Rotated files read in order are one chain; a missing middle file, a file that starts
+    a chain of its own, a torn last line and an emptied file are each reported with the
+    file and line; the oldest file given may continue earlier ones (a note)."""
+    first, second, third = rotated([2, 2, 1])
+    head = Head(7, line_hash(third[-1].rstrip(b"\n")))
+    assert check_files([first, second, third], head)[2:] == (None, None)
+
+    _, _, problem, note = check_files([second, third], head)
+    assert problem is None
+    assert note is not None and note.startswith("f0 line 1: the chain begins at seq 3")
+
+    name, number, problem, _ = check_files([first, third], head)
+    assert (name, number) == ("f1", 1)
+    assert problem == "removed: the audit line(s) with seq 3-5 before it are gone"
+
+    name, number, problem, _ = check_files([first, chain(2)])
+    assert (name, number) == ("f1", 1)
+    assert problem is not None and problem.startswith("not linked: a new chain starts at seq 1")
+
+    cut = b'{"event":"audit","seq":8,"ti'
+    torn = [*third, cut]
+    name, number, problem, _ = check_files([first, second, torn])
+    assert (name, number) == ("f2", 3)
+    assert problem is not None and problem.startswith(
+        f"torn: the last line is cut short ({len(cut)} bytes"
+    )
+
+    marker = seal(torn_record("t", 3, len(cut)), 8, line_hash(third[-1].rstrip(b"\n"))) + b"\n"
+    set_aside = [*third, torn[-1] + b"\n", marker]
+    _, _, problem, note = check_files([first, second, set_aside])
+    assert problem is None
+    assert note == (
+        f"f2 line 3: a line cut short by a crash ({len(cut)} bytes) was set aside by the proxy"
+        " at its next start"
+    )
+
+    name, number, problem, _ = check_files([[]], head)
+    assert (name, number) == ("f0", 1)
+    assert problem is not None and problem.startswith(
+        "removed: there are no audit lines, the published head says 7"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"abc", (1, 3)),
+        (b"a\nbc", (2, 2)),
+        (b"\n\nq", (3, 1)),
+        (b"a\n" * 3 + b"x" * (3 << 20), (4, 3 << 20)),  # longer than the tail read at start
+    ],
+)
+def test_a_torn_last_line_is_found_by_line_and_bytes(
+    data: bytes, expected: tuple[int, int]
+) -> None:
+    """The line number and length of a last line with no line end, however long it is."""
+    assert _torn_line(io.BytesIO(data), len(data)) == expected
 
 
 @pytest.mark.parametrize(
@@ -312,3 +413,139 @@ def test_one_audit_file_has_one_writer(
     finally:
         assert first.stop() == 0
     assert _verify(str(sink)).returncode == 0
+
+
+def _delete(proxy: Process, name: str) -> None:
+    """One audited call: a DELETE on the team route."""
+    auth = {"Authorization": f"Bearer-API {TOKEN}"}
+    response = httpx.delete(f"{proxy.url}/team/api/v1/posts/{name}", headers=auth)
+    assert response.status_code == 200
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The whole JSON lines of an audit file (a line cut short is not one)."""
+    if not path.exists():
+        return []  # not made yet: a renamed file is made anew at the next line
+    return [
+        json.loads(line)
+        for line in path.read_bytes().splitlines(keepends=True)
+        if line.endswith(b"}\n")
+    ]
+
+
+def _paths(path: Path) -> list[str]:
+    """The `path` of each request the audit file holds, in order."""
+    records = _records(path)
+    return [r["path"].rsplit("/", 1)[-1] for r in records if "path" in r]
+
+
+def _chain_marks(path: Path) -> list[str]:
+    """The `chain` marks (continued, torn tail set aside) of an audit file, in order."""
+    records = _records(path)
+    return [r["chain"] for r in records if "chain" in r]
+
+
+def test_the_chain_lives_through_rotation_restart_and_a_crash(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox, redis_server: Process
+) -> None:
+    """Rename + SIGHUP reopens the file; copytruncate needs no signal; a restart after
+    rotation continues the chain (no head mismatch); a line torn by a crash is set aside
+    at start, not fatal; verify reads the rotated files, in any order, as one chain."""
+    import os
+    import signal
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    sink = logs / "audit.log"
+    audit = {"sink": str(sink), "redis_url": redis_server.url, "head_key": "test:rotation"}
+    config = _audited_config(bao, sandbox, token_file, audit)
+    proxy = start_proxy(tmp_path / "first", config)
+    try:
+        _delete(proxy, "a1")
+        os.kill(proxy.process.pid, signal.SIGHUP)  # a hangup with nothing rotated
+        eventually(lambda: any(e.get("event") == "config_reloaded" for e in proxy.events()))
+        _delete(proxy, "a2")
+        eventually(lambda: _paths(sink) == ["a1", "a2"])
+        assert not [e for e in proxy.events() if e.get("event") == "audit_reopen_failed"]
+        sink.rename(logs / "audit.log.3")  # rotation by rename, then the reopen signal
+        os.kill(proxy.process.pid, signal.SIGHUP)
+        eventually(lambda: any(e.get("event") == "audit_reopened" for e in proxy.events()))
+        _delete(proxy, "b1")
+        eventually(lambda: _paths(sink) == ["b1"])  # written just after the answer
+        assert _paths(logs / "audit.log.3") == ["a1", "a2"]
+        # copytruncate, with no signal: copy, then empty the file in place.
+        (logs / "audit.log.2").write_bytes(sink.read_bytes())
+        with sink.open("r+b") as file:
+            file.truncate(0)
+        _delete(proxy, "c1")
+        eventually(lambda: _paths(sink) == ["c1"])
+        assert _chain_marks(sink) == ["continued"]
+        sink.rename(logs / "audit.log.x")  # renamed with no signal: seen before the next line
+        _delete(proxy, "c2")
+        eventually(lambda: _paths(sink) == ["c2"])
+        assert _paths(logs / "audit.log.x") == ["c1"]
+    finally:
+        assert proxy.stop() == 0
+    # Rotated while stopped: the next start links the new file to the last head.
+    sink.rename(logs / "audit.log.1")
+    proxy = start_proxy(tmp_path / "second", config)
+    try:
+        _delete(proxy, "d1")
+        eventually(lambda: _paths(sink) == ["d1"])
+    finally:
+        assert proxy.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert not [e for e in proxy.events() if e.get("event") == "audit_head_mismatch"]
+    # The crash came before the last line's head was published: Redis is one line behind.
+    link = sink.read_bytes().splitlines()[0]
+    with redis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+        client.hset("test:rotation", "head", f"9:{line_hash(link)}")
+    torn_bytes = b'{"event":"audit","seq":11,"time":"2026-12'
+    with sink.open("ab") as file:  # the crash cut the last write short
+        file.write(torn_bytes)
+    torn_line = len(sink.read_bytes().splitlines())
+    cut = _verify(*map(str, sorted(logs.glob("audit.log*"))))
+    assert cut.returncode == 1, cut.stdout
+    assert (
+        f"{sink}: line {torn_line}: torn: the last line is cut short ({len(torn_bytes)} bytes"
+        in cut.stdout
+    )
+
+    proxy = start_proxy(tmp_path / "third", config)
+    try:
+        _delete(proxy, "e1")
+    finally:
+        assert proxy.stop() == 0
+    torn = [e for e in proxy.events() if e.get("event") == "audit_torn_tail"]
+    assert [(e["line"], e["bytes"]) for e in torn] == [(torn_line, len(torn_bytes))]
+    assert "Traceback" not in proxy.output()
+    assert not [e for e in proxy.events() if e.get("event") == "audit_head_mismatch"]
+    assert [e["published"] for e in proxy.events() if e.get("event") == "audit_head_behind"] == [
+        f"9:{line_hash(link)}"
+    ]
+    assert _chain_marks(sink) == ["continued", "torn_tail_set_aside"]
+
+    oldest = logs / "audit.log.3"  # logrotate's compress
+    (logs / "audit.log.3.gz").write_bytes(gzip.compress(oldest.read_bytes()))
+    oldest.unlink()
+    files = sorted(logs.glob("audit.log*"))  # audit.log, audit.log.1 ...: not in order
+    whole = _verify(*map(str, files), "--config", str(proxy.config_path))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert "intact: 12 audit lines" in whole.stdout
+    assert (
+        f"note: {sink} line {torn_line}: a line cut short by a crash ({len(torn_bytes)} bytes)"
+        in whole.stdout
+    )
+
+    alone = _verify(str(sink))
+    assert alone.returncode == 0, alone.stdout
+    assert "line 1: the chain begins at seq 9, continuing earlier files" in alone.stdout
+    gap = _verify(str(logs / "audit.log.3.gz"), str(logs / "audit.log.1"), str(sink))
+    assert gap.returncode == 1
+    assert f"{logs / 'audit.log.1'}: line 1: removed: the audit line(s) with seq 3-6" in gap.stdout
+
+    sink.write_bytes(b"")
+    emptied = _verify(str(sink), "--config", str(proxy.config_path))
+    assert emptied.returncode == 1
+    assert f"{sink}: line 1: removed: there are no audit lines, the published head says 12" in (
+        emptied.stdout
+    )

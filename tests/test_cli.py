@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -164,16 +165,29 @@ def test_check_online_exit_2_when_vault_is_down(tmp_path: Path, token_file: Path
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def _in_use_connections(client: httpx.Client) -> float:
+    """The proxy's gauge of connections to Publer held by a request."""
+    text = client.get("/metrics").text
+    series = 'publer_proxy_upstream_connections{state="in_use"}'
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    assert match is not None, series
+    return float(match.group(1))
+
+
 def test_sigterm_lets_a_slow_upload_finish(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
 ) -> None:
     """SIGTERM during a slow upload: the upload completes with 200, then exit 0."""
     proxy = start_proxy(tmp_path, proxy_config(bao.url, sandbox.url, token_file=token_file))
     outcome: dict[str, Any] = {}
+    signalled = threading.Event()
 
     def slow_body() -> Iterator[bytes]:
-        for _ in range(20):
-            time.sleep(0.1)
+        yield b"x" * 64 * 1024
+        # The rest is sent only once SIGTERM went out, so the signal lands mid-upload.
+        signalled.wait(60)
+        for _ in range(19):
+            time.sleep(0.1)  # the pacing that makes the upload slow
             yield b"x" * 64 * 1024
 
     def upload() -> None:
@@ -189,8 +203,11 @@ def test_sigterm_lets_a_slow_upload_finish(
 
     thread = threading.Thread(target=upload)
     thread.start()
-    time.sleep(0.5)
+    # In flight: the proxy holds a connection to the sandbox and streams the body to it.
+    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as client:
+        eventually(lambda: _in_use_connections(client) == 1, timeout=60)
     proxy.process.send_signal(signal.SIGTERM)
+    signalled.set()
     thread.join(30)
     assert proxy.process.wait(30) == 0
     assert outcome["status"] < 500 and outcome["status"] != 499
@@ -259,3 +276,54 @@ def test_sandbox_on_a_taken_port_announces_nothing() -> None:
     assert done.stdout == ""
     assert "Traceback" not in done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def one_mistake_per_stage(config: dict[str, Any]) -> list[str]:
+    """Put one mistake of each stage into `config`; the key paths each must be named by."""
+    same = hash_token("shared-token-0123456789abcdef")
+    first = len(config["routes"])
+    team = {
+        "name": "typo",
+        "prefix": "/typo",
+        "credential": "publer",
+        "workspace_id": "5f8d7a62c9e77e001f36e3a1",
+        "scopes": ["posts", "analytcs"],  # not a scope of the scope map
+        "clients": [
+            {"name": "one", "token_sha256": same},
+            {"name": "two", "token_sha256": same},  # the same token twice in one route
+        ],
+    }
+    other = {
+        "name": "dangling",
+        "prefix": "/dangling",
+        "credential": "ghost",  # not a defined credential
+        "workspace_id": "5f8d7a62c9e77e001f36e3a1",
+        "scopes": ["posts"],
+        "clients": [{"name": "three", "token_sha256": same}],  # and across routes
+    }
+    config["routes"] = [*config["routes"], team, other]
+    config["listen"]["prot"] = 1  # an unknown key
+    config["rate_limit"] = {"requests": -5, "per_seconds": 120}  # a bad value
+    return [
+        "listen.prot: unknown key",
+        "rate_limit.requests: Input should be greater than 0; correct the value",
+        f"routes.{first}.clients.1.token_sha256: client 'two' has the same token as client 'one'",
+        f"routes.{first + 1}.clients.0.token_sha256: client 'three' has the same token as"
+        " client 'one'",
+        f"routes.{first + 1}.credential: 'ghost' is not defined under credentials",
+        f"routes.{first}.scopes: 'analytcs' (route 'typo') is not a scope of the scope map",
+    ]
+
+
+def test_every_mistake_of_every_stage_in_one_check(tmp_path: Path) -> None:
+    """One run of `check` (and of `serve`) names every mistake of every stage (keys, the
+    checks between keys, client tokens, the scope map), each with its key path."""
+    config = proxy_config("http://127.0.0.1:8200", "http://127.0.0.1:9")
+    expected = one_mistake_per_stage(config)
+    path = write_config(tmp_path, config)
+    for command in ("check", "serve"):
+        result = run_cli(command, "--config", str(path))
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        for line in expected:
+            assert line in result.stderr, (line, result.stderr)
+        assert "Traceback" not in result.stderr + result.stdout

@@ -45,7 +45,7 @@ DEV_IMAGE = "localhost/publer-proxy-dev:test"
 BASE_SCRIPT = ROOT / "scripts" / "container-base.sh"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 BUILD_TIMEOUT_SECONDS = 1200
-START_TIMEOUT_SECONDS = 30.0
+START_TIMEOUT_SECONDS = 60.0
 PROXY_UID = 10001
 
 

@@ -56,7 +56,8 @@ def _config(
 
 def _run(flood_targets: list[Proxy], quiet_target: Proxy) -> dict[str, Any]:
     """Flood from four threads per target from the start; the other client asks from two
-    threads, a little later. Counts what each got in the second half of the run.
+    threads once the flood got its first answer. Counts what each got in the second half
+    of the run.
 
     Both ask far more than their share, so the outcome does not depend on how fast this
     machine answers; and the flood asks twice as often, so a first-come budget without
@@ -64,48 +65,57 @@ def _run(flood_targets: list[Proxy], quiet_target: Proxy) -> dict[str, Any]:
     start = time.monotonic()
     half = start + RUN_SECONDS / 2
     got: Counter[str] = Counter()
+    asked: Counter[str] = Counter()
     refusals: list[httpx.Response] = []
     lock = threading.Lock()
+    flood_answered = threading.Event()
 
-    def client(proxy: Proxy, token: str, name: str, pause: float, delay: float) -> None:
-        time.sleep(delay)
+    def client(proxy: Proxy, token: str, name: str, pause: float) -> None:
+        if name != "flood":  # the other client comes once the flood was served
+            flood_answered.wait(60)
         headers = {"Authorization": f"Bearer-API {token}"}
         with httpx.Client(headers=headers) as http:
             while time.monotonic() - start < RUN_SECONDS:
                 answer = http.get(f"{proxy.url}/team/api/v1/posts")
+                if name == "flood":
+                    flood_answered.set()
                 with lock:
                     if time.monotonic() < half:
-                        pass  # the flood alone had the budget at first: not counted
-                    elif answer.status_code == 200:
+                        continue  # the flood alone had the budget at first: not counted
+                    asked[name] += 1
+                    if answer.status_code == 200:
                         got[name] += 1
                     elif answer.status_code == 429 and name == "flood" and len(refusals) < 200:
                         refusals.append(answer)
-                time.sleep(pause)
+                time.sleep(pause)  # a yield to the other threads (pause 0)
 
     threads = [
-        threading.Thread(target=client, args=(proxy, FLOOD_TOKEN, "flood", 0.0, 0.0))
+        threading.Thread(target=client, args=(proxy, FLOOD_TOKEN, "flood", 0.0))
         for proxy in flood_targets
         for _ in range(4)
     ]
     threads += [
-        threading.Thread(target=client, args=(quiet_target, QUIET_TOKEN, "quiet", 0.0, 0.5))
+        threading.Thread(target=client, args=(quiet_target, QUIET_TOKEN, "quiet", 0.0))
         for _ in range(2)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return {"got": got, "refusals": refusals}
+    return {"got": got, "asked": asked, "refusals": refusals}
 
 
 def _check_shares(result: dict[str, Any], flood_weight: int) -> None:
-    got = result["got"]
+    got, asked = result["got"], result["asked"]
     windows = (RUN_SECONDS / 2) / PER_SECONDS
     share = REQUESTS / (flood_weight + 1)
-    # The steady client asks far more than its share; it gets at least that share (a
-    # little slack for the window edges), and the flood takes what it leaves.
-    assert got["quiet"] >= share * windows * 0.85, got
-    assert got["flood"] + got["quiet"] >= REQUESTS * windows * 0.85, got
+    # The steady client gets at least its share, or all it asked for when a busy machine
+    # let it ask less (a little slack for the window edges), and the flood takes what it
+    # leaves; the budget, not this machine's speed, is what is measured.
+    quiet_due = min(share * windows, asked["quiet"])
+    assert got["quiet"] >= quiet_due * 0.85 - 1, (got, asked)
+    total_due = min(REQUESTS * windows, asked["flood"] + asked["quiet"])
+    assert got["flood"] + got["quiet"] >= total_due * 0.85 - 1, (got, asked)
     assert got["flood"] + got["quiet"] <= REQUESTS * (windows + 1), got
 
 

@@ -896,7 +896,7 @@ def test_slow_and_idle_clients_are_closed_while_others_are_served(
 
     def serve_meanwhile() -> None:
         for _ in range(10):
-            time.sleep(0.5)
+            time.sleep(0.5)  # probes spread over the run of the slow clients
             started = time.monotonic()
             assert httpx.get(f"{proxy.url}/api/v1/accounts", timeout=5).status_code == 200
             waits.append(time.monotonic() - started)
@@ -911,18 +911,20 @@ def test_slow_and_idle_clients_are_closed_while_others_are_served(
     meanwhile.start()
     with deaf:
         run_clients(proxy.url, clients, limit=2 * gap + idle_timeout)
-        eventually(lambda: upstream.active() == 0, timeout=3)  # the download was cancelled
+        eventually(lambda: upstream.active() == 0, timeout=30)  # the download was cancelled
     meanwhile.join()
-    assert len(waits) == 10 and max(waits) < 2.0, waits
+    # Answered without waiting for any slow client's timeout (a loaded machine may be slow,
+    # but a request queued behind the slow ones would wait for their timeout).
+    assert len(waits) == 10 and max(waits) < head_timeout / 2, waits
     for client in clients:
         assert client.closed_after is not None, f"{client.name} is still open"
         if client.name.startswith(("idle", "slowloris")):
-            assert head_timeout - 0.5 <= client.closed_after <= head_timeout + 3, client.name
+            assert head_timeout - 0.5 <= client.closed_after <= head_timeout + 5, client.name
             assert client.received == b"", client.name
     by_name = {c.name: c for c in clients}
     for name in ("stalled-small-body", "stalled-streamed-body"):
         closed_after = by_name[name].closed_after
-        assert closed_after is not None and idle_timeout - 0.5 <= closed_after <= idle_timeout + 3
+        assert closed_after is not None and idle_timeout - 0.5 <= closed_after <= idle_timeout + 5
     steady = by_name["slow-but-steady"]
     [response] = parse_responses(steady.received)
     assert response.code is None and response.status < 500, response
@@ -970,6 +972,8 @@ def _abort_upload(url: str, reset: bool) -> None:
         b"POST /api/v1/media HTTP/1.1\r\nHost: localhost\r\nContent-Length: 900000\r\n"
         b"Content-Type: multipart/form-data; boundary=x\r\n\r\n" + b"a" * 400_000
     )
+    # Leave at an arbitrary moment (before the head is read or mid-stream): whichever it
+    # is, nothing may be left behind, and nothing below assumes the upload reached Publer.
     time.sleep(0.05)
     _abort(sock, reset)
 

@@ -8,7 +8,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,16 @@ def test_no_secret_in_any_output_at_debug_level(tmp_path: Path, proxy_variables:
         _run_everything(tmp_path, listener.environment() if proxy_variables else {})
         assert listener.received() == b""
         assert listener.connections == 0
+
+
+def _count(proxy: Proxy, event: str) -> int:
+    """How many times the proxy logged `event`."""
+    return sum(1 for e in proxy.events() if e.get("event") == event)
+
+
+def _logged(proxy: Proxy, *events: str) -> bool:
+    """Whether the proxy logged each of `events` at least once."""
+    return all(_count(proxy, event) for event in events)
 
 
 def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
@@ -169,9 +178,24 @@ def _run_everything(tmp_path: Path, env: dict[str, str]) -> None:
         for proxy in proxies:  # a reload reads the config and stages the credentials again
             proxy.process.send_signal(signal.SIGHUP)
         eventually(lambda: all("config_reloaded" in proxy.output() for proxy in proxies))
-        time.sleep(4)  # token renewals and AppRole re-logins happen
+        # Token renewals and AppRole re-logins happen (their log lines are checked too).
+        eventually(
+            lambda: (
+                _logged(proxies[0], "vault_token_renewed", "vault_token_relogin")
+                and _logged(proxies[1], "vault_token_renewed")
+            ),
+            timeout=60,
+        )
+        failed_before = [_count(proxy, "key_read_failed") for proxy in proxies]
         vault.seal()
-        time.sleep(1.5)
+        # Each proxy reads from the sealed Vault and logs why it failed.
+        eventually(
+            lambda: all(
+                _count(proxy, "key_read_failed") > before
+                for proxy, before in zip(proxies, failed_before, strict=True)
+            ),
+            timeout=60,
+        )
         vault.stop()
         # The AppRole proxy's key expires (max_stale_seconds 2): 503s with reasons.
         eventually(lambda: httpx.get(f"{proxies[0].url}/api/v1/posts").status_code == 503)
@@ -430,7 +454,7 @@ def test_echoing_origin_and_proxy_variables_get_no_secret(tmp_path: Path) -> Non
             )
         try:
             base = f"http://127.0.0.1:{port}"
-            eventually(lambda: _ready(base, dev, log_path), timeout=30)
+            eventually(lambda: _ready(base, dev, log_path), timeout=60)
             known["dev root token"] = _bao_root_token(dev.pid)
             outputs["dev answers"] = _check_answers(_ask_every_echo(base), known)
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def test_vault_killed_stale_key_then_503_then_recovery(
 ) -> None:
     """With Vault down the held key serves (readyz 200, stale with a reason) until
     max_stale_seconds, then 503 credential_unavailable; Vault back means recovery."""
-    vault, proxy = _proxy_on_own_vault(tmp_path, sandbox, api_key, max_stale_seconds=4)
+    # Long enough that the stale-but-serving checks below fit in it on a loaded machine.
+    vault, proxy = _proxy_on_own_vault(tmp_path, sandbox, api_key, max_stale_seconds=12)
     try:
         assert _status(proxy) == 200
         vault.stop()
@@ -96,14 +98,14 @@ def test_vault_killed_stale_key_then_503_then_recovery(
         assert ready.json()["status"] == "degraded"
         assert ready.json()["credentials"]["publer"]["reason"]
         assert _status(proxy) == 200
-        eventually(lambda: _status(proxy) == 503, timeout=20)
+        eventually(lambda: _status(proxy) == 503, timeout=60)
         refused = httpx.get(f"{proxy.url}/api/v1/posts")
         assert refused.json()["code"] == "credential_unavailable"
         assert refused.headers["x-publer-proxy-error"] == "credential_unavailable"
         assert httpx.get(f"{proxy.url}/readyz").status_code == 503
         vault = restart_bao(vault)
         vault.write_key("publer/api", api_key)
-        eventually(lambda: _status(proxy) == 200, timeout=30)
+        eventually(lambda: _status(proxy) == 200, timeout=60)
         assert httpx.get(f"{proxy.url}/readyz").json()["status"] == "ready"
     finally:
         proxy.stop()
@@ -174,10 +176,22 @@ def test_approle_login_serves_traffic(
     }
     proxy = start_proxy(tmp_path / "proxy", config)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # past the token's max TTL: re-login happened
+
+        def read_after_relogin() -> bool:
+            names = [e.get("event") for e in proxy.events()]
+            return (
+                "vault_token_relogin" in names
+                and "key_read" in names[names.index("vault_token_relogin") :]
+            )
+
+        # Serving all along until, past the token's max TTL, the proxy logged in again and
+        # read the key with the new token.
+        deadline = time.monotonic() + 60
+        while not read_after_relogin():
+            assert time.monotonic() < deadline, "no re-login and key read within 60 s"
             assert _status(proxy) == 200
-            time.sleep(0.5)
+            time.sleep(0.5)  # the pace of the probing requests
+        assert _status(proxy) == 200
         assert httpx.get(f"{proxy.url}/readyz").json()["status"] == "ready"
         assert secret_id not in proxy.output()
     finally:
@@ -201,21 +215,29 @@ def test_upstream_401_rereads_once_and_no_client_sees_it(
     new_key = "pk_f7_" + secrets.token_hex(16)
     try:
         statuses: list[int] = []
+        answered: list[int] = []
+        rotated = threading.Event()
 
         def client(n: int) -> list[int]:
-            with httpx.Client(timeout=10) as session:
-                return [
-                    session.get(f"{proxy.url}/api/v1/posts").status_code
-                    if i % 2
-                    else session.post(f"{proxy.url}/api/v1/posts", json={"n": n}).status_code
-                    for i in range(15)
-                ]
+            found = []
+            with httpx.Client(timeout=30) as session:
+                for i in range(15):
+                    if i == 5:  # the rest is sent once the key was rotated
+                        rotated.wait(60)
+                    if i % 2:
+                        found.append(session.get(f"{proxy.url}/api/v1/posts").status_code)
+                    else:
+                        answer = session.post(f"{proxy.url}/api/v1/posts", json={"n": n})
+                        found.append(answer.status_code)
+                    answered.append(n)
+            return found
 
         with concurrent.futures.ThreadPoolExecutor(20) as pool:
             futures = [pool.submit(client, n) for n in range(20)]
-            time.sleep(0.3)
+            eventually(lambda: len(answered) >= 20, timeout=60)  # the traffic flows
             bao.write_key(path, new_key)
             sandbox.set_keys({"key": new_key})
+            rotated.set()
             for future in futures:
                 statuses += future.result()
         assert 401 not in statuses

@@ -26,6 +26,7 @@ from proxy.rules.policy import hash_token
 from tests.bao import Bao
 from tests.conftest import WORKSPACE
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy
+from tests.test_cli import one_mistake_per_stage
 from tests.waiting import eventually
 
 TOKEN_A = "app-a-" + secrets.token_hex(16)
@@ -350,6 +351,24 @@ def test_unreadable_new_credential_refuses_the_reload(
     assert httpx.get(f"{proxy.url}/api/v1/users/me").status_code == 200
 
 
+def test_a_rejected_reload_names_every_mistake_at_once(reloading_proxy: Proxy) -> None:
+    """One rejected reload's log event lists every mistake of every stage (keys, checks
+    between keys, client tokens, the scope map) and a changed restart-only key, and the
+    running config keeps serving."""
+    proxy = reloading_proxy
+    config = _serving(proxy)
+    expected = one_mistake_per_stage(config)
+    config["logging"]["level"] = "warning"  # valid, but only a restart applies it
+    state = _write_and_reload(proxy, yaml.safe_dump(config))
+    assert state["last_reload"]["result"] == "invalid"
+    rejections = _rejections(proxy)
+    assert len(rejections) == 1
+    problems = rejections[0]["problems"]
+    for line in [*expected, "logging.level: cannot change while the proxy runs"]:
+        assert any(line in problem for problem in problems), (line, problems)
+    assert httpx.get(f"{proxy.url}/api/v1/users/me").status_code == 200
+
+
 def test_watched_file_reloads_without_a_signal(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
 ) -> None:
@@ -374,6 +393,131 @@ def test_watched_file_reloads_without_a_signal(
         assert _config_state(proxy)["sha256"] == _digest(text)
     finally:
         proxy.stop()
+
+
+def _applied(proxy: Proxy) -> list[str]:
+    """The digests of the configs the proxy applied, in order."""
+    return [e["sha256"] for e in proxy.events() if e.get("event") == "config_reloaded"]
+
+
+def _in_halves(config: dict[str, Any], routes: list[Any], cut: int) -> tuple[bytes, bytes]:
+    """The config as YAML in two halves: the first is a whole config with only the first
+    `cut` routes, the second adds the rest."""
+    head = yaml.safe_dump({k: v for k, v in config.items() if k != "routes"})
+    first = head + yaml.safe_dump({"routes": routes[:cut]})
+    return first.encode(), yaml.safe_dump(routes[cut:]).encode()
+
+
+def test_an_editors_save_is_applied_once_and_whole(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """With reload.watch, a file written in place in two pieces (the first a valid config
+    missing a route) is applied only once complete, by one writer or two: that route never
+    answers 404; a save through a swap file and rename, and a direct save, are each
+    applied exactly once."""
+    config = _base_config(bao, token_file, sandbox)
+    config["reload"] = {"watch": True}
+    kept = _route("w", "/w", "publer", None)
+    config["routes"] = [*config["routes"], kept]
+    proxy = start_proxy(tmp_path, config)
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=proxy.url) as http:
+            while not done.is_set():
+                statuses.append(http.get("/w/api/v1/users/me").status_code)
+
+    poller = threading.Thread(target=poll)
+    try:
+        eventually(lambda: "config_watch_started" in proxy.output())
+        poller.start()
+        routes = [*config["routes"], _route("x", "/x", "publer", None)]
+        first, rest = _in_halves(config, routes, 2)  # the first half lacks /w
+        assert "routes" in yaml.safe_load(first)  # the first half alone is a valid config
+        whole = first + rest
+        with proxy.config_path.open("r+b") as file:  # an in-place write, in two pieces
+            file.truncate(0)
+            file.write(first)
+            file.flush()
+            time.sleep(2.0)  # the writer pauses mid-file: part of the scenario
+            file.write(rest)
+        eventually(lambda: _applied(proxy) == [hashlib.sha256(whole).hexdigest()])
+        assert httpx.get(f"{proxy.url}/x/api/v1/users/me").status_code == 200
+
+        swapped = yaml.safe_dump({**config, "routes": [*routes, _route("y", "/y", "publer", None)]})
+        swap = proxy.config_path.with_name(f".{proxy.config_path.name}.swp")
+        swap.write_text(swapped)  # vim-style: written aside, then renamed over the file
+        os.replace(swap, proxy.config_path)
+        eventually(lambda: len(_applied(proxy)) == 2)
+
+        direct = yaml.safe_dump({**config, "routes": [*routes, _route("z", "/z", "publer", None)]})
+        proxy.config_path.write_text(direct)  # a direct save: truncate, write, close
+        eventually(lambda: len(_applied(proxy)) == 3)
+        assert httpx.get(f"{proxy.url}/z/api/v1/users/me").status_code == 200
+
+        # Two writers one after the other (`cat a > f; cat b >> f`), the file closed in
+        # between: the settle time alone keeps the first piece from being applied.
+        again, more = _in_halves(config, [*routes, _route("v", "/v", "publer", None)], 2)
+        proxy.config_path.write_bytes(again)
+        time.sleep(1.0)  # the pause between the two writers: part of the scenario
+        with proxy.config_path.open("ab") as appending:
+            appending.write(more)
+        eventually(lambda: len(_applied(proxy)) == 4)
+        assert _applied(proxy) == [
+            hashlib.sha256(whole).hexdigest(),
+            _digest(swapped),
+            _digest(direct),
+            hashlib.sha256(again + more).hexdigest(),
+        ]
+        assert httpx.get(f"{proxy.url}/v/api/v1/users/me").status_code == 200
+    finally:
+        done.set()
+        if poller.is_alive():
+            poller.join()
+        proxy.stop()
+    assert statuses and set(statuses) == {200}, Counter(statuses)
+
+
+_LEASE_BROKEN = """
+import fcntl, subprocess, sys, time
+from pathlib import Path
+from proxy import reload
+
+path = Path(sys.argv[1])
+take = fcntl.fcntl
+
+def fcntl_then_a_writer(fd, command, arg=0):
+    result = take(fd, command, arg)
+    if command == fcntl.F_SETLEASE and arg == fcntl.F_RDLCK:
+        # A writer opens the file while the lease is held: the kernel breaks the lease.
+        writer = subprocess.Popen([sys.executable, "-c", f"open({str(path)!r}, 'a')"])
+        deadline = time.monotonic() + 10
+        wchan = Path(f"/proc/{writer.pid}/wchan")
+        while wchan.read_text() != "__break_lease" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert wchan.read_text() == "__break_lease"
+    return result
+
+reload.fcntl.fcntl = fcntl_then_a_writer
+print("writer:", reload._open_for_writing(path), flush=True)
+"""
+
+
+def test_the_writer_probe_survives_a_writer_arriving(tmp_path: Path) -> None:
+    """A writer opening the config while the proxy probes it for writers (the kernel then
+    signals the probe) does not end the proxy's process."""
+    config = tmp_path / "proxy.yaml"
+    config.write_text("routes: []\n")
+    probe = subprocess.run(
+        [sys.executable, "-c", _LEASE_BROKEN, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert probe.returncode == 0, (probe.returncode, probe.stderr)
+    assert probe.stdout == "writer: False\n"
 
 
 def test_budget_limit_reloads_and_keeps_what_was_spent(reloading_proxy: Proxy) -> None:

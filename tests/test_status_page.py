@@ -222,7 +222,7 @@ def _reload(proxy: Proxy, config: dict[str, Any]) -> None:
         now = httpx.get(f"{proxy.url}/readyz", trust_env=False).json()["config"]
         return bool(now["generation"] > before["generation"])
 
-    eventually(reloaded, timeout=15, step=0.05)
+    eventually(reloaded, timeout=60, step=0.05)
 
 
 def test_replicas_show_the_shared_window_and_a_reload_the_new_shares(

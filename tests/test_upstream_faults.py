@@ -222,7 +222,7 @@ def test_body_announced_by_a_bodiless_status_never_reaches_the_next_request(
 
 @pytest.mark.parametrize("case", ["garbage-now", "garbage-later"])
 def test_bytes_after_a_response_never_reach_the_next_request(
-    client: httpx.Client, proxy: Proxy, case: str
+    client: httpx.Client, proxy: Proxy, origin: Origin, case: str
 ) -> None:
     """Bytes after a complete response (in the same packet, or later on the idle
     connection) are never read as the next request's response."""
@@ -230,7 +230,10 @@ def test_bytes_after_a_response_never_reach_the_next_request(
     assert first.status_code in (200, 502)
     if first.status_code == 200:
         assert first.content == b"ok"
-    time.sleep(0.2)  # the late bytes reach the idle connection
+    # The origin wrote its late bytes to the idle connection (on loopback they are then in
+    # the proxy's receive buffer).
+    [seen] = origin.requests_for("nonce", first.headers["x-request-id"])
+    assert seen.performed.wait(30)
     for _ in range(3):
         echo(client)
     assert_no_crash(proxy)
@@ -303,7 +306,7 @@ def test_post_never_meets_a_connection_the_origin_closes_as_announced(
     """An origin announcing `Keep-Alive: timeout=N` closes idle connections after N s; a POST
     sent once most of N passed goes on a new connection and succeeds, sent once."""
     assert call(client, f"keep-alive-{seconds}").status_code == 200
-    time.sleep(0.85 * seconds)
+    time.sleep(0.85 * seconds)  # the idle time itself is the scenario
     nonce = uuid.uuid4().hex
     answer = client.post(
         f"/api/v1/posts?case=keep-alive-{seconds}&nonce={nonce}", content=b'{"post": 1}'
@@ -365,25 +368,32 @@ def _raw(proxy: Proxy, data: bytes) -> socket.socket:
     return sock
 
 
-def _abort_before_head(proxy: Proxy, nonce: str) -> None:
+def _in_use(client: httpx.Client) -> float:
+    return _gauge(client, 'publer_proxy_upstream_connections{state="in_use"}')
+
+
+def _abort_before_head(proxy: Proxy, client: httpx.Client, origin: Origin, nonce: str) -> None:
     sock = _raw(
         proxy,
         head("GET", "hold", nonce),
     )
-    time.sleep(0.3)
+    # The origin has the request and holds back its answer.
+    eventually(lambda: bool(origin.requests_for("nonce", nonce)), timeout=30)
     sock.close()
 
 
-def _abort_during_upload(proxy: Proxy, nonce: str) -> None:
+def _abort_during_upload(proxy: Proxy, client: httpx.Client, origin: Origin, nonce: str) -> None:
     sock = _raw(
         proxy,
         head("POST", "hold", nonce, f"Content-Length: {4 * MIB}\r\n") + b"u" * (MIB // 2),
     )
-    time.sleep(0.3)
+    # The proxy streams the upload to the origin on a connection of its pool (the origin
+    # records a request only once its body is whole or broken off).
+    eventually(lambda: _in_use(client) == 1, timeout=30)
     sock.close()
 
 
-def _abort_during_response(proxy: Proxy, nonce: str) -> None:
+def _abort_during_response(proxy: Proxy, client: httpx.Client, origin: Origin, nonce: str) -> None:
     sock = _raw(
         proxy,
         head("GET", "slow-body", nonce),
@@ -405,15 +415,14 @@ def test_client_leaving_cancels_the_upstream_request(
     response: the proxy closes its connection to the origin at once (not at the read
     timeout), logs client_disconnected, and holds no connection for it afterwards."""
     nonce = uuid.uuid4().hex
-    abort(proxy, nonce)  # type: ignore[operator]
-    eventually(lambda: bool(origin.requests_for("nonce", nonce)), timeout=5)
+    abort(proxy, client, origin, nonce)  # type: ignore[operator]
+    eventually(lambda: bool(origin.requests_for("nonce", nonce)), timeout=30)
     [seen] = origin.requests_for("nonce", nonce)
-    assert origin.connections[seen.connection].closed_by_peer.wait(5)
+    # Well before the 30 s read timeout would have closed it.
+    assert origin.connections[seen.connection].closed_by_peer.wait(20)
     event = proxy.access_event(nonce)
     assert event["decision"] == "client_disconnected"
-    eventually(
-        lambda: _gauge(client, 'publer_proxy_upstream_connections{state="in_use"}') == 0, timeout=5
-    )
+    eventually(lambda: _in_use(client) == 0, timeout=30)
     echo(client)
     assert_no_crash(proxy)
 
@@ -431,7 +440,10 @@ def test_full_pool_is_refused_as_busy_and_shown_in_metrics(
     """With every connection held by a request, the next one waits (waiting gauge 1), then
     gets 503 upstream_busy, which says what to do; the in-use gauge shows the held ones."""
     proxy = start_proxy(
-        tmp_path, _config(bao, token_file, origin, max_connections=2, connect_timeout_seconds=1.5)
+        # The third request waits up to connect_timeout_seconds for a connection: long
+        # enough for the test to see it waiting on a loaded machine.
+        tmp_path,
+        _config(bao, token_file, origin, max_connections=2, connect_timeout_seconds=5),
     )
     held = [
         _raw(
@@ -444,15 +456,15 @@ def test_full_pool_is_refused_as_busy_and_shown_in_metrics(
         with httpx.Client(base_url=proxy.url, trust_env=False, timeout=20) as http:
             eventually(
                 lambda: _gauge(http, 'publer_proxy_upstream_connections{state="in_use"}') == 2,
-                timeout=5,
+                timeout=30,
             )
             result: list[httpx.Response] = []
             waiting = threading.Thread(target=lambda: result.append(call(http, "echo")))
             waiting.start()
             eventually(
-                lambda: _gauge(http, "publer_proxy_upstream_waiting_requests") == 1, timeout=5
+                lambda: _gauge(http, "publer_proxy_upstream_waiting_requests") == 1, timeout=30
             )
-            waiting.join(10)
+            waiting.join(60)
             [answer] = result
             assert answer.status_code == 503
             assert answer.headers["x-publer-proxy-error"] == "upstream_busy"
@@ -462,7 +474,7 @@ def test_full_pool_is_refused_as_busy_and_shown_in_metrics(
                 sock.close()
             eventually(
                 lambda: _gauge(http, 'publer_proxy_upstream_connections{state="in_use"}') == 0,
-                timeout=5,
+                timeout=30,
             )
             echo(http)
     finally:

@@ -653,7 +653,7 @@ def test_approle_renews_then_logs_in_again(
     bao: Bao, sessions: Sessions, tmp_path: Path, events: list[EventDict]
 ) -> None:
     """AppRole token (TTL 3 s, max 6 s): maintenance renews it, logs in again when the max
-    TTL is near, and reads keep working for 8 s."""
+    TTL is near, and reads keep working throughout."""
     role_id, secret_id_file = approle_files(bao, tmp_path)
     session = sessions(
         bao.url,
@@ -662,24 +662,37 @@ def test_approle_renews_then_logs_in_again(
         secret_id_file=secret_id_file,
         mount=APPROLE_MOUNT,
     )
+    before_login = time.monotonic()
     session.login()
     assert session.auth_summary == f"approle (mount {APPROLE_MOUNT})"
-    assert 1.5 <= session.token_maintenance_due_in() <= 2.3
-    deadline = time.monotonic() + 8
+    due_in = session.token_maintenance_due_in()
+    # Due 1.5-2.3 s after the login answered, which was at most this long ago:
+    assert due_in + (time.monotonic() - before_login) >= 1.5 and due_in <= 2.3
+
+    def relogged_in() -> bool:
+        return any(
+            e["event"] == "vault_token_relogin" and e["why"] == "the token's max TTL is near"
+            for e in events
+        )
+
+    # Past the max TTL: until the re-login it forces, and a few reads after it.
+    deadline = time.monotonic() + 60
     reads = 0
-    while time.monotonic() < deadline:
-        time.sleep(min(session.token_maintenance_due_in(), 0.5))
+    reads_after = 0
+    while reads_after < 3 or reads < 10:
+        assert time.monotonic() < deadline, "no re-login within 60 s"
+        time.sleep(min(session.token_maintenance_due_in(), 0.5))  # reads paced to the TTL
         if session.token_maintenance_due_in() == 0:
             session.maintain_token()
         assert session.read_key(credential()).value
         reads += 1
+        reads_after += relogged_in()
     outcomes = [e["event"] for e in events if e["event"].startswith("vault_token_re")]
     assert "vault_token_renewed" in outcomes
     relogins = [e for e in events if e["event"] == "vault_token_relogin"]
     assert any(e["why"] == "the token's max TTL is near" for e in relogins)
     assert outcomes.index("vault_token_renewed") < outcomes.index("vault_token_relogin")
     assert not [e for e in events if e["event"] == "vault_read_forbidden_relogin"]
-    assert reads >= 10
 
 
 def test_forbidden_read_logs_in_again(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 
-def eventually(check: Callable[[], bool], timeout: float = 15.0, step: float = 0.1) -> None:
+def eventually(check: Callable[[], bool], timeout: float = 30.0, step: float = 0.1) -> None:
     """Wait until `check()` is true, or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not check():

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit
@@ -20,6 +22,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -53,9 +56,18 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 class ConfigError(Exception):
     """The configuration cannot be used; `problems` holds one line per mistake."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(
+        self,
+        problems: list[str],
+        partial: Settings | None = None,
+        valid_keys: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        # What of the file did validate (top-level keys, defaults where absent), so a
+        # reload can also name the keys that would need a restart.
+        self.partial = partial
+        self.valid_keys = valid_keys
 
 
 class _Model(BaseModel):
@@ -748,6 +760,13 @@ class ReloadSettings(_Model):
         default=False,
         description="Also reload when the config file changes (SIGHUP always reloads).",
     )
+    settle_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        le=60,
+        description="A file written in place is applied once it stayed unchanged this long"
+        " (seconds); a file renamed into place is applied at once.",
+    )
 
 
 class AdminSettings(_Model):
@@ -808,13 +827,42 @@ class Settings(_Model):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
+        problems = self.cross_problems()
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def cross_problems(
+        self,
+        indices: Sequence[int] | None = None,
+        defined: Collection[str] | None = None,
+    ) -> list[str]:
+        """The problems between keys (names, prefixes, references, tokens, listeners).
+
+        `indices` are the routes' positions in the file and `defined` the credential
+        names it has, when some routes or credentials did not validate and are left out.
+        """
         problems: list[str] = []
-        if not self.routes:
+        if not self.routes and indices is None:
             problems.append("routes: at least one route is needed")
         names: set[str] = set()
         prefixes: dict[str, str] = {}
-        for index, route in enumerate(self.routes):
+        tokens: dict[str, str] = {}
+        known_credentials = set(self.credentials) | set(defined or ())
+        for position, route in enumerate(self.routes):
+            index = indices[position] if indices is not None else position
             where = f"routes.{index}"
+            for number, client in enumerate(route.clients or []):
+                at = f"{where}.clients.{number}"
+                if client.token_sha256 in tokens:
+                    problems.append(
+                        f"{at}.token_sha256: client {client.name!r} has the same token as"
+                        f" {tokens[client.token_sha256]}; a token names one client (the"
+                        " forward proxy picks the route by it), so give each client its own"
+                        " token (make one with: openssl rand -hex 32 | publer-proxy hash-token)"
+                    )
+                else:
+                    tokens[client.token_sha256] = f"client {client.name!r} ({at})"
             if route.name in names:
                 problems.append(f"{where}.name: route name {route.name!r} is used twice")
             names.add(route.name)
@@ -824,7 +872,7 @@ class Settings(_Model):
                     f" {prefixes[route.prefix]!r}; each route needs its own prefix"
                 )
             prefixes[route.prefix] = route.name
-            if route.credential not in self.credentials:
+            if route.credential not in known_credentials:
                 known = ", ".join(sorted(self.credentials)) or "none"
                 problems.append(
                     f"{where}.credential: {route.credential!r} is not defined under"
@@ -837,9 +885,7 @@ class Settings(_Model):
                     " with token_sha256, or listen on 127.0.0.1 or a unix socket"
                 )
         problems += self._forward_proxy_problems()
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
+        return problems
 
     def _forward_proxy_problems(self) -> list[str]:
         forward = self.forward_proxy
@@ -1003,6 +1049,8 @@ def _describe(error: Any) -> list[str]:
         or _FIXES.get(error["type"])
         or str(error["msg"]).removeprefix("Value error, ")
     )
+    if message.startswith("Input should be"):  # pydantic's own words say what, not how
+        message += "; correct the value (the README's config reference lists each key's values)"
     lines = message.split("\n")
     # Cross-checks name their own key paths; the others get the location pydantic found.
     if error["type"] == "value_error" and all(": " in line for line in lines) and not location:
@@ -1015,17 +1063,84 @@ def _describe(error: Any) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class CheckedSettings:
+    """Settings with every problem found in them. When there are problems, `settings`
+    holds only what validated (defaults elsewhere) and `route_indices` the file positions
+    of the routes it kept, so later checks can still look at those."""
+
+    settings: Settings
+    problems: list[str]
+    route_indices: list[int]
+    valid_keys: frozenset[str] = frozenset(Settings.model_fields)
+
+
 def parse_settings(data: Any, *, source: str = "config") -> Settings:
     """Validate already-parsed YAML data, or raise ConfigError naming every bad key."""
+    checked = check_settings(data, source=source)
+    if checked.problems:
+        raise ConfigError(checked.problems)
+    return checked.settings
+
+
+def check_settings(data: Any, *, source: str = "config") -> CheckedSettings:
+    """Validate already-parsed YAML data, finding every problem: of each key, and then
+    between the keys that are valid (a wrong key does not hide a dangling reference)."""
     if not isinstance(data, dict):
-        raise ConfigError([f"{source}: the file must hold a YAML mapping (see config/proxy.yaml)"])
+        problem = f"{source}: the file must hold a YAML mapping (see config/proxy.yaml)"
+        raise ConfigError([problem])
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
+        return CheckedSettings(settings, [], list(range(len(settings.routes))))
     except ValidationError as exc:
-        problems: list[str] = []
-        for error in exc.errors(include_url=False, include_input=False):
-            problems.extend(_describe(error))
-        raise ConfigError(problems) from None
+        errors = exc.errors(include_url=False, include_input=False)
+    problems: list[str] = []
+    for error in errors:
+        problems.extend(_describe(error))
+    partial, indices, defined, valid = _valid_parts(data)
+    if any(error["loc"] for error in errors):  # the checks between keys did not run
+        if data.get("routes") == []:
+            problems.append("routes: at least one route is needed")
+        problems += partial.cross_problems(indices, defined)
+    return CheckedSettings(partial, list(dict.fromkeys(problems)), indices, valid)
+
+
+def _valid_parts(
+    data: dict[str, Any],
+) -> tuple[Settings, list[int], set[str], frozenset[str]]:
+    """The settings made of the keys that validate on their own (each route and each
+    credential apart), the positions of the routes kept, every credential name, and the
+    top-level keys that are wholly valid (or absent: their defaults)."""
+    fields: dict[str, Any] = {"routes": [], "credentials": {}}
+    invalid: set[str] = set()
+    indices: list[int] = []
+    defined: set[str] = set()
+    for name, info in Settings.model_fields.items():
+        if name not in data:
+            continue
+        value = data[name]
+        if name == "routes" and isinstance(value, list):
+            for index, item in enumerate(value):
+                try:
+                    fields["routes"].append(RouteSettings.model_validate(item))
+                    indices.append(index)
+                except ValidationError:
+                    invalid.add(name)
+        elif name == "credentials" and isinstance(value, dict):
+            defined = {str(key) for key in value}
+            adapter: TypeAdapter[Any] = TypeAdapter(AnyCredential)
+            for key, item in value.items():
+                try:
+                    fields["credentials"][key] = adapter.validate_python(item)
+                except ValidationError:
+                    invalid.add(name)
+        elif info.annotation is not None:
+            try:
+                fields[name] = TypeAdapter(info.annotation).validate_python(value)
+            except ValidationError:
+                invalid.add(name)
+    valid = frozenset(Settings.model_fields) - invalid
+    return Settings.model_construct(**fields), indices, defined, valid
 
 
 def config_path(explicit: str | Path | None) -> Path:
@@ -1063,10 +1178,52 @@ def config_text(data: bytes, path: Path) -> str:
 
 def settings_from_text(text: str, path: Path) -> Settings:
     """Validate a config file's text, or raise ConfigError with one line per problem."""
+    data, duplicates = yaml_data(text, path)
+    checked = check_settings(data, source=str(path))
+    if duplicates or checked.problems:
+        raise ConfigError(duplicates + checked.problems)
+    return checked.settings
+
+
+class _Loader(SAFE_LOADER):  # type: ignore[misc,valid-type]
+    """The safe loader, noting each key given twice in one mapping (YAML would keep the
+    later value and drop the earlier without a word)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, int, int]] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                self.duplicates.append((str(key), seen[key], line))
+            else:
+                seen[key] = line
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
+def yaml_data(text: str, path: Path) -> tuple[Any, list[str]]:
+    """A config file's text parsed as YAML, and one problem per key given twice in one
+    mapping; ConfigError naming the line a YAML error is at (nothing after it can be
+    checked)."""
+    loader = _Loader(text)
     try:
-        data = yaml.load(text, Loader=SAFE_LOADER)  # noqa: S506 (a safe loader)
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"{path}: not valid YAML{where}"]) from None
-    return parse_settings(data, source=str(path))
+    finally:
+        loader.dispose()
+    problems = [
+        f"{path}: line {line}: key {key!r} is given twice in one mapping (first at line"
+        f" {first}); YAML would keep only the later one, so remove or merge one of them"
+        for key, first, line in sorted(loader.duplicates, key=lambda found: found[2])
+    ]
+    return data, problems
