@@ -494,6 +494,10 @@ class RateLimitSettings(_Model):
     per_seconds: PositiveFloat = 120.0
     max_wait_seconds: NonNegativeFloat = 0.0
     redis_url: str | None = None
+    # How many replicas share the budget through Redis: while Redis is unreachable, or
+    # for one window after it came back empty, each replica spends at most its part
+    # (requests // replicas, at least 1) on its own count.
+    replicas: int = Field(default=1, ge=1)
 
 
 class AuditSettings(_Model):
