@@ -399,6 +399,39 @@ def test_file_source_gone_serves_stale_then_503_then_recovers(
         proxy.stop()
 
 
+def test_a_file_that_cannot_be_a_key_keeps_the_previous_key(
+    tmp_path: Path, sandbox: Sandbox, api_key: str
+) -> None:
+    """A 60,000-character value written to the key file is refused: the key held before
+    keeps being injected, and the log and /readyz name the refused change of the file
+    (its time and digest prefix); a good key afterwards is taken and clears it."""
+    path = tmp_path / "api_key"
+    write_key(path, api_key)
+    credential = {"source": "file", "path": str(path), "max_stale_seconds": 600}
+    proxy = source_proxy(tmp_path, sandbox, credential)
+    try:
+        write_key(path, "k" * 60_000)
+        eventually(lambda: "refused_version" in _state(proxy))
+        state = _state(proxy)
+        assert state["refused_version"].startswith("modified ")
+        assert "sha256 " in state["refused_version"]
+        assert "60000 characters long" in state["reason"]
+        assert state["key_version"] == 1
+        sandbox.clear()
+        assert httpx.get(f"{proxy.url}/api/v1/posts").status_code == 200
+        assert _seen_keys(sandbox) == [api_key]
+        refused = [e for e in proxy.events() if e.get("refused_version")]
+        assert refused[0]["refused_version"] == state["refused_version"]
+        assert refused[0]["key"] == "***" + api_key[-4:]
+        assert "k" * 20 not in proxy.output()
+        fresh = "pk_file_" + secrets.token_hex(16)
+        write_key(path, fresh)
+        eventually(lambda: _state(proxy).get("key_version") == 2)
+        assert "refused_version" not in _state(proxy)
+    finally:
+        proxy.stop()
+
+
 def test_env_source_proxy_warns_and_serves(tmp_path: Path, sandbox: Sandbox, api_key: str) -> None:
     """A key in PUBLER_API_KEY is served; the start log warns that a vault is the better
     home; /readyz names the source; neither the log nor the process's /proc environ (the

@@ -502,10 +502,19 @@ def test_value_that_is_not_a_string(bao: Bao, root_session: VaultSession) -> Non
         ("a\u00a0b", "it contains whitespace"),
         ("a\x7fb", "it contains characters that are not printable ASCII"),
         ("ключ", "it contains characters that are not printable ASCII"),
+        ("k" * 16, None),
+        ("k" * 512, None),
+        ("changeme", "it is 8 characters long; an API key has at least 16"),
+        ("k" * 15, "it is 15 characters long; an API key has at least 16"),
+        ("k" * 513, "it is 513 characters long; an API key has at most 512"),
+        ("k" * 60_000, "it is 60000 characters long; an API key has at most 512"),
+        ("pk_" + "a" * 20 + "\x00", "it contains characters that are not printable ASCII"),
+        ("pk_" + "a" * 20 + "\r\nX-Evil: 1", "it contains whitespace"),
     ],
 )
 def test_key_problem(value: str, problem: str | None) -> None:
-    """key_problem accepts printable ASCII without spaces and names what else is wrong."""
+    """key_problem accepts 16 to 512 printable ASCII characters without spaces and names
+    what else is wrong."""
     assert key_problem(value) == problem
 
 

@@ -19,8 +19,10 @@ The SDK is configured in this one place; each setting that differs from its defa
   the environment's proxies itself and would send the role's temporary credentials
   through them, so the proxy variables are removed from the process environment before
   the SDK starts (nothing else in the proxy honours them either).
-- `retries`: standard mode, 2 attempts: the credential store has its own backoff, and
-  the SDK's legacy mode would hold a worker thread through 5 attempts.
+- `retries`: standard mode, 3 calls a read at most (`total_max_attempts` counts the
+  first call; `max_attempts` would not): the credential store has its own backoff, which
+  counts these calls (`calls_per_read`), and the SDK's legacy mode would hold a worker
+  thread through 5 attempts.
 - `connect_timeout`/`read_timeout`: the credential's `timeout_seconds`, not 60 s.
 Its loggers are kept above DEBUG (proxy/logs.py): at DEBUG botocore logs request and
 response bodies, the secret's value included.
@@ -48,6 +50,7 @@ from proxy.sources.base import ErrorKind, SecretRead, SourceError, SourceKind, k
 log = structlog.get_logger(__name__)
 
 CURRENT_STAGE = "AWSCURRENT"
+CALLS_PER_READ = 3
 _PROXY_VARIABLES = (
     "HTTPS_PROXY",
     "HTTP_PROXY",
@@ -92,7 +95,7 @@ def sdk_config(settings: AwsCredentialSettings) -> botocore.config.Config:
     proxy = settings.proxy
     return botocore.config.Config(
         proxies={"http": proxy, "https": proxy} if proxy else {},
-        retries={"mode": "standard", "max_attempts": 2},
+        retries={"mode": "standard", "total_max_attempts": CALLS_PER_READ},
         connect_timeout=settings.timeout_seconds,
         read_timeout=settings.timeout_seconds,
     )
@@ -103,6 +106,7 @@ class AwsKeySource:
 
     kind: SourceKind = "aws_secrets_manager"
     poll_seconds: float | None = None
+    calls_per_read = CALLS_PER_READ
 
     def __init__(self, settings: AwsCredentialSettings, secrets: SecretRegistry) -> None:
         self._settings = settings
@@ -158,6 +162,27 @@ class AwsKeySource:
             raise self._refused(exc) from None
         except botocore.exceptions.BotoCoreError as exc:
             raise self._failed(exc) from None
+        version = answer.get("VersionId")
+        try:
+            value = self._value(answer)
+        except SourceError as exc:
+            raise SourceError(
+                exc.reason,
+                kind=exc.kind,
+                version=version if isinstance(version, str) else None,
+            ) from None
+        created = answer.get("CreatedDate")
+        if isinstance(created, datetime) and created.tzinfo is None:
+            created = created.replace(tzinfo=UTC)
+        return SecretRead(
+            value=value,
+            version=version if isinstance(version, str) else None,
+            created_time=created if isinstance(created, datetime) else None,
+        )
+
+    def _value(self, answer: dict[str, Any]) -> str:
+        """The checked key of a GetSecretValue answer, or SourceError."""
+        version = answer.get("VersionId")
         text = answer.get("SecretString")
         if text is None and answer.get("SecretBinary") is not None:
             try:
@@ -176,16 +201,11 @@ class AwsKeySource:
         self._secrets.add(value)
         problem = key_problem(value)
         if problem is not None:
-            raise SourceError(f"{self.where} does not hold an API key ({problem})", kind="invalid")
-        version = answer.get("VersionId")
-        created = answer.get("CreatedDate")
-        if isinstance(created, datetime) and created.tzinfo is None:
-            created = created.replace(tzinfo=UTC)
-        return SecretRead(
-            value=value,
-            version=version if isinstance(version, str) else None,
-            created_time=created if isinstance(created, datetime) else None,
-        )
+            raise SourceError(
+                f"{self.where} version {version} does not hold an API key ({problem})",
+                kind="invalid",
+            )
+        return value
 
     def _field(self, text: str) -> str:
         """The configured field of a JSON secret, or the whole secret string."""

@@ -24,23 +24,31 @@ from typing import Any, Literal, Protocol
 ErrorKind = Literal["unreachable", "sealed", "denied", "not_found", "invalid", "auth_failed"]
 SourceKind = Literal["vault", "aws_secrets_manager", "file", "env"]
 
+KEY_MIN_LENGTH = 16
+KEY_MAX_LENGTH = 512
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
+# The longest wait between two reads of a failing source, before jitter (a quarter more
+# at most): one hour, or refresh_seconds times the calls of one read when that is longer.
+READ_BACKOFF_CEILING_SECONDS = 3600.0
 
 
 class SourceError(Exception):
-    """Reading a key failed; `reason` is safe to log and show, `kind` is what happened."""
+    """Reading a key failed; `reason` is safe to log and show, `kind` is what happened,
+    `version` names the version of the secret that was refused (kind "invalid"), when the
+    source tells versions apart: an AWS VersionId, a KV v2 version, a file's change."""
 
-    def __init__(self, reason: str, *, kind: ErrorKind) -> None:
+    def __init__(self, reason: str, *, kind: ErrorKind, version: int | str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.kind: ErrorKind = kind
+        self.version = version
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, reason={self.reason!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (partial(type(self), kind=self.kind), (self.reason,))
+        return (partial(type(self), kind=self.kind, version=self.version), (self.reason,))
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class KeySource(Protocol):
     kind: SourceKind
     where: str  # for logs and `check`: a path, a secret id, a variable; never a secret
     poll_seconds: float | None  # how often `changed()` is worth asking; None: never
+    calls_per_read: int  # calls one failing read may make to the service, retries included
 
     def read(self) -> SecretRead:
         """Read and check the key, or raise SourceError. Blocking: run it in a thread."""
@@ -75,14 +84,46 @@ class KeySource(Protocol):
 
 
 def key_problem(value: str) -> str | None:
-    """Why a trimmed value does not look like an API key, or None when it does."""
+    """Why a trimmed value cannot be a Publer API key, or None when it can.
+
+    Publer's documentation says only that a key is shown once and sent as
+    `Authorization: Bearer-API <key>`; it gives no alphabet or length. So the bound is
+    what an HTTP field value carries safely and what any generated key fits: visible
+    ASCII (RFC 9110's VCHAR, no space or control), `KEY_MIN_LENGTH` to `KEY_MAX_LENGTH`
+    characters. Anything else (a document pasted into the secret, a 60 kB value, a
+    placeholder like `changeme`) is refused, and the key held before stays in use.
+    """
     if not value:
         return "it is empty"
     if any(ch.isspace() for ch in value):
         return "it contains whitespace"
     if not all(0x21 <= ord(ch) <= 0x7E for ch in value):
         return "it contains characters that are not printable ASCII"
+    if len(value) < KEY_MIN_LENGTH:
+        return f"it is {len(value)} characters long; an API key has at least {KEY_MIN_LENGTH}"
+    if len(value) > KEY_MAX_LENGTH:
+        return f"it is {len(value)} characters long; an API key has at most {KEY_MAX_LENGTH}"
     return None
+
+
+def read_backoff_seconds(
+    failures: int, refresh_seconds: float, calls_per_read: int, *, key_held: bool
+) -> float:
+    """Seconds before the next read of a source after `failures` failed reads in a row.
+
+    With a usable key held, the first wait is `refresh_seconds` times the calls one read
+    may make (the SDK's own retries count), so a failing source is never asked more
+    often than a healthy one; without one (every request is refused meanwhile) it is 1 s
+    times those calls. It doubles with each failure up to the ceiling
+    (`READ_BACKOFF_CEILING_SECONDS`, or the first wait of a held key when that is
+    longer), and jitter adds up to a quarter, never less, so replicas spread out.
+    """
+    calls = max(calls_per_read, 1)
+    steady = refresh_seconds * calls
+    first = steady if key_held else BACKOFF_FIRST_SECONDS * calls
+    ceiling = max(READ_BACKOFF_CEILING_SECONDS, steady)
+    base = min(ceiling, first * 2.0 ** min(max(failures - 1, 0), 64))
+    return base * random.uniform(1.0, 1.25)
 
 
 def backoff_seconds(attempt: int) -> float:

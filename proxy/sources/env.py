@@ -57,6 +57,7 @@ class EnvKeySource:
 
     kind: SourceKind = "env"
     poll_seconds: float | None = None
+    calls_per_read = 1
 
     def __init__(self, settings: EnvCredentialSettings, secrets: SecretRegistry) -> None:
         name = settings.variable
