@@ -422,6 +422,45 @@ def test_wrong_credentials_give_a_clear_error_without_secrets(
         server.stop()
 
 
+def test_the_aws_credential_source_is_named_at_start_and_by_check(
+    tmp_path: Path, moto: Moto, sandbox: Sandbox, api_key: str
+) -> None:
+    """The start log and `check --online` name the provider of the SDK's chain whose
+    credentials read the key: the environment's keys, or a shared credentials file."""
+    name = f"publer/{secrets.token_hex(4)}"
+    moto.create_secret(name, api_key)
+    proxy = aws_proxy(tmp_path / "env", moto, sandbox, name)
+    try:
+        eventually(lambda: any(e.get("event") == "aws_credentials_in_use" for e in proxy.events()))
+        said = [e for e in proxy.events() if e.get("event") == "aws_credentials_in_use"]
+        assert said[0]["credential_source"] == "env"
+        assert "AWS_ACCESS_KEY_ID" in said[0]["described"]
+    finally:
+        proxy.stop()
+    shared = tmp_path / "aws-credentials"
+    shared.write_text(
+        f"[default]\naws_access_key_id = AKIAFILEEXAMPLE00000\naws_secret_access_key = {'f' * 40}\n"
+    )
+    from_file = {"AWS_SHARED_CREDENTIALS_FILE": str(shared), "AWS_EC2_METADATA_DISABLED": "true"}
+    proxy = aws_proxy(tmp_path / "file", moto, sandbox, name, env=from_file)
+    try:
+        said = [e for e in proxy.events() if e.get("event") == "aws_credentials_in_use"]
+        assert said[0]["credential_source"] == "shared-credentials-file"
+    finally:
+        proxy.stop()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    check = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "--online", "--config", str(proxy.config_path)],
+        capture_output=True,
+        text=True,
+        env={**clean, **from_file, "HOME": str(tmp_path)},
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "AWS credentials from shared-credentials-file" in check.stdout
+    assert "f" * 40 not in check.stdout + check.stderr
+
+
 def test_json_secret_field(moto: Moto, api_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A JSON secret gives the named field; without `field` the error says it is JSON
     and lists its keys; a missing field is named, and the value is never in a reason."""

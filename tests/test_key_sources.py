@@ -297,6 +297,34 @@ def test_env_source_dotenv_file(
     assert str(dotenv) in missing.value.reason
 
 
+def test_an_exported_key_that_differs_from_the_env_file_is_warned(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, api_key: str
+) -> None:
+    """An exported variable wins over the .env file; when their values differ, a warning
+    names both places with both keys masked, and neither key in full."""
+    import structlog
+
+    dotenv = tmp_path / ".env"
+    in_file = "pk_file_" + secrets.token_hex(16)
+    dotenv.write_text(f"PUBLER_API_KEY={in_file}\n")
+    settings = EnvCredentialSettings(source="env", env_file=dotenv)
+    monkeypatch.setenv("PUBLER_API_KEY", api_key)
+    with structlog.testing.capture_logs() as logs:
+        source = EnvKeySource(settings, SecretRegistry())
+    assert source.read().value == api_key
+    warned = [e for e in logs if e["event"] == "env_key_differs_from_env_file"]
+    assert len(warned) == 1
+    assert warned[0]["used"] == "$PUBLER_API_KEY (exported)"
+    assert warned[0]["key"] == "***" + api_key[-4:]
+    assert warned[0]["ignored"] == f"PUBLER_API_KEY in {dotenv}"
+    assert warned[0]["ignored_key"] == "***" + in_file[-4:]
+    assert api_key not in repr(logs) and in_file not in repr(logs)
+    monkeypatch.setenv("PUBLER_API_KEY", in_file)
+    with structlog.testing.capture_logs() as logs:
+        EnvKeySource(settings, SecretRegistry())
+    assert not [e for e in logs if e["event"] == "env_key_differs_from_env_file"]
+
+
 # -- the proxy over each source, as processes ---------------------------------------------
 
 

@@ -78,6 +78,24 @@ _REFUSED_IDENTITY = frozenset(
 _UNAVAILABLE = frozenset(
     {"ThrottlingException", "InternalServiceError", "InternalFailure", "ServiceUnavailable"}
 )
+# botocore's name for each provider of its credential chain (Credentials.method), and
+# what an operator knows it as.
+CREDENTIAL_SOURCES = {
+    "env": "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+    "shared-credentials-file": "profile in the shared credentials file (~/.aws/credentials)",
+    "config-file": "profile in the config file (~/.aws/config)",
+    "custom-process": "credential_process of the profile",
+    "assume-role": "role assumed by the profile (role_arn)",
+    "assume-role-with-web-identity": "web identity (AWS_WEB_IDENTITY_TOKEN_FILE and"
+    " AWS_ROLE_ARN, as EKS sets them)",
+    "sso": "IAM Identity Center (SSO) profile",
+    "login": "console login session of the profile",
+    "container-role": "container role (ECS task role or EKS Pod Identity)",
+    "iam-role": "instance role (EC2 instance metadata)",
+    "ec2-credentials-file": "EC2 credentials file (/etc/boto.cfg)",
+    "boto-config": "boto2 config file",
+    "explicit": "keys given to the SDK directly",
+}
 _NO_CREDENTIALS = (
     "no AWS credentials found: the SDK looked for AWS_ACCESS_KEY_ID and"
     " AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, web identity (AWS_WEB_IDENTITY_TOKEN_FILE"
@@ -117,6 +135,7 @@ class AwsKeySource:
         self._lock = threading.Lock()
         self._session: Any = None
         self._client: Any = None
+        self.credential_source: str | None = None  # botocore's method, once known
 
     def __repr__(self) -> str:
         return f"AwsKeySource({self.where})"
@@ -142,12 +161,23 @@ class AwsKeySource:
             return self._client
 
     def _remember_credentials(self) -> None:
-        """Put the AWS secret key and session token in use into the registry."""
+        """Put the AWS secret key and session token in use into the registry, and say
+        once which provider of the SDK's chain gave them."""
         credentials = self._session.get_credentials() if self._session else None
         if credentials is not None:
             frozen = credentials.get_frozen_credentials()
             self._secrets.add(frozen.secret_key)
             self._secrets.add(frozen.token)
+            method = str(getattr(credentials, "method", None) or "unknown")
+            if method != self.credential_source:
+                self.credential_source = method
+                log.info(
+                    "aws_credentials_in_use",
+                    where=self.where,
+                    credential_source=method,
+                    described=describe_credential_source(method),
+                    profile=self._settings.profile or os.environ.get("AWS_PROFILE"),
+                )
 
     def read(self) -> SecretRead:
         """GetSecretValue of AWSCURRENT, checked; raises SourceError."""
@@ -324,6 +354,11 @@ class AwsKeySource:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+
+def describe_credential_source(method: str) -> str:
+    """What botocore's credential `method` is, in an operator's words."""
+    return CREDENTIAL_SOURCES.get(method, f"the SDK's {method!r} provider")
 
 
 def _names(data: dict[Any, Any]) -> str:
