@@ -516,7 +516,7 @@ class RedisBudget:
     async def _rejoin(self, credential: str) -> None:
         """Put this replica's grants of the window back into Redis, and learn its epoch."""
         now = time.monotonic()
-        args: list[object] = [self._period, uuid.uuid4().hex]
+        args: list[str | float] = [self._period, uuid.uuid4().hex]
         for grant in self._mine(credential):
             args += [now - grant.at, grant.member, grant.share, grant.route]
         keys = self._keys(credential)
