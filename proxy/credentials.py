@@ -396,7 +396,7 @@ class CredentialStore:
                     failures,
                     slot.settings.refresh_seconds,
                     slot.source.calls_per_read,
-                    key_held=_state(slot) in ("fresh", "stale"),
+                    usable_for=_usable_for(slot),
                 )
             else:
                 failures = 0
@@ -556,6 +556,15 @@ def _state(slot: _Slot) -> State:
     if slot.last_attempt_failed or age > slot.settings.refresh_seconds * 2:
         return "stale"
     return "fresh"
+
+
+def _usable_for(slot: _Slot) -> float | None:
+    """Seconds the held key stays usable, or None when none is."""
+    if slot.key is None:
+        return None
+    left = slot.key.read_at + slot.settings.refresh_seconds + slot.settings.max_stale_seconds
+    left -= time.monotonic()
+    return left if left > 0 else None
 
 
 def _location(settings: KeyLifeSettings) -> dict[str, object]:

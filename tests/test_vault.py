@@ -475,11 +475,17 @@ def test_surrounding_whitespace_is_trimmed(bao: Bao, root_session: VaultSession)
 def test_value_that_is_not_a_key(
     bao: Bao, root_session: VaultSession, value: str, problem: str
 ) -> None:
-    """A value that does not look like an API key is invalid, and the reason hides it."""
+    """A value that does not look like an API key is invalid, the reason hides it and
+    names the refused KV version."""
     bao.write_key("bad-value", value)
+    version = bao.client().secrets.kv.v2.read_secret_version(
+        path="bad-value", mount_point="secret", raise_on_deleted_version=True
+    )["data"]["metadata"]["version"]
     error = fails("invalid", lambda: root_session.read_key(credential(path="bad-value")))
+    assert error.version == version
     assert error.reason == (
-        f"the value at secret/bad-value field api_key does not look like an API key ({problem})"
+        f"the value at secret/bad-value field api_key (KV version {version}) does not look"
+        f" like an API key ({problem})"
     )
 
 

@@ -28,8 +28,10 @@ KEY_MIN_LENGTH = 16
 KEY_MAX_LENGTH = 512
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
-# The longest wait between two reads of a failing source, before jitter (a quarter more
-# at most): one hour, or refresh_seconds times the calls of one read when that is longer.
+# The longest wait between two reads of a failing source that still serves a held key,
+# before jitter (a quarter more at most): eight times the first wait, and at most an hour
+# unless that first wait is longer.
+READ_BACKOFF_GROWTH = 8.0
 READ_BACKOFF_CEILING_SECONDS = 3600.0
 
 
@@ -107,23 +109,34 @@ def key_problem(value: str) -> str | None:
 
 
 def read_backoff_seconds(
-    failures: int, refresh_seconds: float, calls_per_read: int, *, key_held: bool
+    failures: int,
+    refresh_seconds: float,
+    calls_per_read: int,
+    *,
+    usable_for: float | None,
 ) -> float:
     """Seconds before the next read of a source after `failures` failed reads in a row.
 
-    With a usable key held, the first wait is `refresh_seconds` times the calls one read
-    may make (the SDK's own retries count), so a failing source is never asked more
-    often than a healthy one; without one (every request is refused meanwhile) it is 1 s
-    times those calls. It doubles with each failure up to the ceiling
-    (`READ_BACKOFF_CEILING_SECONDS`, or the first wait of a held key when that is
-    longer), and jitter adds up to a quarter, never less, so replicas spread out.
+    The first wait is `refresh_seconds` times the calls one read may make (the SDK's own
+    retries count), so a failing source is never asked more often than a healthy one.
+    While a held key is still usable (`usable_for` seconds more), the wait doubles with
+    each failure up to `READ_BACKOFF_GROWTH` times the first wait (at most
+    `READ_BACKOFF_CEILING_SECONDS`, unless the first wait is longer), but not past the
+    moment the key stops being usable, so one more read comes before requests are
+    refused. Without a usable key (`usable_for` None: every request is refused) the wait
+    starts at 1 s times the calls and doubles up to the first wait, so a source that
+    comes back heals the proxy within one refresh. Jitter adds up to a quarter, never
+    less, so replicas spread out.
     """
     calls = max(calls_per_read, 1)
     steady = refresh_seconds * calls
-    first = steady if key_held else BACKOFF_FIRST_SECONDS * calls
-    ceiling = max(READ_BACKOFF_CEILING_SECONDS, steady)
-    base = min(ceiling, first * 2.0 ** min(max(failures - 1, 0), 64))
-    return base * random.uniform(1.0, 1.25)
+    doubled = 2.0 ** min(max(failures - 1, 0), 64)
+    if usable_for is None:
+        base = min(steady, BACKOFF_FIRST_SECONDS * calls * doubled)
+        return base * random.uniform(1.0, 1.25)
+    ceiling = max(steady, min(READ_BACKOFF_CEILING_SECONDS, steady * READ_BACKOFF_GROWTH))
+    wait = min(ceiling, steady * doubled) * random.uniform(1.0, 1.25)
+    return max(steady, min(wait, usable_for))
 
 
 def backoff_seconds(attempt: int) -> float:
