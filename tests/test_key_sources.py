@@ -571,3 +571,57 @@ def test_reload_moves_a_file_credential_and_keeps_an_env_one(
     finally:
         proxy.stop()
         sandbox.set_keys({"key": api_key})
+
+
+def test_a_rejected_key_does_not_hurry_a_backing_off_source(
+    tmp_path: Path, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After Publer rejects the key, a source that is failing and backing off is not read
+    again before its next read is due: every request shares the key held, no read."""
+    import asyncio
+
+    # Each rejection may otherwise re-read at once: the shared re-read's spacing is not
+    # what this test is about.
+    monkeypatch.setattr("proxy.credentials.REREAD_MIN_INTERVAL", 0.0)
+
+    from proxy.credentials import CredentialStore
+    from proxy.metrics import Metrics
+    from proxy.settings import VaultSettings
+
+    path = tmp_path / "api_key"
+    write_key(path, api_key)
+    settings = FileCredentialSettings(source="file", path=path, refresh_seconds=60)
+
+    async def scenario() -> int:
+        store = CredentialStore(
+            {"publer": settings},
+            Metrics(),
+            secrets=SecretRegistry(),
+            vault_settings=VaultSettings(url="http://127.0.0.1:9"),
+        )
+        await store.start()
+        try:
+            held = store.current("publer")
+            path.unlink()
+            async with asyncio.timeout(10):  # the poll sees the file go, the read fails
+                while store.status()["publer"].get("reason") is None:
+                    await asyncio.sleep(0.05)
+            assert store.status()["publer"]["next_read_in_seconds"] >= 59
+            source = store.sources()["publer"]
+            reads = 0
+            read = source.read
+
+            def counted() -> Any:
+                nonlocal reads
+                reads += 1
+                return read()
+
+            source.read = counted  # type: ignore[method-assign]
+            for _ in range(5):
+                assert (await store.reread("publer", held)).value == api_key
+            return reads
+        finally:
+            await store.stop()
+            store.close()
+
+    assert asyncio.run(scenario()) == 0

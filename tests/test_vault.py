@@ -24,6 +24,8 @@ import pytest
 import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
@@ -778,6 +780,38 @@ def test_backoff_seconds() -> None:
     assert all(1.0 <= delay <= 300.0 for delay in late)
     assert max(late) > 150
     assert min(late) < 150
+
+
+@given(
+    failures=st.integers(1, 200),
+    refresh=st.floats(0.1, 86_400),
+    calls=st.integers(1, 10),
+    usable_for=st.none() | st.floats(0, 200_000),
+)
+def test_read_backoff_never_asks_more_often_than_healthy(
+    failures: int, refresh: float, calls: int, usable_for: float | None
+) -> None:
+    """While a key is held, a failing source waits at least refresh_seconds per call a
+    read makes and at most the ceiling plus a quarter; without one, at most one refresh
+    per call plus a quarter, so it heals within a refresh."""
+    from proxy.sources.base import READ_BACKOFF_CEILING_SECONDS, read_backoff_seconds
+
+    wait = read_backoff_seconds(failures, refresh, calls, usable_for=usable_for)
+    steady = refresh * calls
+    if usable_for is None:
+        assert min(steady, calls) <= wait <= steady * 1.25 + 1e-9
+    else:
+        ceiling = max(steady, min(READ_BACKOFF_CEILING_SECONDS, 8 * steady))
+        assert steady <= wait <= ceiling * 1.25 + 1e-9
+
+
+def test_read_backoff_doubles_from_the_first_wait() -> None:
+    """With a key held, waits after 1, 2, 3 failures start at 1, 2, 4 first waits."""
+    from proxy.sources.base import read_backoff_seconds
+
+    for failures, low in ((1, 900.0), (2, 1800.0), (3, 3600.0), (9, 3600.0)):
+        wait = read_backoff_seconds(failures, 300, 3, usable_for=1e9)
+        assert low <= wait <= low * 1.25
 
 
 def test_error_and_read_reprs() -> None:
