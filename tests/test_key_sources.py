@@ -609,7 +609,8 @@ def test_a_rejected_key_does_not_hurry_a_backing_off_source(
                 await asyncio.sleep(0.05)
             else:
                 pytest.fail("the failed read was not seen within 10 s")
-            assert store.status()["publer"]["next_read_in_seconds"] >= 59
+            next_read = store.status()["publer"]["next_read_in_seconds"]
+            assert isinstance(next_read, float) and next_read >= 59
             source = store.sources()["publer"]
             reads = 0
             read = source.read
