@@ -527,7 +527,8 @@ class RedisBudget:
             # A window made less than a window ago: what the other replicas granted before
             # it may be lost, so this one spends on its own count until that one is over.
             self._alone_until[credential] = now + seconds
-            log.warning(
+            say = log.warning if self._part < self._limit else log.debug
+            say(
                 "rate_limit_redis_new_window",
                 credential=credential,
                 seconds=round(seconds, 1),
