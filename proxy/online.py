@@ -176,6 +176,14 @@ def check_online(settings: Settings, out: TextIO | None = None) -> bool:
             f"credential {name}: key {mask(read.value)} from {source.kind} {source.where}"
             + _version_and_age(read, source.kind, credential.rotate_after_days)
         )
+        aws_identity = getattr(source, "credential_source", None)
+        if aws_identity is not None:
+            from proxy.keys.sources.aws import describe_credential_source
+
+            say(
+                f"credential {name}: AWS credentials from {aws_identity}:"
+                f" {describe_credential_source(aws_identity)}"
+            )
         routes = [route for route in settings.routes if route.credential == name]
         works, sentence = probe_key(settings.upstream, read.value, choose_probe(routes))
         say(f"credential {name}: {sentence}")

@@ -267,13 +267,13 @@ def start_proxy(
     return proxy
 
 
-def start_redis(workdir: Path) -> Process:
-    """A real redis-server on a free loopback port, without persistence; `url` is its
-    redis:// URL."""
+def start_redis(workdir: Path, port: int | None = None) -> Process:
+    """A real redis-server on a free loopback port (or `port`, to start one again empty
+    where another stopped), without persistence; `url` is its redis:// URL."""
     import redis
 
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "redis.log"
     command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]

@@ -255,6 +255,124 @@ def test_outage_serves_the_last_key_then_503_then_recovers(
         server.stop()
 
 
+class StandIn:
+    """An HTTP stand-in in front of moto that counts GetSecretValue calls and, when told,
+    answers them as a throttling (400 ThrottlingException) or failing (500) AWS would."""
+
+    def __init__(self, moto: Moto) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.mode = "healthy"
+        self.calls: list[tuple[float, str]] = []  # (time.monotonic(), mode)
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                mode = stand_in.mode
+                if self.headers.get("x-amz-target", "").endswith("GetSecretValue"):
+                    stand_in.calls.append((time.monotonic(), mode))
+                if mode == "healthy":
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                    answer = httpx.post(moto.url, content=body, headers=headers)
+                    status, payload = answer.status_code, answer.content
+                elif mode == "throttling":
+                    status, payload = (
+                        400,
+                        b'{"__type":"ThrottlingException","message":"Rate exceeded"}',
+                    )
+                else:
+                    status, payload = 500, b'{"__type":"InternalFailure"}'
+                self.send_response(status)
+                self.send_header("content-type", "application/x-amz-json-1.1")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def count(self, mode: str) -> int:
+        """Calls answered in `mode`."""
+        return sum(1 for _, m in self.calls if m == mode)
+
+    def times(self, mode: str) -> list[float]:
+        """When the calls answered in `mode` came."""
+        return [t for t, m in self.calls if m == mode]
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.mark.parametrize("failure", ["throttling", "error_500"])
+def test_a_failing_source_is_asked_less_often_than_a_healthy_one(
+    tmp_path: Path, moto: Moto, sandbox: Sandbox, api_key: str, failure: str
+) -> None:
+    """With Secrets Manager throttling or answering 500, the proxy waits after each failed
+    read (its 3 SDK calls) at least refresh_seconds times 3, doubling: fewer calls a
+    second than when healthy; /readyz says when the next read is due."""
+    name = f"publer/{secrets.token_hex(4)}"
+    moto.create_secret(name, api_key)
+    stand_in = StandIn(moto)
+    config = proxy_config("http://127.0.0.1:9", sandbox.url)
+    config["credentials"]["publer"] = {
+        **aws_credential(moto, name, endpoint_url=stand_in.url),
+        "max_stale_seconds": 600,
+    }
+    proxy = start_proxy(tmp_path, config, env=ANY_AWS_IDENTITY)
+    try:
+        eventually(lambda: stand_in.count("healthy") >= 4)
+        healthy = stand_in.times("healthy")
+        healthy_rate = (len(healthy) - 1) / (healthy[-1] - healthy[0])
+        started = time.monotonic()
+        stand_in.mode = failure
+        # Three failed reads: each is 3 calls, the SDK's retries included.
+        eventually(lambda: stand_in.count(failure) >= 9, timeout=60)
+        failed = stand_in.times(failure)
+        waits = [failed[3] - failed[2], failed[6] - failed[5]]
+        assert waits[0] >= 3.0, waits  # refresh_seconds (1) times the 3 calls of a read
+        assert waits[1] >= 2 * 3.0, waits  # doubled
+        failing_rate = (len(failed) - 1) / (failed[-1] - started)
+        assert failing_rate < healthy_rate, (failing_rate, healthy_rate)
+        ready = _readyz(proxy)
+        assert ready["state"] == "stale"
+        assert 0 < ready["next_read_in_seconds"] <= 4 * 3.0 * 1.25
+        assert httpx.get(f"{proxy.url}/api/v1/posts").status_code == 200
+    finally:
+        proxy.stop()
+        stand_in.close()
+
+
+def test_a_secret_that_cannot_be_a_key_is_refused_by_its_version_id(
+    tmp_path: Path, moto: Moto, sandbox: Sandbox, api_key: str
+) -> None:
+    """A 60,000-character AWSCURRENT is never injected: the previous key keeps serving,
+    and the log and /readyz name the refused VersionId."""
+    name = f"publer/{secrets.token_hex(4)}"
+    moto.create_secret(name, api_key)
+    proxy = aws_proxy(tmp_path, moto, sandbox, name, max_stale_seconds=600)
+    try:
+        held = _readyz(proxy)["key_version"]
+        bad = moto.rotate(name, "k" * 60_000)
+        eventually(lambda: _readyz(proxy).get("refused_version") == bad)
+        assert _readyz(proxy)["key_version"] == held
+        assert bad in _readyz(proxy)["reason"]
+        sandbox.clear()
+        assert httpx.get(f"{proxy.url}/api/v1/posts").status_code == 200
+        assert _seen_keys(sandbox) == [api_key]
+        logged = [e for e in proxy.events() if e.get("refused_version") == bad]
+        assert logged and logged[0]["key_version"] == held
+    finally:
+        proxy.stop()
+
+
 def test_wrong_credentials_give_a_clear_error_without_secrets(
     tmp_path: Path, sandbox: Sandbox, api_key: str
 ) -> None:
@@ -302,6 +420,45 @@ def test_wrong_credentials_give_a_clear_error_without_secrets(
                 assert secret not in text
     finally:
         server.stop()
+
+
+def test_the_aws_credential_source_is_named_at_start_and_by_check(
+    tmp_path: Path, moto: Moto, sandbox: Sandbox, api_key: str
+) -> None:
+    """The start log and `check --online` name the provider of the SDK's chain whose
+    credentials read the key: the environment's keys, or a shared credentials file."""
+    name = f"publer/{secrets.token_hex(4)}"
+    moto.create_secret(name, api_key)
+    proxy = aws_proxy(tmp_path / "env", moto, sandbox, name)
+    try:
+        eventually(lambda: any(e.get("event") == "aws_credentials_in_use" for e in proxy.events()))
+        said = [e for e in proxy.events() if e.get("event") == "aws_credentials_in_use"]
+        assert said[0]["credential_source"] == "env"
+        assert "AWS_ACCESS_KEY_ID" in said[0]["described"]
+    finally:
+        proxy.stop()
+    shared = tmp_path / "aws-credentials"
+    shared.write_text(
+        f"[default]\naws_access_key_id = AKIAFILEEXAMPLE00000\naws_secret_access_key = {'f' * 40}\n"
+    )
+    from_file = {"AWS_SHARED_CREDENTIALS_FILE": str(shared), "AWS_EC2_METADATA_DISABLED": "true"}
+    proxy = aws_proxy(tmp_path / "file", moto, sandbox, name, env=from_file)
+    try:
+        said = [e for e in proxy.events() if e.get("event") == "aws_credentials_in_use"]
+        assert said[0]["credential_source"] == "shared-credentials-file"
+    finally:
+        proxy.stop()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    check = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "--online", "--config", str(proxy.config_path)],
+        capture_output=True,
+        text=True,
+        env={**clean, **from_file, "HOME": str(tmp_path)},
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "AWS credentials from shared-credentials-file" in check.stdout
+    assert "f" * 40 not in check.stdout + check.stderr
 
 
 def test_json_secret_field(moto: Moto, api_key: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -235,3 +235,80 @@ def test_redis_down_falls_back_to_a_local_budget(
         assert any(e.get("event") == "rate_limit_redis_unavailable" for e in proxy.events())
     finally:
         proxy.stop()
+
+
+def _seed_old_window(url: str, credential: str) -> None:
+    """Make Redis look like it has held the budget for long: its epoch key is old."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        seconds, _ = client.time()
+        client.set(f"publer-proxy:budget:{{{credential}}}:epoch", f"seed:{seconds - 10_000}")
+    finally:
+        client.close()
+
+
+def test_redis_lost_and_restarted_empty_keeps_one_budget(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """Two replicas with Redis stopped and restarted empty grant, within one window, at
+    most the budget plus each replica's part while Redis was away: here 10 + 5, where
+    each replica once spent a fresh budget of its own before and after the restart."""
+    redis_server = start_redis(tmp_path / "redis")
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    _seed_old_window(redis_server.url, "publer")
+    rate = {"requests": 10, "per_seconds": 300, "redis_url": redis_server.url, "replicas": 2}
+    first = start_proxy(tmp_path / "a", _budget_config(bao, sandbox, token_file, **rate))
+    second = start_proxy(tmp_path / "b", _budget_config(bao, sandbox, token_file, **rate))
+
+    def granted(proxy: Proxy, count: int) -> int:
+        with httpx.Client() as client:
+            statuses = [client.get(f"{proxy.url}/api/v1/posts").status_code for _ in range(count)]
+        assert set(statuses) <= {200, 429}, statuses
+        return statuses.count(200)
+
+    try:
+        sandbox.clear()
+        assert (granted(first, 12), granted(second, 2)) == (10, 0)
+        redis_server.stop()
+        # Alone, each replica spends up to its part (10 // 2) on its own count, which
+        # holds what it granted through Redis before.
+        assert (granted(first, 5), granted(second, 8)) == (0, 5)
+        redis_server = start_redis(tmp_path / "redis-again", port=port)
+        assert (granted(second, 5), granted(first, 5)) == (0, 0)
+        assert len(sandbox.requests()) == 15
+        assert any(e.get("event") == "rate_limit_redis_new_window" for e in first.events())
+    finally:
+        first.stop()
+        second.stop()
+        redis_server.stop()
+
+
+def test_a_replica_idle_through_the_outage_spends_its_part_only(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """A replica that saw nothing of the outage finds the window Redis lost by its epoch
+    and spends only its part until that window is over, not a whole fresh budget."""
+    redis_server = start_redis(tmp_path / "redis")
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    _seed_old_window(redis_server.url, "publer")
+    rate = {"requests": 10, "per_seconds": 300, "redis_url": redis_server.url, "replicas": 2}
+    first = start_proxy(tmp_path / "a", _budget_config(bao, sandbox, token_file, **rate))
+    second = start_proxy(tmp_path / "b", _budget_config(bao, sandbox, token_file, **rate))
+    try:
+        sandbox.clear()
+        with httpx.Client() as client:
+            spent = [client.get(f"{first.url}/api/v1/posts").status_code for _ in range(10)]
+            assert spent == [200] * 10
+            redis_server.stop()
+            redis_server = start_redis(tmp_path / "redis-again", port=port)
+            later = [client.get(f"{second.url}/api/v1/posts").status_code for _ in range(10)]
+            again = [client.get(f"{first.url}/api/v1/posts").status_code for _ in range(3)]
+        assert later == [200] * 5 + [429] * 5
+        assert again == [429] * 3
+        assert len(sandbox.requests()) == 15
+    finally:
+        first.stop()
+        second.stop()
+        redis_server.stop()

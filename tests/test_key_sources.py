@@ -297,6 +297,34 @@ def test_env_source_dotenv_file(
     assert str(dotenv) in missing.value.reason
 
 
+def test_an_exported_key_that_differs_from_the_env_file_is_warned(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, api_key: str
+) -> None:
+    """An exported variable wins over the .env file; when their values differ, a warning
+    names both places with both keys masked, and neither key in full."""
+    import structlog
+
+    dotenv = tmp_path / ".env"
+    in_file = "pk_file_" + secrets.token_hex(16)
+    dotenv.write_text(f"PUBLER_API_KEY={in_file}\n")
+    settings = EnvCredentialSettings(source="env", env_file=dotenv)
+    monkeypatch.setenv("PUBLER_API_KEY", api_key)
+    with structlog.testing.capture_logs() as logs:
+        source = EnvKeySource(settings, SecretRegistry())
+    assert source.read().value == api_key
+    warned = [e for e in logs if e["event"] == "env_key_differs_from_env_file"]
+    assert len(warned) == 1
+    assert warned[0]["used"] == "$PUBLER_API_KEY (exported)"
+    assert warned[0]["key"] == "***" + api_key[-4:]
+    assert warned[0]["ignored"] == f"PUBLER_API_KEY in {dotenv}"
+    assert warned[0]["ignored_key"] == "***" + in_file[-4:]
+    assert api_key not in repr(logs) and in_file not in repr(logs)
+    monkeypatch.setenv("PUBLER_API_KEY", in_file)
+    with structlog.testing.capture_logs() as logs:
+        EnvKeySource(settings, SecretRegistry())
+    assert not [e for e in logs if e["event"] == "env_key_differs_from_env_file"]
+
+
 # -- the proxy over each source, as processes ---------------------------------------------
 
 
@@ -395,6 +423,39 @@ def test_file_source_gone_serves_stale_then_503_then_recovers(
         path.chmod(0o600)
         eventually(lambda: httpx.get(f"{proxy.url}/api/v1/posts").status_code == 200)
         assert _state(proxy)["state"] == "fresh"
+    finally:
+        proxy.stop()
+
+
+def test_a_file_that_cannot_be_a_key_keeps_the_previous_key(
+    tmp_path: Path, sandbox: Sandbox, api_key: str
+) -> None:
+    """A 60,000-character value written to the key file is refused: the key held before
+    keeps being injected, and the log and /readyz name the refused change of the file
+    (its time and digest prefix); a good key afterwards is taken and clears it."""
+    path = tmp_path / "api_key"
+    write_key(path, api_key)
+    credential = {"source": "file", "path": str(path), "max_stale_seconds": 600}
+    proxy = source_proxy(tmp_path, sandbox, credential)
+    try:
+        write_key(path, "k" * 60_000)
+        eventually(lambda: "refused_version" in _state(proxy))
+        state = _state(proxy)
+        assert state["refused_version"].startswith("modified ")
+        assert "sha256 " in state["refused_version"]
+        assert "60000 characters long" in state["reason"]
+        assert state["key_version"] == 1
+        sandbox.clear()
+        assert httpx.get(f"{proxy.url}/api/v1/posts").status_code == 200
+        assert _seen_keys(sandbox) == [api_key]
+        refused = [e for e in proxy.events() if e.get("refused_version")]
+        assert refused[0]["refused_version"] == state["refused_version"]
+        assert refused[0]["key"] == "***" + api_key[-4:]
+        assert "k" * 20 not in proxy.output()
+        fresh = "pk_file_" + secrets.token_hex(16)
+        write_key(path, fresh)
+        eventually(lambda: _state(proxy).get("key_version") == 2)
+        assert "refused_version" not in _state(proxy)
     finally:
         proxy.stop()
 
@@ -510,3 +571,61 @@ def test_reload_moves_a_file_credential_and_keeps_an_env_one(
     finally:
         proxy.stop()
         sandbox.set_keys({"key": api_key})
+
+
+def test_a_rejected_key_does_not_hurry_a_backing_off_source(
+    tmp_path: Path, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After Publer rejects the key, a source that is failing and backing off is not read
+    again before its next read is due: every request shares the key held, no read."""
+    import asyncio
+
+    # Each rejection may otherwise re-read at once: the shared re-read's spacing is not
+    # what this test is about.
+    monkeypatch.setattr("proxy.keys.store.REREAD_MIN_INTERVAL", 0.0)
+
+    from proxy.config.settings import VaultSettings
+    from proxy.keys.store import CredentialStore
+    from proxy.records.metrics import Metrics
+
+    path = tmp_path / "api_key"
+    write_key(path, api_key)
+    settings = FileCredentialSettings(source="file", path=path, refresh_seconds=60)
+
+    async def scenario() -> int:
+        store = CredentialStore(
+            {"publer": settings},
+            Metrics(),
+            secrets=SecretRegistry(),
+            vault_settings=VaultSettings(url="http://127.0.0.1:9"),
+        )
+        await store.start()
+        try:
+            held = store.current("publer")
+            path.unlink()
+            for _ in range(200):  # within 10 s the poll sees the file go, the read fails
+                if store.status()["publer"].get("reason") is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the failed read was not seen within 10 s")
+            next_read = store.status()["publer"]["next_read_in_seconds"]
+            assert isinstance(next_read, float) and next_read >= 59
+            source = store.sources()["publer"]
+            reads = 0
+            read = source.read
+
+            def counted() -> Any:
+                nonlocal reads
+                reads += 1
+                return read()
+
+            source.read = counted  # type: ignore[method-assign]
+            for _ in range(5):
+                assert (await store.reread("publer", held)).value == api_key
+            return reads
+        finally:
+            await store.stop()
+            store.close()
+
+    assert asyncio.run(scenario()) == 0

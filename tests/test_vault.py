@@ -24,6 +24,8 @@ import pytest
 import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
@@ -477,11 +479,17 @@ def test_surrounding_whitespace_is_trimmed(bao: Bao, root_session: VaultSession)
 def test_value_that_is_not_a_key(
     bao: Bao, root_session: VaultSession, value: str, problem: str
 ) -> None:
-    """A value that does not look like an API key is invalid, and the reason hides it."""
+    """A value that does not look like an API key is invalid, the reason hides it and
+    names the refused KV version."""
     bao.write_key("bad-value", value)
+    version = bao.client().secrets.kv.v2.read_secret_version(
+        path="bad-value", mount_point="secret", raise_on_deleted_version=True
+    )["data"]["metadata"]["version"]
     error = fails("invalid", lambda: root_session.read_key(credential(path="bad-value")))
+    assert error.version == version
     assert error.reason == (
-        f"the value at secret/bad-value field api_key does not look like an API key ({problem})"
+        f"the value at secret/bad-value field api_key (KV version {version}) does not look"
+        f" like an API key ({problem})"
     )
 
 
@@ -504,10 +512,19 @@ def test_value_that_is_not_a_string(bao: Bao, root_session: VaultSession) -> Non
         ("a\u00a0b", "it contains whitespace"),
         ("a\x7fb", "it contains characters that are not printable ASCII"),
         ("ключ", "it contains characters that are not printable ASCII"),
+        ("k" * 16, None),
+        ("k" * 512, None),
+        ("changeme", "it is 8 characters long; an API key has at least 16"),
+        ("k" * 15, "it is 15 characters long; an API key has at least 16"),
+        ("k" * 513, "it is 513 characters long; an API key has at most 512"),
+        ("k" * 60_000, "it is 60000 characters long; an API key has at most 512"),
+        ("pk_" + "a" * 20 + "\x00", "it contains characters that are not printable ASCII"),
+        ("pk_" + "a" * 20 + "\r\nX-Evil: 1", "it contains whitespace"),
     ],
 )
 def test_key_problem(value: str, problem: str | None) -> None:
-    """key_problem accepts printable ASCII without spaces and names what else is wrong."""
+    """key_problem accepts 16 to 512 printable ASCII characters without spaces and names
+    what else is wrong."""
     assert key_problem(value) == problem
 
 
@@ -777,6 +794,38 @@ def test_backoff_seconds() -> None:
     assert all(1.0 <= delay <= 300.0 for delay in late)
     assert max(late) > 150
     assert min(late) < 150
+
+
+@given(
+    failures=st.integers(1, 200),
+    refresh=st.floats(0.1, 86_400),
+    calls=st.integers(1, 10),
+    usable_for=st.none() | st.floats(0, 200_000),
+)
+def test_read_backoff_never_asks_more_often_than_healthy(
+    failures: int, refresh: float, calls: int, usable_for: float | None
+) -> None:
+    """While a key is held, a failing source waits at least refresh_seconds per call a
+    read makes and at most the ceiling plus a quarter; without one, at most one refresh
+    per call plus a quarter, so it heals within a refresh."""
+    from proxy.keys.sources.base import READ_BACKOFF_CEILING_SECONDS, read_backoff_seconds
+
+    wait = read_backoff_seconds(failures, refresh, calls, usable_for=usable_for)
+    steady = refresh * calls
+    if usable_for is None:
+        assert min(steady, calls) <= wait <= steady * 1.25 + 1e-9
+    else:
+        ceiling = max(steady, min(READ_BACKOFF_CEILING_SECONDS, 8 * steady))
+        assert steady <= wait <= ceiling * 1.25 + 1e-9
+
+
+def test_read_backoff_doubles_from_the_first_wait() -> None:
+    """With a key held, waits after 1, 2, 3 failures start at 1, 2, 4 first waits."""
+    from proxy.keys.sources.base import read_backoff_seconds
+
+    for failures, low in ((1, 900.0), (2, 1800.0), (3, 3600.0), (9, 3600.0)):
+        wait = read_backoff_seconds(failures, 300, 3, usable_for=1e9)
+        assert low <= wait <= low * 1.25
 
 
 def test_error_and_read_reprs() -> None:

@@ -230,6 +230,18 @@ class MemoryBudget:
         retry = total[0] + self._period - now if total else 0.0
         return Grant(False, 0, retry, refused, len(used))
 
+    def record(self, share: Share) -> None:
+        """Count a request granted elsewhere (in the shared window) as spent here too."""
+        now = time.monotonic()
+        horizon = now - self._period
+        window = self._windows.setdefault(share.credential, _Window())
+        for log in (
+            _pruned(window.total, horizon),
+            _log(window.used, share.key, horizon),
+            _log(window.routes, share.route, horizon),
+        ):
+            log.append(now)
+
     async def sync(self, credential: str, remaining: int, reset_seconds: float) -> None:
         seconds = _ceiling_seconds(reset_seconds, self._period)
         if seconds is None:
@@ -265,11 +277,15 @@ class MemoryBudget:
 
 
 _TAKE = """
-local base, ceiling_key = KEYS[1], KEYS[2]
+local base, ceiling_key, epoch_key = KEYS[1], KEYS[2], KEYS[3]
 local limit, period, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local me, route = ARGV[4], ARGV[5]
 local route_weight, client_weight = tonumber(ARGV[6]), tonumber(ARGV[7])
 local cap, route_cap, first = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10] == '1'
+-- Another epoch than the caller knows (or none): Redis lost the window, or the caller
+-- has grants Redis never saw. The caller restores them before anything is granted.
+local epoch = redis.call('GET', epoch_key)
+if not epoch or epoch ~= ARGV[11] then return {-1, 0, '0', '', 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local horizon = now - period
@@ -366,6 +382,30 @@ end
 return refuse(frees_in(base), verdict, used)
 """
 
+# The caller's grants of the window, back into it (NX: one Redis still holds keeps its
+# time); then the epoch, made when missing, with how long the window it replaces lasts.
+_RESTORE = """
+local base, epoch_key = KEYS[1], KEYS[2]
+local period, fresh = tonumber(ARGV[1]), ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = math.ceil(period * 1000)
+for i = 3, #ARGV, 4 do
+  local at = now - tonumber(ARGV[i])
+  if at > now - period then
+    local keys = {base, base .. ':used:' .. ARGV[i + 2], base .. ':route:' .. ARGV[i + 3]}
+    for _, key in ipairs(keys) do
+      redis.call('ZADD', key, 'NX', at, ARGV[i + 1])
+      redis.call('PEXPIRE', key, ttl)
+    end
+  end
+end
+redis.call('SET', epoch_key, fresh .. ':' .. now, 'NX')
+local epoch = redis.call('GET', epoch_key)
+local made = tonumber(string.match(epoch, ':(.*)$'))
+return {epoch, tostring(made + period - now)}
+"""
+
 _SYNC = """
 local key, ceiling_key = KEYS[1], KEYS[2]
 local limit, period = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -398,11 +438,30 @@ return counts
 """
 
 
+@dataclass(frozen=True)
+class _Granted:
+    """One request this replica granted: when (monotonic), its member in the Redis window,
+    and whose it was."""
+
+    at: float
+    member: str
+    share: str
+    route: str
+
+
 class RedisBudget:
     """One sliding window per credential in Redis, shared by every replica.
 
-    When Redis cannot be reached, each replica falls back to its own in-memory window:
-    neither failing open (no limit at all) nor closed (no traffic at all).
+    Each replica also remembers what it granted itself in the current window. While Redis
+    cannot be reached it goes on alone, on that count, up to its part of the budget
+    (`requests // replicas`): neither failing open (no limit at all) nor closed (no
+    traffic at all). A window Redis lost (a restart, a flush) is noticed by its epoch, a
+    key made beside the windows that is gone with them: before granting more, a replica
+    puts its own grants of the window back, and until the lost window is over each
+    replica spends at most its part on its own count too, because what the others granted
+    before is gone. So in any window the replicas together grant at most
+    `requests + replicas * (requests // replicas)`, about twice the budget, and
+    `requests` whenever Redis kept its window.
     """
 
     def __init__(self, settings: RateLimitSettings, url: str) -> None:
@@ -412,11 +471,16 @@ class RedisBudget:
         self._error: type[RedisError] = RedisError
         self._limit = settings.requests
         self._period = settings.per_seconds
+        self._part = max(1, settings.requests // settings.replicas)
         self._redis: Redis = redisclient.connect(url)
         self._take = self._redis.register_script(_TAKE)
+        self._restore = self._redis.register_script(_RESTORE)
         self._sync = self._redis.register_script(_SYNC)
         self._usage = self._redis.register_script(_USAGE)
-        self._fallback = MemoryBudget(settings)
+        self._fallback = MemoryBudget(settings.model_copy(update={"requests": self._part}))
+        self._granted: dict[str, deque[_Granted]] = {}
+        self._epochs: dict[str, str] = {}  # the window's epoch each credential last saw
+        self._alone_until: dict[str, float] = {}  # monotonic end of a lost window
         self._degraded = False
 
     def _note(self, error: RedisError | None) -> None:
@@ -424,10 +488,14 @@ class RedisBudget:
             log.warning(
                 "rate_limit_redis_unavailable",
                 error=type(error).__name__,
-                fallback="per-process budget",
+                fallback="per-replica part of the budget",
+                requests=self._part,
             )
         elif error is None and self._degraded:
             log.info("rate_limit_redis_recovered")
+        if error is not None:
+            # Grants made meanwhile go back into Redis before the next one there.
+            self._epochs.clear()
         self._degraded = error is not None
 
     @staticmethod
@@ -435,31 +503,89 @@ class RedisBudget:
         # One hash tag for every key of a credential: a Redis Cluster keeps them in one
         # slot, as a script that touches them all needs.
         window = f"publer-proxy:budget:{{{credential}}}"
-        return [window, f"{window}:ceiling"]
+        return [window, f"{window}:ceiling", f"{window}:epoch"]
+
+    def _mine(self, credential: str) -> deque[_Granted]:
+        """This replica's grants of the current window, oldest first."""
+        granted = self._granted.setdefault(credential, deque())
+        horizon = time.monotonic() - self._period
+        while granted and granted[0].at <= horizon:
+            granted.popleft()
+        return granted
+
+    async def _rejoin(self, credential: str) -> None:
+        """Put this replica's grants of the window back into Redis, and learn its epoch."""
+        now = time.monotonic()
+        args: list[str | float] = [self._period, uuid.uuid4().hex]
+        for grant in self._mine(credential):
+            args += [now - grant.at, grant.member, grant.share, grant.route]
+        keys = self._keys(credential)
+        epoch, left = await self._restore(keys=[keys[0], keys[2]], args=args)
+        self._epochs[credential] = epoch.decode()
+        seconds = float(left)
+        if seconds > 0:
+            # A window made less than a window ago: what the other replicas granted before
+            # it may be lost, so this one spends on its own count until that one is over.
+            self._alone_until[credential] = now + seconds
+            say = log.warning if self._part < self._limit else log.debug
+            say(
+                "rate_limit_redis_new_window",
+                credential=credential,
+                seconds=round(seconds, 1),
+                requests=self._part,
+            )
 
     async def take(self, share: Share, *, first: bool = True) -> Grant:
+        credential = share.credential
+        member = uuid.uuid4().hex
         try:
-            allowed, remaining, retry_after, limit, used = await self._take(
-                keys=self._keys(share.credential),
-                args=[
-                    self._limit,
-                    self._period,
-                    uuid.uuid4().hex,
-                    share.key,
-                    share.route,
-                    share.route_weight,
-                    share.client_weight,
-                    share.max_requests or 0,
-                    share.route_max_requests or 0,
-                    1 if first else 0,
-                ],
-            )
+            for _ in range(3):
+                if credential not in self._epochs:
+                    await self._rejoin(credential)
+                if self._alone_until.get(credential, 0) > time.monotonic():
+                    mine = self._mine(credential)
+                    if len(mine) >= self._part:
+                        retry = mine[0].at + self._period - time.monotonic()
+                        return Grant(False, 0, retry, "credential")
+                allowed, remaining, retry_after, limit, used = await self._take(
+                    keys=self._keys(credential),
+                    args=[
+                        self._limit,
+                        self._period,
+                        member,
+                        share.key,
+                        share.route,
+                        share.route_weight,
+                        share.client_weight,
+                        share.max_requests or 0,
+                        share.route_max_requests or 0,
+                        1 if first else 0,
+                        self._epochs.get(credential, ""),
+                    ],
+                )
+                if int(allowed) >= 0:
+                    break
+                self._epochs.pop(credential, None)
+            else:
+                raise self._error("the budget's epoch in Redis keeps changing")
         except self._error as exc:
             self._note(exc)
-            return await self._fallback.take(share, first=first)
+            grant = await self._fallback.take(share, first=first)
+            if grant.allowed:
+                self._remember(share, member, record=False)
+            return grant
         self._note(None)
+        if allowed:
+            self._remember(share, member, record=True)
         refused = cast("Limit", limit.decode()) if limit else None
         return Grant(bool(allowed), int(remaining), float(retry_after), refused, int(used))
+
+    def _remember(self, share: Share, member: str, *, record: bool) -> None:
+        self._mine(share.credential).append(
+            _Granted(time.monotonic(), member, share.key, share.route)
+        )
+        if record:  # the fallback's own take counted it already
+            self._fallback.record(share)
 
     async def sync(self, credential: str, remaining: int, reset_seconds: float) -> None:
         seconds = _ceiling_seconds(reset_seconds, self._period)

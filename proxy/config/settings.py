@@ -717,6 +717,13 @@ class RateLimitSettings(_Model):
     redis_url: str | None = Field(
         default=None, description="One budget for every replica, kept in this Redis."
     )
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        description="How many replicas share the budget through Redis: while Redis is"
+        " unreachable, or for one window after it came back empty, each replica spends at"
+        " most its part (`requests // replicas`, at least 1) on its own count.",
+    )
 
 
 class AuditSettings(_Model):

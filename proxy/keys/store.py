@@ -3,7 +3,9 @@
 Every source (Vault, AWS Secrets Manager, a file, the environment) gets the same life.
 The request path only ever reads `current()`, which never waits on a source. A
 background task per credential re-reads it every `refresh_seconds` (sooner when a file
-source sees its file change, and after a failure with backoff); another keeps the Vault
+source sees its file change); after a failure it waits with a backoff that counts the
+calls one read makes (the SDK's retries) and grows past `refresh_seconds`, so a failing
+source is asked less often than a healthy one, never more. Another task keeps the Vault
 token alive when a credential is in Vault. A new value or version is a rotation, logged
 with both masked keys. A key stays usable while its last good read is at most
 `refresh_seconds + max_stale_seconds` old, so an outage of a source costs nothing until
@@ -28,7 +30,13 @@ from prometheus_client import Counter
 
 from proxy.config.settings import AnyCredential, KeyLifeSettings, VaultSettings
 from proxy.keys.sources import make_source
-from proxy.keys.sources.base import KeySource, SecretRead, SourceError, backoff_seconds
+from proxy.keys.sources.base import (
+    KeySource,
+    SecretRead,
+    SourceError,
+    backoff_seconds,
+    read_backoff_seconds,
+)
 from proxy.masking.secrets import mask
 from proxy.rules.refusals import CredentialUnavailable
 
@@ -87,6 +95,8 @@ class _Slot:
     reread: asyncio.Task[HeldKey] | None = None
     reread_at: float = -math.inf
     warned_rotation_at: float = -math.inf
+    next_read_at: float | None = None  # time.monotonic() the refresh reads again
+    refused_version: int | str | None = None  # the last version refused as no API key
 
 
 def vault_session_maker(
@@ -299,6 +309,15 @@ class CredentialStore:
             self._count_read(slot, exc.kind)
             slot.last_error = exc.reason
             slot.last_attempt_failed = True
+            refused = {}
+            if exc.kind == "invalid":
+                slot.refused_version = exc.version
+                # The key held before stays in use: say which one, and which was refused.
+                refused = {
+                    "refused_version": exc.version,
+                    "key": slot.key.masked if slot.key else None,
+                    "key_version": slot.key.version if slot.key else None,
+                }
             log.warning(
                 "key_read_failed",
                 credential=slot.name,
@@ -307,10 +326,12 @@ class CredentialStore:
                 reason=exc.reason,
                 server_said=exc.detail,
                 state=_state(slot),
+                **refused,
             )
             return None
         self._count_read(slot, "ok")
         held = HeldKey(read.value, read.version, read.created_time, time.monotonic())
+        slot.refused_version = None
         # Every source's every read, whatever it finds: what an operator debugging a
         # source (AWS, a file) looks for first.
         log.debug(
@@ -389,10 +410,16 @@ class CredentialStore:
         while True:
             if slot.last_attempt_failed or slot.key is None:
                 failures += 1
-                delay = min(backoff_seconds(failures), slot.settings.refresh_seconds)
+                delay = read_backoff_seconds(
+                    failures,
+                    slot.settings.refresh_seconds,
+                    slot.source.calls_per_read,
+                    usable_for=_usable_for(slot),
+                )
             else:
                 failures = 0
                 delay = self.jitter(slot.settings.refresh_seconds)
+            slot.next_read_at = time.monotonic() + delay
             await self._until_due(slot.source, delay)
             await self._read(slot)
 
@@ -462,8 +489,12 @@ class CredentialStore:
         slot = self._slot(name)
         if slot.key is not None and slot.key.value != rejected.value:
             return slot.key
+        now = time.monotonic()
+        if slot.last_attempt_failed and slot.next_read_at is not None and now < slot.next_read_at:
+            # The source is failing and backing off: a rejected key does not ask it sooner.
+            return self.current(name)
         task = slot.reread
-        recent = time.monotonic() - slot.reread_at < REREAD_MIN_INTERVAL
+        recent = now - slot.reread_at < REREAD_MIN_INTERVAL
         if task is None or (task.done() and not recent):
             task = slot.reread = asyncio.create_task(self._reread(slot))
         return await asyncio.shield(task)
@@ -485,7 +516,9 @@ class CredentialStore:
         """Per-credential state for /readyz and `check --online`; never a key.
 
         `{name: {"state", "key" (masked), "key_version", "last_read_seconds_ago",
-        "key_age_days", "rotation_due", "reason"}}`, each field present when known.
+        "key_age_days", "rotation_due", "reason", "refused_version",
+        "next_read_in_seconds"}}`, each field
+        present when known (the next read is due when the refresh or its backoff says).
         """
         out: dict[str, dict[str, object]] = {}
         now = time.monotonic()
@@ -505,6 +538,10 @@ class CredentialStore:
                     entry["rotation_due"] = age > slot.settings.rotate_after_days
             if slot.last_error:
                 entry["reason"] = slot.last_error
+            if slot.refused_version is not None:
+                entry["refused_version"] = slot.refused_version
+            if slot.next_read_at is not None:
+                entry["next_read_in_seconds"] = round(max(slot.next_read_at - now, 0.0), 1)
             out[name] = entry
         return out
 
@@ -539,6 +576,15 @@ def _state(slot: _Slot) -> State:
     if slot.last_attempt_failed or age > slot.settings.refresh_seconds * 2:
         return "stale"
     return "fresh"
+
+
+def _usable_for(slot: _Slot) -> float | None:
+    """Seconds the held key stays usable, or None when none is."""
+    if slot.key is None:
+        return None
+    left = slot.key.read_at + slot.settings.refresh_seconds + slot.settings.max_stale_seconds
+    left -= time.monotonic()
+    return left if left > 0 else None
 
 
 def _location(settings: KeyLifeSettings) -> dict[str, object]:

@@ -19,8 +19,10 @@ The SDK is configured in this one place; each setting that differs from its defa
   the environment's proxies itself and would send the role's temporary credentials
   through them, so the proxy variables are removed from the process environment before
   the SDK starts (nothing else in the proxy honours them either).
-- `retries`: standard mode, 2 attempts: the credential store has its own backoff, and
-  the SDK's legacy mode would hold a worker thread through 5 attempts.
+- `retries`: standard mode, 3 calls a read at most (`total_max_attempts` counts the
+  first call; `max_attempts` would not): the credential store has its own backoff, which
+  counts these calls (`calls_per_read`), and the SDK's legacy mode would hold a worker
+  thread through 5 attempts.
 - `connect_timeout`/`read_timeout`: the credential's `timeout_seconds`, not 60 s.
 Its loggers are kept above DEBUG (proxy/logs.py): at DEBUG botocore logs request and
 response bodies, the secret's value included.
@@ -48,6 +50,7 @@ from proxy.masking.secrets import SecretRegistry
 log = structlog.get_logger(__name__)
 
 CURRENT_STAGE = "AWSCURRENT"
+CALLS_PER_READ = 3
 _PROXY_VARIABLES = (
     "HTTPS_PROXY",
     "HTTP_PROXY",
@@ -75,6 +78,24 @@ _REFUSED_IDENTITY = frozenset(
 _UNAVAILABLE = frozenset(
     {"ThrottlingException", "InternalServiceError", "InternalFailure", "ServiceUnavailable"}
 )
+# botocore's name for each provider of its credential chain (Credentials.method), and
+# what an operator knows it as.
+CREDENTIAL_SOURCES = {
+    "env": "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+    "shared-credentials-file": "profile in the shared credentials file (~/.aws/credentials)",
+    "config-file": "profile in the config file (~/.aws/config)",
+    "custom-process": "credential_process of the profile",
+    "assume-role": "role assumed by the profile (role_arn)",
+    "assume-role-with-web-identity": "web identity (AWS_WEB_IDENTITY_TOKEN_FILE and"
+    " AWS_ROLE_ARN, as EKS sets them)",
+    "sso": "IAM Identity Center (SSO) profile",
+    "login": "console login session of the profile",
+    "container-role": "container role (ECS task role or EKS Pod Identity)",
+    "iam-role": "instance role (EC2 instance metadata)",
+    "ec2-credentials-file": "EC2 credentials file (/etc/boto.cfg)",
+    "boto-config": "boto2 config file",
+    "explicit": "keys given to the SDK directly",
+}
 _NO_CREDENTIALS = (
     "no AWS credentials found: the SDK looked for AWS_ACCESS_KEY_ID and"
     " AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, web identity (AWS_WEB_IDENTITY_TOKEN_FILE"
@@ -92,7 +113,7 @@ def sdk_config(settings: AwsCredentialSettings) -> botocore.config.Config:
     proxy = settings.proxy
     return botocore.config.Config(
         proxies={"http": proxy, "https": proxy} if proxy else {},
-        retries={"mode": "standard", "max_attempts": 2},
+        retries={"mode": "standard", "total_max_attempts": CALLS_PER_READ},
         connect_timeout=settings.timeout_seconds,
         read_timeout=settings.timeout_seconds,
     )
@@ -103,6 +124,7 @@ class AwsKeySource:
 
     kind: SourceKind = "aws_secrets_manager"
     poll_seconds: float | None = None
+    calls_per_read = CALLS_PER_READ
 
     def __init__(self, settings: AwsCredentialSettings, secrets: SecretRegistry) -> None:
         self._settings = settings
@@ -113,6 +135,7 @@ class AwsKeySource:
         self._lock = threading.Lock()
         self._session: Any = None
         self._client: Any = None
+        self.credential_source: str | None = None  # botocore's method, once known
 
     def __repr__(self) -> str:
         return f"AwsKeySource({self.where})"
@@ -138,12 +161,23 @@ class AwsKeySource:
             return self._client
 
     def _remember_credentials(self) -> None:
-        """Put the AWS secret key and session token in use into the registry."""
+        """Put the AWS secret key and session token in use into the registry, and say
+        once which provider of the SDK's chain gave them."""
         credentials = self._session.get_credentials() if self._session else None
         if credentials is not None:
             frozen = credentials.get_frozen_credentials()
             self._secrets.add(frozen.secret_key)
             self._secrets.add(frozen.token)
+            method = str(getattr(credentials, "method", None) or "unknown")
+            if method != self.credential_source:
+                self.credential_source = method
+                log.info(
+                    "aws_credentials_in_use",
+                    where=self.where,
+                    credential_source=method,
+                    described=describe_credential_source(method),
+                    profile=self._settings.profile or os.environ.get("AWS_PROFILE"),
+                )
 
     def read(self) -> SecretRead:
         """GetSecretValue of AWSCURRENT, checked; raises SourceError."""
@@ -158,6 +192,27 @@ class AwsKeySource:
             raise self._refused(exc) from None
         except botocore.exceptions.BotoCoreError as exc:
             raise self._failed(exc) from None
+        version = answer.get("VersionId")
+        try:
+            value = self._value(answer)
+        except SourceError as exc:
+            raise SourceError(
+                exc.reason,
+                kind=exc.kind,
+                version=version if isinstance(version, str) else None,
+            ) from None
+        created = answer.get("CreatedDate")
+        if isinstance(created, datetime) and created.tzinfo is None:
+            created = created.replace(tzinfo=UTC)
+        return SecretRead(
+            value=value,
+            version=version if isinstance(version, str) else None,
+            created_time=created if isinstance(created, datetime) else None,
+        )
+
+    def _value(self, answer: dict[str, Any]) -> str:
+        """The checked key of a GetSecretValue answer, or SourceError."""
+        version = answer.get("VersionId")
         text = answer.get("SecretString")
         if text is None and answer.get("SecretBinary") is not None:
             try:
@@ -176,16 +231,11 @@ class AwsKeySource:
         self._secrets.add(value)
         problem = key_problem(value)
         if problem is not None:
-            raise SourceError(f"{self.where} does not hold an API key ({problem})", kind="invalid")
-        version = answer.get("VersionId")
-        created = answer.get("CreatedDate")
-        if isinstance(created, datetime) and created.tzinfo is None:
-            created = created.replace(tzinfo=UTC)
-        return SecretRead(
-            value=value,
-            version=version if isinstance(version, str) else None,
-            created_time=created if isinstance(created, datetime) else None,
-        )
+            raise SourceError(
+                f"{self.where} version {version} does not hold an API key ({problem})",
+                kind="invalid",
+            )
+        return value
 
     def _field(self, text: str) -> str:
         """The configured field of a JSON secret, or the whole secret string."""
@@ -309,6 +359,11 @@ class AwsKeySource:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+
+def describe_credential_source(method: str) -> str:
+    """What botocore's credential `method` is, in an operator's words."""
+    return CREDENTIAL_SOURCES.get(method, f"the SDK's {method!r} provider")
 
 
 def _names(data: dict[Any, Any]) -> str:

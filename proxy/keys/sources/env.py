@@ -23,7 +23,7 @@ import structlog
 
 from proxy.config.settings import EnvCredentialSettings
 from proxy.keys.sources.base import SecretRead, SourceError, SourceKind, key_problem
-from proxy.masking.secrets import SecretRegistry
+from proxy.masking.secrets import SecretRegistry, mask
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +57,7 @@ class EnvKeySource:
 
     kind: SourceKind = "env"
     poll_seconds: float | None = None
+    calls_per_read = 1
 
     def __init__(self, settings: EnvCredentialSettings, secrets: SecretRegistry) -> None:
         name = settings.variable
@@ -69,6 +70,8 @@ class EnvKeySource:
         origin = f"${name}"
         if raw is None and settings.env_file is not None:
             raw, origin = self._from_file(settings, secrets), f"{name} in {settings.env_file}"
+        elif raw is not None and settings.env_file is not None:
+            self._warn_if_file_differs(settings, secrets, raw)
         if raw is None:
             if self._error is None:
                 self._error = SourceError(self._missing(settings), kind="not_found")
@@ -104,6 +107,24 @@ class EnvKeySource:
         for value in values.values():
             secrets.add(value)  # whatever else the file holds is likely secret too
         return values.get(settings.variable)
+
+    def _warn_if_file_differs(
+        self, settings: EnvCredentialSettings, secrets: SecretRegistry, exported: str
+    ) -> None:
+        """An exported variable hides the .env file's value: say so when they differ, for
+        whoever just edited the file and wonders why nothing changed."""
+        in_file = self._from_file(settings, secrets)
+        self._error = None  # the file is only compared here; the variable is the key
+        if in_file is None or in_file.strip() == exported.strip():
+            return
+        log.warning(
+            "env_key_differs_from_env_file",
+            used=f"${settings.variable} (exported)",
+            key=mask(exported.strip()) or "***",
+            ignored=f"{settings.variable} in {settings.env_file}",
+            ignored_key=mask(in_file.strip()) or "***",
+            fix=f"unset {settings.variable} to use the file, or make the two agree",
+        )
 
     @staticmethod
     def _missing(settings: EnvCredentialSettings) -> str:

@@ -19,6 +19,7 @@ lets them swap in a key of their own and receive every post the apps make.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import threading
@@ -43,6 +44,13 @@ def _signature(status: os.stat_result) -> _Signature:
     )
 
 
+def _change(status: os.stat_result, raw: bytes) -> str:
+    """A file's content as logs may name it: when it was written, and a digest prefix
+    (six bytes of SHA-256 tell contents apart and reveal nothing of a key)."""
+    when = datetime.fromtimestamp(status.st_mtime, UTC).isoformat(timespec="seconds")
+    return f"modified {when}, sha256 {hashlib.sha256(raw).hexdigest()[:12]}"
+
+
 def permission_problem(mode: int, readable_by: str) -> str | None:
     """Why a key file's mode is unsafe for `readable_by` (owner, group, anyone), or None."""
     if mode & stat.S_IWOTH:
@@ -59,6 +67,7 @@ class FileKeySource:
     """Reads one credential's key from a file; counts the distinct contents it has seen."""
 
     kind: SourceKind = "file"
+    calls_per_read = 1
 
     def __init__(self, settings: FileCredentialSettings, secrets: SecretRegistry) -> None:
         self._settings = settings
@@ -120,19 +129,28 @@ class FileKeySource:
         finally:
             os.close(fd)
         self._seen = _signature(status)
+        change = _change(status, raw)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise SourceError(f"the key file {path} is not UTF-8 text", kind="invalid") from None
+            raise SourceError(
+                f"the key file {path} ({change}) is not UTF-8 text", kind="invalid", version=change
+            ) from None
         self._secrets.add(text)
         if len(raw) > MAX_KEY_FILE_BYTES:
-            raise SourceError(f"the key file {path} is larger than 64 KiB", kind="invalid")
+            raise SourceError(
+                f"the key file {path} ({change}) is larger than 64 KiB",
+                kind="invalid",
+                version=change,
+            )
         value = text.rstrip("\r\n")
         self._secrets.add(value)
         problem = key_problem(value)
         if problem is not None:
             raise SourceError(
-                f"the key file {path} does not hold an API key ({problem})", kind="invalid"
+                f"the key file {path} ({change}) does not hold an API key ({problem})",
+                kind="invalid",
+                version=change,
             )
         if value != self._value:
             self._value = value

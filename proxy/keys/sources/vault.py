@@ -475,8 +475,11 @@ class VaultSession:
         self._secrets.add(value)
         problem = key_problem(value)
         if problem is not None:
+            named = f" (KV version {version})" if version is not None else ""
             raise VaultError(
-                f"{where_field} does not look like an API key ({problem})", kind="invalid"
+                f"{where_field}{named} does not look like an API key ({problem})",
+                kind="invalid",
+                version=version,
             )
         log.debug("vault_key_read", mount=credential.mount, path=credential.path, version=version)
         return SecretRead(value=value, version=version, created_time=created)
@@ -548,6 +551,7 @@ class VaultKeySource:
 
     kind: SourceKind = "vault"
     poll_seconds: float | None = None
+    calls_per_read = 2  # a 403 is read once more after logging in again
 
     def __init__(self, session: VaultSession, credential: CredentialSettings) -> None:
         self.session = session
