@@ -21,7 +21,6 @@ from proxy.config.hosts import parse_origin
 from proxy.config.settings import ForwardProxySettings
 from proxy.hop.forwarder import send_refusal
 from proxy.hop.services import LiveServices, Services
-from proxy.records.metrics import method_label
 from proxy.records.request_ids import REQUEST_ID_KEY
 from proxy.rules.browser import (
     check_browser,
@@ -120,24 +119,15 @@ async def _refuse(
 ) -> None:
     request_id: str = scope[REQUEST_ID_KEY]
     await send_refusal(send, refusal, request_id, scope["method"] == "HEAD")
-    method = method_label(scope["method"])
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     origin = b",".join(v for n, v in headers if n == b"origin")
     site = b",".join(v for n, v in headers if n == b"sec-fetch-site")
-    access_log.info(
-        "request",
-        route=None,
-        client=None,
-        method=method,
-        path=(scope.get("raw_path") or b"")[:256].decode("latin-1"),
-        host=b",".join(hosts)[:256].decode("latin-1"),
-        origin=origin[:256].decode("latin-1") or None,
-        sec_fetch_site=site[:40].decode("latin-1") or None,
-        decision=refusal.code,
-        status=refusal.status,
-    )
-    services.metrics.requests.labels("none", "none", method, str(refusal.status)).inc()
-    services.metrics.refusals.labels(refusal.code).inc()
+    logged = {
+        "host": b",".join(hosts)[:256].decode("latin-1"),
+        "origin": origin[:256].decode("latin-1") or None,
+        "sec_fetch_site": site[:40].decode("latin-1") or None,
+    }
+    services.access_log.refused(scope, refusal.code, refusal.status, logged)
 
 
 def forward_proxy_host_refusal(

@@ -24,7 +24,7 @@ from proxy.hop.services import Services
 from proxy.hop.upstream import Response
 from proxy.keys.store import HeldKey
 from proxy.masking.responses import StreamMask, content_coding, screen_response
-from proxy.records.access_log import AccessLog, Outcome
+from proxy.records.access_log import Outcome
 from proxy.records.request_ids import REQUEST_ID_KEY
 from proxy.rules.headers import (
     downstream_headers,
@@ -82,7 +82,7 @@ class Forwarder:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self._access = AccessLog(services.metrics, services.audit, services.activity)
+        self._access = services.access_log
         self._queue = Queue()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

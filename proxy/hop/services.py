@@ -8,7 +8,7 @@ object that is itself the forwarding app and says which services it uses now.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from starlette.types import Receive, Scope, Send
@@ -19,6 +19,7 @@ from proxy.config.settings import Settings
 from proxy.hop.upstream import Upstream
 from proxy.keys.store import CredentialStore
 from proxy.masking.secrets import SecretRegistry
+from proxy.records.access_log import AccessLog
 from proxy.records.activity import Activity
 from proxy.records.audit import AuditLog
 from proxy.records.metrics import Metrics
@@ -43,6 +44,11 @@ class Services:
     activity: Activity
     shares: SharePlan
     audit: AuditLog
+    # The one writer of the access record, for the forwarder and every refusal before it.
+    access_log: AccessLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "access_log", AccessLog(self.metrics, self.audit, self.activity))
 
 
 class LiveServices(Protocol):

@@ -9,6 +9,7 @@ log line (key masked), one increment of `publer_proxy_requests` and of
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -45,6 +46,9 @@ class Outcome:
     rejection: Rejection | None = None
     head_sent: bool = False  # the status line went out: a later failure truncates the body
     response_body: bytes | None = None  # Publer's response body, when small enough to hold
+    # What a refusal before routing adds to the log line (the Host, Origin or target it
+    # refused), already cut to a loggable length.
+    logged: dict[str, str | None] | None = None
 
 
 class AccessLog:
@@ -68,12 +72,18 @@ class AccessLog:
         method = method_label(scope["method"])
         raw_path: bytes = scope.get("raw_path") or b""
         request_id: str = scope[REQUEST_ID_KEY]
+        extra = dict(outcome.logged or {})
+        # A refusal may log the target in its own spelling (an absolute-form URL without
+        # its userinfo, which would be a password).
+        path = extra.pop("path", None)
+        logged_path = path or raw_path[:LOGGED_PATH_BYTES].decode("latin-1")
+        audited_path = path or raw_path[:AUDITED_PATH_BYTES].decode("latin-1")
         log.info(
             "request",
             route=route,
             client=client,
             method=method,
-            path=raw_path[:LOGGED_PATH_BYTES].decode("latin-1"),
+            path=logged_path,
             scope=request_scope,
             decision=outcome.decision,
             status=outcome.status,
@@ -82,13 +92,14 @@ class AccessLog:
             key=outcome.key.masked if outcome.key else None,
             key_version=outcome.key.version if outcome.key else None,
             attempts=outcome.attempts,
+            **extra,
         )
         self._audit.record(
             request_id=request_id,
             route=route,
             client=client,
             method=scope["method"],
-            path=raw_path[:AUDITED_PATH_BYTES].decode("latin-1"),
+            path=audited_path,
             status=outcome.status,
             upstream_status=outcome.upstream_status,
             decision=outcome.decision,
@@ -98,6 +109,14 @@ class AccessLog:
         if outcome.decision in STATUS:
             self._metrics.refusals.labels(outcome.decision).inc()
             self._activity.refused(outcome.decision, outcome.status, route, named, request_id)
+
+    def refused(
+        self, scope: Scope, refusal_code: str, status: int, logged: Mapping[str, str | None]
+    ) -> None:
+        """Record a request refused before any route was chosen (a foreign Host, a web
+        page's request, a misdirected request in a tunnel): the same line, counters and
+        audit line as any other request."""
+        self.record(scope, Outcome(decision=refusal_code, status=status, logged=dict(logged)), 0.0)
 
     def _count(self, route: str, scope: str, method: str, client: str, status: int) -> None:
         labels = (route, scope, method, str(status))

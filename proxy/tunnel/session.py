@@ -40,7 +40,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from proxy.config.settings import ForwardProxySettings
 from proxy.edge.guard import BrowserGuard, forward_proxy_host_refusal
 from proxy.hop.services import LIVE_KEY, LiveServices, Services
-from proxy.records.metrics import method_label
 from proxy.records.request_ids import REQUEST_ID_KEY, RequestContext
 from proxy.rules.headers import header_values
 from proxy.rules.paths import ABSOLUTE_FORM_KEY
@@ -265,21 +264,10 @@ async def _refuse_request(
         headers.append(PROXY_AUTHENTICATE)
     await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
-    method = method_label(scope["method"])
     # Of an absolute-form target only the origin: its userinfo would be a password.
     target = logged_target(b"X " + (scope.get("raw_path") or b"/") + b" HTTP/1.1")
-    access_log.info(
-        "request",
-        route=None,
-        client=None,
-        method=method,
-        path=target,
-        host=b",".join(hosts)[:256].decode("latin-1"),
-        decision=refusal.code,
-        status=refusal.status,
-    )
-    services.metrics.requests.labels("none", "none", method, str(refusal.status)).inc()
-    services.metrics.refusals.labels(refusal.code).inc()
+    logged = {"path": target, "host": b",".join(hosts)[:256].decode("latin-1")}
+    services.access_log.refused(scope, refusal.code, refusal.status, logged)
 
 
 class _Prefed(asyncio.Protocol):
