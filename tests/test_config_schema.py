@@ -67,14 +67,14 @@ def minimal() -> dict[str, Any]:
 
 
 def test_checked_in_schema_is_what_the_model_makes() -> None:
-    """config/proxy.config.schema.json is regenerated from the settings model byte for byte
+    """config/proxy.schema.json is regenerated from the settings model byte for byte
     (`make schema` rewrites it), so it cannot drift from what the proxy accepts."""
     assert SCHEMA_FILE.read_text(encoding="utf-8") == schema_text(), "run `make schema`"
 
 
 def test_check_command_fails_on_a_stale_schema(tmp_path: Path) -> None:
     """`python -m proxy.config.schema --check` exits 1 for a schema that differs, 0 once written."""
-    stale = tmp_path / "proxy.config.schema.json"
+    stale = tmp_path / "proxy.schema.json"
     stale.write_text("{}\n", encoding="utf-8")
     assert main(["--check", "--schema", str(stale)]) == 1
     assert main(["--write", "--schema", str(stale)]) == 0

@@ -2,11 +2,11 @@
 
 Neither is written by hand, so neither can drift from what `serve` and `check` accept:
 the schema (JSON Schema 2020-12, from pydantic's `model_json_schema`) is checked in as
-`config/proxy.config.schema.json` for editors (yaml-language-server), and the reference
+`config/proxy.schema.json` for editors (yaml-language-server), and the reference
 (Markdown: one table per section, one row per key path such as `listen.host`,
 `routes[].scopes` or `credentials.NAME.path`) is made when the docs site is built.
 
-    python -m proxy.config.schema --write   # rewrite config/proxy.config.schema.json
+    python -m proxy.config.schema --write   # rewrite config/proxy.schema.json
     python -m proxy.config.schema --check   # exit 1 when the checked-in schema is stale
 """
 
@@ -27,7 +27,7 @@ from pydantic.fields import FieldInfo
 
 from proxy.config.settings import KeyLifeSettings, Settings, source_models
 
-SCHEMA_PATH = Path("config/proxy.config.schema.json")
+SCHEMA_PATH = Path("config/proxy.schema.json")
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_TITLE = "publer-proxy configuration (proxy.yaml)"
 
@@ -184,9 +184,9 @@ def reference_markdown() -> str:
         "`config/proxy.yaml` is a commented example of every key. Unknown keys are an"
         " error; every mistake is reported with its key path and the fix, before anything"
         " starts. Values that name secrets are references (files, Vault paths), never the"
-        " secrets. `config/proxy.config.schema.json` is the same model as a JSON Schema, for"
+        " secrets. `config/proxy.schema.json` is the same model as a JSON Schema, for"
         " editors: the shipped configs start with"
-        " `# yaml-language-server: $schema=./proxy.config.schema.json`.",
+        " `# yaml-language-server: $schema=./proxy.schema.json`.",
     ]
     shared = frozenset(KeyLifeSettings.model_fields)
     for name, field in Settings.model_fields.items():
