@@ -206,3 +206,53 @@ def test_unix_socket_takes_any_host(
     finally:
         process.terminate()
         assert process.wait(20) == 0
+
+
+def test_a_refusal_before_routing_is_recorded_like_any_request(
+    tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
+) -> None:
+    """A POST refused for its Host, or as a web page's, gets what every request gets from
+    the one access record: its log line, its audit line, the per-client counter and an
+    entry among the status page's recent refusals."""
+    audit = tmp_path / "audit.log"
+    config = proxy_config(bao.url, sandbox.url, token_file=token_file)
+    config["audit"] = {"sink": str(audit)}
+    proxy = start_proxy(tmp_path / "proxy", config)
+    try:
+        port = _port(proxy)
+        heads = {
+            "host_denied": b"Host: attacker.test:%d\r\n" % port,
+            "origin_denied": b"Host: 127.0.0.1:%d\r\nOrigin: http://attacker.test\r\n" % port,
+        }
+        ids = {}
+        for code, fields in heads.items():
+            status, headers, _ = exchange(
+                port,
+                b"POST /api/v1/posts/schedule HTTP/1.1\r\n"
+                + fields
+                + b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            )
+            assert headers["x-publer-proxy-error"] == code
+            ids[code] = headers["x-request-id"]
+            assert proxy.access_event(ids[code])["decision"] == code
+        eventually(lambda: len(audit.read_text().splitlines()) >= 2)
+        audited = [json.loads(line) for line in audit.read_text().splitlines()]
+        assert {(line["request_id"], line["decision"]) for line in audited} >= {
+            (request_id, code) for code, request_id in ids.items()
+        }
+        metrics = httpx.get(f"{proxy.url}/metrics").text
+        for code, status in (("host_denied", "421"), ("origin_denied", "403")):
+            assert f'publer_proxy_refusals_total{{code="{code}"}} 1.0' in metrics
+            labels = ('client="anonymous"', 'route="none"', f'status="{status}"')
+            assert [
+                line
+                for line in metrics.splitlines()
+                if line.startswith("publer_proxy_client_requests_total{")
+                and all(label in line for label in labels)
+                and line.endswith(" 1.0")
+            ]
+        recent = httpx.get(f"{proxy.url}/status.json").json()
+        assert set(ids.values()) <= {r["request_id"] for r in recent["refusals"]["recent"]}
+        assert all("/posts/schedule" not in str(r) for r in sandbox.requests())
+    finally:
+        proxy.stop()
