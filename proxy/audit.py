@@ -231,8 +231,10 @@ class AuditLog:
         upstream_status: int | None,
         decision: str,
         response_body: bytes | None,
+        accounts: tuple[str, ...] | None = None,
     ) -> None:
-        """Write the audit line of one call, if it is a mutating one."""
+        """Write the audit line of one call, if it is a mutating one; `accounts`: the social
+        accounts it acted on, when the proxy could read them (None: not known)."""
         if self._write is None or method in READ_METHODS:
             return
         record: dict[str, Any] = {
@@ -245,6 +247,7 @@ class AuditLog:
             "status": status,
             "upstream_status": upstream_status,
             "decision": decision,
+            **({"accounts": list(accounts)} if accounts is not None else {}),
             **(response_ids(response_body) if upstream_status is not None else {}),
         }
         line = seal(record, self._head.lines + 1, self._head.hash)

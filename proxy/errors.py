@@ -34,6 +34,9 @@ Code = Literal[
     "proxy_unauthenticated",
     "misdirected_request",
     "upstream_busy",
+    "limit_denied",
+    "body_uninspectable",
+    "response_unfilterable",
 ]
 
 STATUS: dict[Code, int] = {
@@ -56,6 +59,11 @@ STATUS: dict[Code, int] = {
     "proxy_unauthenticated": 407,
     "misdirected_request": 421,
     "upstream_busy": 503,
+    # Limits finer than scopes: an account or action the route may not touch; a body the
+    # proxy cannot read with certainty; an answer it cannot narrow to the allowed accounts.
+    "limit_denied": 403,
+    "body_uninspectable": 403,
+    "response_unfilterable": 502,
 }
 ERROR_HEADER = "x-publer-proxy-error"
 RATE_LIMIT_MESSAGE = "Rate limit exceeded. Retry later."

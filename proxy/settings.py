@@ -376,8 +376,37 @@ class _Share(_Model):
         return value
 
 
+PostState = Literal["draft", "draft_public", "draft_private", "scheduled"]
+
+
+class PostLimitSettings(_Model):
+    """What a route or client may do with posts, beyond the `posts` scope."""
+
+    publish_now: bool = True  # POST /posts/schedule/publish, or a scheduled post with no time
+    states: list[PostState] | None = None  # the bulk.state values it may create; None: any
+    delete: bool = True
+    update: bool = True  # PUT /posts/{id}
+
+
+class LimitSettings(_Model):
+    """Limits finer than Publer's scopes (see the README, "Limiting what an app can do")."""
+
+    # The social account ids it may act on and see; None: every account of the workspace.
+    accounts: list[str] | None = None
+    posts: PostLimitSettings = PostLimitSettings()
+
+    @field_validator("accounts")
+    @classmethod
+    def _account_ids(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or ():
+            if not _WORKSPACE_RE.match(item):
+                raise ValueError(f"{item!r} is not a Publer account id (letters and digits)")
+        return value
+
+
 class ClientSettings(_Share):
     token_sha256: str
+    limits: LimitSettings | None = None  # narrows the route's limits, never widens them
 
     @field_validator("name")
     @classmethod
@@ -402,6 +431,7 @@ class RouteSettings(_Share):
     scopes: list[str]
     read_only: bool = False
     clients: list[ClientSettings] | None = None
+    limits: LimitSettings | None = None
 
     @field_validator("prefix")
     @classmethod
