@@ -50,6 +50,7 @@ METHOD_OVERRIDE_HEADERS = frozenset(
 )
 CREATE_PATHS = frozenset({"/posts", "/posts/schedule", "/posts/schedule/publish"})
 PUBLISH_NOW_PATH = "/posts/schedule/publish"
+MEMBERS_PATH = "/analytics/members"
 # The reports that take an account id as an optional path segment (none: all accounts).
 ACCOUNT_REPORTS = frozenset(
     {"chart_data", "post_insights", "best_times", "hashtag_insights", "hashtag_performing_posts"}
@@ -171,6 +172,11 @@ def decide(call: LimitedCall, limits: Limits) -> Decision:
                 f"the {name.decode('latin-1')} header is refused on a limited route: send the"
                 " method itself"
             )
+    if b";" in call.raw_query:
+        return _deny(
+            "a ';' in the query string is refused on a limited route: query parsers disagree"
+            " about whether it separates parameters; use '&'"
+        )
     query = _query_pairs(call.raw_query)
     if isinstance(query, Decision):
         return query
@@ -227,8 +233,12 @@ def _read(path: str, query: list[tuple[str, str]], limits: Limits) -> Decision:
         if not allowed:
             return _deny("this route may see no account, so it has no posts to list")
         return Decision(None, add_query="&".join(f"account_ids[]={a}" for a in sorted(allowed)))
+    if path == MEMBERS_PATH:
+        named = [value for key, value in query if key == "account_id"]
+        if len(named) == 1:
+            return Decision(None, accounts=(named[0],))
     all_accounts = (
-        path in ("/analytics/members", "/competitors", "/competitors/analytics")
+        path in (MEMBERS_PATH, "/competitors", "/competitors/analytics")
         or path.removeprefix("/analytics/") in ACCOUNT_REPORTS
     )
     if all_accounts:
@@ -247,11 +257,11 @@ def _read(path: str, query: list[tuple[str, str]], limits: Limits) -> Decision:
 
 
 def _query_pairs(raw: bytes) -> list[tuple[str, str]] | Decision:
-    """The query's (name, value) pairs, decoded as Rack decodes them (`&` and `;` split)."""
+    """The query's (name, value) pairs, decoded as Rack decodes them."""
     pairs: list[tuple[str, str]] = []
     try:
         text = raw.decode("ascii")
-        for part in re.split(r"[&;]", text):
+        for part in text.split("&"):
             if not part:
                 continue
             name, _, value = part.partition("=")
@@ -272,10 +282,12 @@ def _query_accounts(
     for key, value in query:
         if "account" not in key.casefold():
             continue
-        if key != "account_ids[]" or method not in ("GET", "HEAD") or path != "/posts":
+        documented = (key, path) in (("account_ids[]", "/posts"), ("account_id", MEMBERS_PATH))
+        if not documented or method not in ("GET", "HEAD"):
             return _deny(
                 f"the query parameter {key!r} names an account in a form the proxy does not"
-                " read; only GET /posts takes account_ids[]"
+                " read; only GET /posts takes account_ids[] and GET /analytics/members"
+                " account_id"
             )
         if value not in limits.accounts:
             return _deny(f"account {value!r} is not one this route may act on")

@@ -175,7 +175,12 @@ def _traffic(url: str) -> dict[str, str]:
     with httpx.Client(base_url=url, headers=auth) as http:
         scheduled = http.post(
             "/team/api/v1/posts/schedule?secret_query=value",
-            json={"bulk": {"state": "scheduled", "posts": [{"text": "hello"}]}},
+            json={
+                "bulk": {
+                    "state": "scheduled",
+                    "posts": [{"text": "hello", "accounts": [{"id": "6120c1f3a1b2c3d4e5f60001"}]}],
+                }
+            },
             headers={"X-Request-Id": "req-schedule-0001"},
         )
         assert scheduled.status_code == 200
