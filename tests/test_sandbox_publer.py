@@ -248,9 +248,7 @@ async def test_each_analytics_report_has_its_own_shape(
     assert check(answer.json()), answer.json()
 
 
-@pytest.mark.parametrize(
-    "path", ["/analytics/members", "/analytics/hashtag_performing_posts"]
-)
+@pytest.mark.parametrize("path", ["/analytics/members", "/analytics/hashtag_performing_posts"])
 async def test_reports_refuse_missing_required_parameters(
     client: httpx.AsyncClient, path: str
 ) -> None:
