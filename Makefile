@@ -56,6 +56,7 @@ bench: $(STAMP)
 	scripts/system-deps.sh $(BENCH_TOOLS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/tunnel.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/limits.py
 
 bench-scale: $(STAMP)
 	scripts/system-deps.sh $(BENCH_TOOLS)
