@@ -45,7 +45,7 @@ def many_posts() -> bytes:
 
 def long_text() -> bytes:
     """One post whose text fills the body up to the inspection limit."""
-    shell = {
+    shell: dict[str, Any] = {
         "bulk": {
             "state": "scheduled",
             "posts": [

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
@@ -48,6 +48,7 @@ SCHEDULING_KEYS = frozenset(
 METHOD_OVERRIDE_HEADERS = frozenset(
     {b"x-http-method-override", b"x-http-method", b"x-method-override"}
 )
+ACCOUNT_ENTRY_KEYS = frozenset({"id", "scheduled_at"})
 CREATE_PATHS = frozenset({"/posts", "/posts/schedule", "/posts/schedule/publish"})
 PUBLISH_NOW_PATH = "/posts/schedule/publish"
 MEMBERS_PATH = "/analytics/members"
@@ -361,24 +362,44 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _walk(value: Any, where: str) -> Iterator[tuple[str, str]]:
-    """Every object key below `value`, with where it is, depth first."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield key, f"{where}.{key}"
-            yield from _walk(item, f"{where}.{key}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _walk(item, f"{where}[{index}]")
+def _walk(value: Any) -> Iterator[tuple[str, tuple[str | int, ...]]]:
+    """Every object key below `value` with the path of the object holding it; iterative,
+    so neither depth nor size costs more than one visit of each value."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            for key, item in node.items():
+                yield key, path
+                if isinstance(item, (dict, list)):
+                    stack.append((item, (*path, key)))
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                if isinstance(item, (dict, list)):
+                    stack.append((item, (*path, index)))
+
+
+def _at(where: str, path: tuple[str | int, ...], key: str) -> str:
+    """`where` followed by `path` and `key`, as `bulk.posts[0].networks.x`."""
+    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in (*path, key)]
+    return where + "".join(parts)
+
+
+def _first_key(value: Any, where: str, names: Callable[[str], bool]) -> str | None:
+    """Where the first key below `value` whose case-folded name `names` accepts is."""
+    for key, path in _walk(value):
+        if names(key.casefold()):
+            return _at(where, path, key)
+    return None
+
+
+def _names_account(folded: str) -> bool:
+    return "account" in folded or folded == "_method"
 
 
 def _account_keys(value: Any, where: str) -> str | None:
-    """The first key below `value` that names an account or overrides the method."""
-    for key, at in _walk(value, where):
-        folded = key.casefold()
-        if "account" in folded or folded == "_method":
-            return at
-    return None
+    """Where the first key below `value` that names an account or overrides the method is."""
+    return _first_key(value, where, _names_account)
 
 
 def _create(path: str, body: Any, has_body: bool, limits: Limits) -> Decision:
@@ -422,13 +443,11 @@ def _check_post(
     if found:
         return _deny(f"{found} names an account in a form the proxy does not read")
     if limits.states is not None or not limits.publish_now:
-        restated = next((at for key, at in _walk(post, where) if key.casefold() == "state"), None)
+        restated = _first_key(post, where, "state".__eq__)
         if restated:
             return _deny(f"{restated}: a post's state is bulk.state alone on this route")
     if state in DRAFT_STATES and limits.schedules_limited:
-        timed = next(
-            (at for key, at in _walk(post, where) if key.casefold() in SCHEDULING_KEYS), None
-        )
+        timed = _first_key(post, where, SCHEDULING_KEYS.__contains__)
         if timed:
             return _deny(f"{timed}: a draft on this route carries no schedule")
     accounts = post.get("accounts")
@@ -444,9 +463,9 @@ def _check_post(
         at = f"{where}.accounts[{index}]"
         if not isinstance(account, dict) or "id" not in account:
             return _deny(f'{at} must be an object with the account\'s "id"')
-        if set(account) - {"id", "scheduled_at"}:
-            extra = sorted(set(account) - {"id", "scheduled_at"})[0]
-            return _deny(f"{at}.{extra} is not a field the proxy reads in an account entry")
+        extra = account.keys() - ACCOUNT_ENTRY_KEYS
+        if extra:
+            return _deny(f"{at}.{min(extra)} is not a field the proxy reads in an account entry")
         account_id = account["id"]
         if not isinstance(account_id, str) or not _ACCOUNT_ID_RE.match(account_id):
             return _deny(f"{at}.id must be an account id written as a JSON string")
@@ -476,14 +495,7 @@ def _update(body: Any, has_body: bool, limits: Limits) -> Decision:
         if found:
             return _deny(f"{found} names an account in a form the proxy does not read")
         if limits.schedules_limited:
-            timed = next(
-                (
-                    at
-                    for key, at in _walk(body, "body")
-                    if key.casefold() in SCHEDULING_KEYS | {"state"}
-                ),
-                None,
-            )
+            timed = _first_key(body, "body", (SCHEDULING_KEYS | {"state"}).__contains__)
             if timed:
                 return _deny(f"{timed}: this route may not change when a post goes out")
     return Decision(None)
