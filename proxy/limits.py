@@ -215,18 +215,21 @@ def decide(call: LimitedCall, limits: Limits) -> Decision:
         if found:
             return _deny(f"{found} names an account in a form the proxy does not read")
     if method in ("GET", "HEAD"):
-        return _read(path, query, limits)
+        return _read(method, path, query, limits)
     return Decision(None)
 
 
 # --- reads -----------------------------------------------------------------------------
 
 
-def _read(path: str, query: list[tuple[str, str]], limits: Limits) -> Decision:
+def _read(method: str, path: str, query: list[tuple[str, str]], limits: Limits) -> Decision:
     allowed = limits.accounts
     if allowed is None:
         return Decision(None)
-    if path in ("/accounts",) or re.fullmatch(r"/workspaces/[^/]+/media_options", path):
+    if path == "/accounts" or re.fullmatch(r"/workspaces/[^/]+/media_options", path):
+        if method == "HEAD":
+            # Its Content-Length would be the whole list's.
+            return _deny(f"HEAD {path} cannot be narrowed to this route's accounts; use GET")
         return Decision(None, filter_response=True)
     if path == "/posts":
         if any(key == "account_ids[]" for key, _ in query):

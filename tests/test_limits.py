@@ -192,6 +192,7 @@ DENIED: list[tuple[str, Limits, LimitedCall, str]] = [
      "limit_denied"),
     ("account_id on another read", REGIONAL,
      call("GET", "/media", query=f"account_id={X}".encode()), "limit_denied"),
+    ("HEAD of the account list", REGIONAL, call("HEAD", "/accounts"), "limit_denied"),
     ("a GET with a body", REGIONAL, call("GET", "/posts", create(X)), "body_uninspectable"),
     ("a forbidden account's report", REGIONAL, call("GET", f"/analytics/{X}/chart_data"),
      "limit_denied"),
