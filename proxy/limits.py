@@ -56,10 +56,10 @@ MEMBERS_PATH = "/analytics/members"
 ACCOUNT_REPORTS = frozenset(
     {"chart_data", "post_insights", "best_times", "hashtag_insights", "hashtag_performing_posts"}
 )
-_ACCOUNT_REPORT_RE = re.compile(r"^/analytics/([^/]+)/([a-z_]+)$")
-_COMPETITOR_RE = re.compile(r"^/competitors/([^/]+)(/analytics)?$")
-_POST_ID_RE = re.compile(r"^/posts/([^/]+)$")
-_ACCOUNT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_ACCOUNT_REPORT_RE = re.compile(r"/analytics/([^/]+)/([a-z_]+)")
+_COMPETITOR_RE = re.compile(r"/competitors/([^/]+)(/analytics)?")
+_POST_ID_RE = re.compile(r"/posts/([^/]+)")
+_ACCOUNT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -205,9 +205,9 @@ def decide(call: LimitedCall, limits: Limits) -> Decision:
             return body
     if method == "POST" and path in CREATE_PATHS:
         return _create(path, body, call.body is not None, limits)
-    if method == "PUT" and _POST_ID_RE.match(path):
+    if method == "PUT" and _POST_ID_RE.fullmatch(path):
         return _update(body, call.body is not None, limits)
-    if method == "DELETE" and (path == "/posts" or _POST_ID_RE.match(path)):
+    if method == "DELETE" and (path == "/posts" or _POST_ID_RE.fullmatch(path)):
         return _delete(limits)
     if body is not None:
         # Another JSON write (media from a URL): it names no account, or it is refused.
@@ -251,12 +251,14 @@ def _read(method: str, path: str, query: list[tuple[str, str]], limits: Limits) 
             " accounts: call the report of one account, /analytics/{account_id}/... or"
             " /competitors/{account_id}"
         )
-    report = _ACCOUNT_REPORT_RE.match(path) or _COMPETITOR_RE.match(path)
+    report = _ACCOUNT_REPORT_RE.fullmatch(path) or _COMPETITOR_RE.fullmatch(path)
     if report is not None:
         account = report.group(1)
         if account not in allowed:
             return _deny(f"account {account!r} is not one this route may act on")
         return Decision(None, accounts=(account,))
+    if path.startswith(("/analytics/", "/competitors")) and path != "/analytics/charts":
+        return _deny(f"{path} is not a report form the proxy reads an account from")
     return Decision(None)
 
 
@@ -470,7 +472,7 @@ def _check_post(
         if extra:
             return _deny(f"{at}.{min(extra)} is not a field the proxy reads in an account entry")
         account_id = account["id"]
-        if not isinstance(account_id, str) or not _ACCOUNT_ID_RE.match(account_id):
+        if not isinstance(account_id, str) or not _ACCOUNT_ID_RE.fullmatch(account_id):
             return _deny(f"{at}.id must be an account id written as a JSON string")
         if limits.accounts is not None and account_id not in limits.accounts:
             return _deny(f"account {account_id!r} is not one this route may act on")

@@ -399,7 +399,7 @@ class LimitSettings(_Model):
     @classmethod
     def _account_ids(cls, value: list[str] | None) -> list[str] | None:
         for item in value or ():
-            if not _WORKSPACE_RE.match(item):
+            if not _WORKSPACE_RE.fullmatch(item):
                 raise ValueError(f"{item!r} is not a Publer account id (letters and digits)")
         return value
 

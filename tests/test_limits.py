@@ -21,7 +21,7 @@ from proxy.limits import (
     filter_accounts,
     named_accounts,
 )
-from proxy.settings import LimitSettings, PostLimitSettings
+from proxy.settings import ConfigError, LimitSettings, PostLimitSettings, parse_settings
 
 A, B, X = "6120c1f3a1b2c3d4e5f60001", "6120c1f3a1b2c3d4e5f60002", "6120c1f3a1b2c3d4e5f6dead"
 REGIONAL = Limits(accounts=frozenset({A, B}))
@@ -483,3 +483,49 @@ def test_any_query_on_a_list_is_filtered_or_refused(query: bytes) -> None:
         named = [value for name, value in pairs if "account" in name.casefold()]
         assert all(value in (A, B) for value in named)
         assert named or decision.add_query == f"account_ids[]={A}&account_ids[]={B}"
+
+
+REPORT_PATHS = st.sampled_from(
+    [
+        "/analytics/{}/chart_data",
+        "/analytics/{}/post_insights",
+        "/analytics/{}/best_times",
+        "/analytics/{}/hashtag_insights",
+        "/analytics/{}/hashtag_performing_posts",
+        "/competitors/{}",
+        "/competitors/{}/analytics",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    template=REPORT_PATHS,
+    account=st.sampled_from([A, B, X, A.upper(), A + "0", ""])
+    | st.from_regex(r"[0-9a-f]{24}", fullmatch=True)
+    | st.text(max_size=30),
+)
+def test_a_report_is_allowed_only_for_an_allowed_account(template: str, account: str) -> None:
+    """The account segment of a per-account report passes only when it is, byte for byte,
+    an allowed account."""
+    decision = decide(call("GET", template.format(account)), REGIONAL)
+    assert (decision.refusal is None) == (account in (A, B))
+
+
+def test_limits_config_names_its_mistakes() -> None:
+    """A bad account id or an unknown post state is a config error naming the key path."""
+    base: dict[str, Any] = {
+        "credentials": {"publer": {"path": "publer/api"}},
+        "routes": [{"name": "r", "credential": "publer", "scopes": ["posts"]}],
+    }
+    for limits, where in (
+        ({"accounts": ["ok", "not ok\n"]}, "routes.0.limits.accounts"),
+        ({"accounts": [123]}, "routes.0.limits.accounts.0"),
+        ({"posts": {"states": ["published"]}}, "routes.0.limits.posts.states.0"),
+        ({"posts": {"publish_now": "sometimes"}}, "routes.0.limits.posts.publish_now"),
+        ({"account": ["x"]}, "routes.0.limits.account"),
+    ):
+        base["routes"][0]["limits"] = limits
+        with pytest.raises(ConfigError) as raised:
+            parse_settings(base)
+        assert any(p.startswith(where + ":") for p in raised.value.problems), raised.value.problems
