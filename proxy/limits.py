@@ -443,18 +443,20 @@ def _check_post(
 ) -> Decision | None:
     if not isinstance(post, dict):
         return _deny(f"{where} must be an object")
-    rest = {k: v for k, v in post.items() if k != "accounts"}
-    found = _account_keys(rest, where)
-    if found:
-        return _deny(f"{found} names an account in a form the proxy does not read")
-    if limits.states is not None or not limits.publish_now:
-        restated = _first_key(post, where, "state".__eq__)
-        if restated:
-            return _deny(f"{restated}: a post's state is bulk.state alone on this route")
-    if state in DRAFT_STATES and limits.schedules_limited:
-        timed = _first_key(post, where, SCHEDULING_KEYS.__contains__)
-        if timed:
-            return _deny(f"{timed}: a draft on this route carries no schedule")
+    restates = limits.states is not None or not limits.publish_now
+    untimed = state in DRAFT_STATES and limits.schedules_limited
+    # One walk of the post for every key rule (a 256 KiB body has thousands of keys).
+    for key, path in _walk(post):
+        folded = key.casefold()
+        in_accounts = path[:1] == ("accounts",) or (not path and key == "accounts")
+        if not in_accounts and _names_account(folded):
+            at = _at(where, path, key)
+            return _deny(f"{at} names an account in a form the proxy does not read")
+        if restates and folded == "state":
+            at = _at(where, path, key)
+            return _deny(f"{at}: a post's state is bulk.state alone on this route")
+        if untimed and folded in SCHEDULING_KEYS:
+            return _deny(f"{_at(where, path, key)}: a draft on this route carries no schedule")
     accounts = post.get("accounts")
     if accounts is None or accounts == []:
         if state in ACCOUNTLESS_STATES:
