@@ -167,7 +167,7 @@ class Forwarder:
                 await self._spend(verdict)
                 body = await self._request_body(downstream, length)
                 if isinstance(body, bytes) and scope["method"] == "POST":
-                    outcome.accounts = named_accounts(_rest(verdict), body)
+                    outcome.accounts = named_accounts(_rest(verdict).partition("?")[0], body)
             else:
                 body, length, verdict = await self._limited_body(
                     scope, downstream, length, verdict, limits, outcome

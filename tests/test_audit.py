@@ -213,7 +213,8 @@ def test_the_proxy_audits_mutating_calls_and_verify_catches_tampering(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox, redis_server: Process
 ) -> None:
     """Every mutating call (and no read) gets one line naming client, route, method, path
-    without query, statuses, Publer's job or post ids and the request id; the head is
+    without query, statuses, the accounts a create names, Publer's job or post ids and the
+    request id; the head is
     published to Redis and the metrics; the chain continues after a restart; verify
     finds an altered line and, from the head in Redis, removed last lines."""
     sink = tmp_path / "audit.jsonl"
@@ -238,6 +239,8 @@ def test_the_proxy_audits_mutating_calls_and_verify_catches_tampering(
     assert first["request_id"] == "req-schedule-0001"
     assert (first["route"], first["upstream_status"], first["decision"]) == ("team", 200, "allowed")
     assert first["time"].endswith("+00:00")
+    assert first["accounts"] == ["6120c1f3a1b2c3d4e5f60001"]  # named by the create body
+    assert "accounts" not in records[1]  # an update by post id: its account is not known
     assert records[1]["post_ids"] == [ids["post"]]
     assert records[2]["post_ids"] == [ids["post"]]
     assert (records[3]["decision"], records[3]["upstream_status"]) == (
