@@ -158,11 +158,17 @@ def streams_body(method: str, path: str) -> bool:
 
 
 def _deny(message: str) -> Decision:
-    return Decision(Refusal.of("limit_denied", message))
+    return Decision(Refusal.of("limit_denied", _printable(message)))
 
 
 def _unreadable(message: str) -> Decision:
-    return Decision(Refusal.of("body_uninspectable", message))
+    return Decision(Refusal.of("body_uninspectable", _printable(message)))
+
+
+def _printable(message: str) -> str:
+    """The message with what the client sent made safe to echo: JSON keys may hold lone
+    surrogates (`\ud800`), which no UTF-8 encoder accepts."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def decide(call: LimitedCall, limits: Limits) -> Decision:

@@ -317,6 +317,21 @@ def test_allowed_calls_pass(limits: Limits, request_: LimitedCall, expected: Dec
     assert decide(request_, limits) == expected
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"bulk":{"state":"scheduled","posts":[{"\\ud800accounts":[]}]}}',
+        '{"bulk":{"state":"scheduled","posts":[{"accounts":[{"id":"a","\\udfff":1}]}]}}',
+        '{"\\ud800":1,"\\ud800":2}',
+    ],
+)
+def test_refusals_echo_what_was_sent_as_valid_json(body: str) -> None:
+    """A refusal naming a key with a lone surrogate still renders as the proxy's envelope."""
+    decision = decide(call("POST", "/posts/schedule", body), REGIONAL)
+    assert decision.refusal is not None
+    assert json.loads(decision.refusal.body("rid"))["code"] == decision.refusal.code
+
+
 def test_a_client_narrows_its_route_and_never_widens_it() -> None:
     """A client's limits meet its route's: accounts and states intersect, permissions AND."""
     route = LimitSettings(accounts=[A, B], posts=PostLimitSettings(delete=False))
