@@ -482,6 +482,25 @@ def test_any_bytes_either_parse_strictly_or_are_refused(raw: bytes) -> None:
         "limit_denied",
         "body_uninspectable",
     )
+    if decision.refusal is not None:
+        assert json.loads(decision.refusal.body("rid"))["errors"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=create_bodies(),
+    extra=JSON_ANY,
+    key=st.text(st.characters(exclude_categories=()), max_size=8),
+)
+def test_any_grafted_key_is_decided_and_rendered(
+    body: dict[str, Any], extra: Any, key: str
+) -> None:
+    """Any key (surrogates included) grafted into a post is decided, and a refusal renders."""
+    body["bulk"]["posts"][0][key] = extra
+    raw = json.dumps(body).encode()
+    decision = decide(call("POST", "/posts/schedule", raw), REGIONAL)
+    if decision.refusal is not None:
+        assert json.loads(decision.refusal.body("rid"))["code"] == decision.refusal.code
 
 
 @settings(max_examples=200, deadline=None)
