@@ -167,7 +167,7 @@ def _unreadable(message: str) -> Decision:
 
 def _printable(message: str) -> str:
     """The message with what the client sent made safe to echo: JSON keys may hold lone
-    surrogates (`\ud800`), which no UTF-8 encoder accepts."""
+    surrogates (`\\ud800`), which no UTF-8 encoder accepts."""
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
