@@ -19,6 +19,7 @@ from proxy.activity import Activity
 from proxy.audit import AuditLog
 from proxy.credentials import HeldKey
 from proxy.errors import STATUS
+from proxy.limits import Decision
 from proxy.metrics import Metrics, method_label
 from proxy.policy import Verdict
 from proxy.publer import Rejection
@@ -45,6 +46,9 @@ class Outcome:
     rejection: Rejection | None = None
     head_sent: bool = False  # the status line went out: a later failure truncates the body
     response_body: bytes | None = None  # Publer's response body, when small enough to hold
+    limits: Decision | None = None  # the limit decision, on a route with limits
+    allowed_accounts: frozenset[str] | None = None  # the accounts a limited route may see
+    accounts: tuple[str, ...] | None = None  # the accounts the call acts on, when known
 
 
 class AccessLog:
@@ -93,6 +97,7 @@ class AccessLog:
             upstream_status=outcome.upstream_status,
             decision=outcome.decision,
             response_body=outcome.response_body,
+            accounts=outcome.accounts,
         )
         self._count(route or "none", request_scope or "none", method, client, outcome.status)
         if outcome.decision in STATUS:
