@@ -184,7 +184,7 @@ def _raw_chunked(proxy: Proxy, path: str, chunks: list[bytes]) -> bytes:
     """A chunked POST sent by hand; the whole answer."""
     host, port = proxy.url.removeprefix("http://").split(":")
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     ).encode()
     body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
