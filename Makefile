@@ -63,6 +63,7 @@ bench: $(STAMP)
 	BENCH_TARGET="make bench" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
 	BENCH_TARGET="make bench" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/tunnel.py
 	BENCH_TARGET="make bench" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/sources_rss.py
+	BENCH_TARGET="make bench" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/limits.py
 
 bench-scale: $(STAMP)
 	scripts/system-deps.sh $(BENCH_TOOLS)

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from proxy.budget.shares import ShareUse, WindowUse, headroom, nearest_limit
 from proxy.budget.stores import window_use
 from proxy.config.settings import ANONYMOUS_CLIENT, Settings, is_loopback_host
+from proxy.describe import describe_limits
 from proxy.records.activity import REFUSAL_WINDOW_SECONDS
 from proxy.records.request_ids import REQUEST_ID_KEY
 from proxy.reload import Live
@@ -142,6 +143,11 @@ async def snapshot(live: Live) -> dict[str, Any]:
             "window_seconds": rate.per_seconds,
             "shares": [_share_row(w, use) for w in windows for use in w.shares],
         },
+        "limits": [
+            {"route": route.name, "client": client, "limits": text}
+            for route in generation.config.settings.routes
+            for client, text in describe_limits(route)
+        ],
         "refusals": {
             "window_seconds": REFUSAL_WINDOW_SECONDS,
             "by_code": activity.refusals_by_code(),
@@ -261,9 +267,25 @@ def render(data: dict[str, Any]) -> str:
             f"<td>{s['used']} / {s['share']:g}<td>{_caps(s)}"
             f"<td>{_nearest(s['nearest_limit'], s['left'])}</tr>"
         )
-    refusals = data["refusals"]
     out += [
         "</tbody></table></section>",
+        '<section id="limits"><h2>Limits beyond scopes</h2>',
+    ]
+    if data["limits"]:
+        out.append("<table><thead><tr><th>route<th>client<th>may</tr></thead><tbody>")
+        for row in data["limits"]:
+            client = row["client"]
+            out.append(
+                f'<tr class="limits" data-route="{e(row["route"])}"'
+                f' data-client="{e(client or "")}"><td>{e(row["route"])}'
+                f"<td>{e(client) if client else '(every client)'}<td>{e(row['limits'])}</tr>"
+            )
+        out.append("</tbody></table>")
+    else:
+        out.append('<p class="none">none: every route may do what its scopes allow</p>')
+    refusals = data["refusals"]
+    out += [
+        "</section>",
         '<section id="refusals"><h2>Refusals, last 15 minutes</h2>',
     ]
     if refusals["by_code"]:

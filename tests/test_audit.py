@@ -276,7 +276,12 @@ def _traffic(url: str) -> dict[str, str]:
     with httpx.Client(base_url=url, headers=auth) as http:
         scheduled = http.post(
             "/team/api/v1/posts/schedule?secret_query=value",
-            json={"bulk": {"state": "scheduled", "posts": [{"text": "hello"}]}},
+            json={
+                "bulk": {
+                    "state": "scheduled",
+                    "posts": [{"text": "hello", "accounts": [{"id": "6120c1f3a1b2c3d4e5f60001"}]}],
+                }
+            },
             headers={"X-Request-Id": "req-schedule-0001"},
         )
         assert scheduled.status_code == 200
@@ -309,7 +314,8 @@ def test_the_proxy_audits_mutating_calls_and_verify_catches_tampering(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox, redis_server: Process
 ) -> None:
     """Every mutating call (and no read) gets one line naming client, route, method, path
-    without query, statuses, Publer's job or post ids and the request id; the head is
+    without query, statuses, the accounts a create names, Publer's job or post ids and the
+    request id; the head is
     published to Redis and the metrics; the chain continues after a restart; verify
     finds an altered line and, from the head in Redis, removed last lines."""
     sink = tmp_path / "audit.jsonl"
@@ -334,6 +340,8 @@ def test_the_proxy_audits_mutating_calls_and_verify_catches_tampering(
     assert first["request_id"] == "req-schedule-0001"
     assert (first["route"], first["upstream_status"], first["decision"]) == ("team", 200, "allowed")
     assert first["time"].endswith("+00:00")
+    assert first["accounts"] == ["6120c1f3a1b2c3d4e5f60001"]  # named by the create body
+    assert "accounts" not in records[1]  # an update by post id: its account is not known
     assert records[1]["post_ids"] == [ids["post"]]
     assert records[2]["post_ids"] == [ids["post"]]
     assert (records[3]["decision"], records[3]["upstream_status"]) == (

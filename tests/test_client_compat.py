@@ -541,7 +541,7 @@ def test_delete_posts_with_repeated_post_ids(stack: tuple[Proxy, Sandbox]) -> No
     deletes both."""
     proxy, _ = stack
     drafts = [{"networks": {"facebook": {"type": "status", "text": f"d{n}"}}} for n in range(2)]
-    bulk = {"bulk": {"state": "draft", "posts": drafts}}
+    bulk = {"bulk": {"state": "draft_public", "posts": drafts}}
     args = ["-H", "Content-Type: application/json", "--data-binary", json.dumps(bulk)]
     job_id = curl("POST", f"{proxy.url}/api/v1/posts/schedule", DOCS, *args).body["job_id"]
     ids = [post["id"] for post in _poll_until_done(proxy, job_id)["payload"]["posts"]]

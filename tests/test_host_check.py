@@ -241,9 +241,9 @@ def test_a_refusal_before_routing_is_recorded_like_any_request(
             (request_id, code) for code, request_id in ids.items()
         }
         metrics = httpx.get(f"{proxy.url}/metrics").text
-        for code, status in (("host_denied", "421"), ("origin_denied", "403")):
+        for code, answered in (("host_denied", "421"), ("origin_denied", "403")):
             assert f'publer_proxy_refusals_total{{code="{code}"}} 1.0' in metrics
-            labels = ('client="anonymous"', 'route="none"', f'status="{status}"')
+            labels = ('client="anonymous"', 'route="none"', f'status="{answered}"')
             assert [
                 line
                 for line in metrics.splitlines()

@@ -290,7 +290,8 @@ async def _poll(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
 async def test_schedule_returns_a_job_that_completes(client: httpx.AsyncClient) -> None:
     """POST /posts/schedule answers a job_id that /job_status reports working, then
     complete (the word live clients poll for), with the posts made."""
-    bulk = {"bulk": {"state": "scheduled", "posts": [{"text": "hello"}]}}
+    post = {"text": "hello", "accounts": [{"id": "6120c1f3a1b2c3d4e5f60001"}]}
+    bulk = {"bulk": {"state": "scheduled", "posts": [post]}}
     accepted = await client.post("/api/v1/posts/schedule", headers=WORKSPACE, json=bulk)
     assert accepted.status_code == 200
     working, done, again = await _poll(client, accepted.json()["job_id"])

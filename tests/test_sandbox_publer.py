@@ -107,7 +107,8 @@ async def test_auth_error_mode_can_be_switched_at_run_time(client: httpx.AsyncCl
 
 async def test_job_is_working_then_complete(client: httpx.AsyncClient) -> None:
     """A job is `working` on its first poll, then `complete` with its payload."""
-    bulk = {"bulk": {"state": "scheduled", "posts": [{"networks": {"facebook": {"text": "a"}}}]}}
+    post = {"networks": {"facebook": {"text": "a"}}, "accounts": [{"id": FACEBOOK}]}
+    bulk = {"bulk": {"state": "scheduled", "posts": [post]}}
     accepted = await client.post("/api/v1/posts/schedule", headers=WORKSPACE, json=bulk)
     working, complete = await _job(client, accepted.json()["job_id"])
     assert working["status"] == "working"
@@ -162,7 +163,10 @@ async def test_posts_of_the_documented_shape_keep_their_text(client: httpx.Async
 
 async def test_delete_posts_takes_repeated_post_ids(client: httpx.AsyncClient) -> None:
     """DELETE /posts?post_ids=A&post_ids=B deletes both (and post_ids[] too)."""
-    posts = [{"networks": {"facebook": {"text": str(n)}}} for n in range(3)]
+    posts = [
+        {"networks": {"facebook": {"text": str(n)}}, "accounts": [{"id": FACEBOOK}]}
+        for n in range(3)
+    ]
     a, b, c = [p["id"] for p in await _schedule(client, posts)]
     deleted = await client.delete(f"/api/v1/posts?post_ids={a}&post_ids={b}", headers=WORKSPACE)
     assert sorted(deleted.json()["deleted_ids"]) == sorted([a, b])
@@ -173,7 +177,10 @@ async def test_delete_posts_takes_repeated_post_ids(client: httpx.AsyncClient) -
 async def test_post_list_honours_filters_and_pages(client: httpx.AsyncClient) -> None:
     """GET /posts filters by state, account and query, and pages with page, per_page and
     total_pages."""
-    many = [{"networks": {"facebook": {"text": f"sale {n}"}}} for n in range(25)]
+    many = [
+        {"networks": {"facebook": {"text": f"sale {n}"}}, "accounts": [{"id": FACEBOOK}]}
+        for n in range(25)
+    ]
     await _schedule(client, many)
     other = {"networks": {"instagram": {"text": "launch"}}, "accounts": [{"id": INSTAGRAM}]}
     await _schedule(client, [other])
@@ -241,9 +248,7 @@ async def test_each_analytics_report_has_its_own_shape(
     assert check(answer.json()), answer.json()
 
 
-@pytest.mark.parametrize(
-    "path", ["/analytics/best_times", "/analytics/members", "/analytics/hashtag_performing_posts"]
-)
+@pytest.mark.parametrize("path", ["/analytics/members", "/analytics/hashtag_performing_posts"])
 async def test_reports_refuse_missing_required_parameters(
     client: httpx.AsyncClient, path: str
 ) -> None:
@@ -383,3 +388,78 @@ def test_unknown_auth_errors_mode_is_a_clear_error() -> None:
     )
     assert result.returncode == 1
     assert "use docs or live" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- documented request shapes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"state": "scheduled", "posts": [{"accounts": [{"id": FACEBOOK}]}]},
+        {"posts": [{"accounts": [{"id": FACEBOOK}]}]},
+        {"bulk": {"state": "scheduled"}},
+        {"bulk": {"state": "scheduled", "posts": []}},
+        {"bulk": {"state": "published", "posts": [{"accounts": [{"id": FACEBOOK}]}]}},
+    ],
+)
+async def test_a_create_call_without_the_bulk_shape_is_refused(
+    client: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    """A create body not in Publer's documented {"bulk": {"state", "posts"}} shape is a 400
+    and starts no job: no post appears on any account."""
+    for path in ("/posts/schedule", "/posts/schedule/publish"):
+        answer = await client.post(f"/api/v1{path}", headers=WORKSPACE, json=body)
+        assert answer.status_code == 400 and answer.json()["errors"], answer.text
+    listed = (await client.get("/api/v1/posts", headers=WORKSPACE)).json()
+    assert listed["posts"] == []
+
+
+async def test_a_post_naming_no_account_is_made_only_as_a_workspace_draft(
+    client: httpx.AsyncClient,
+) -> None:
+    """A scheduled post with no accounts fails its job (no post on any account); a
+    draft_public post needs none."""
+    failed = await client.post(
+        "/api/v1/posts/schedule",
+        headers=WORKSPACE,
+        json={"bulk": {"state": "scheduled", "posts": [{"networks": {"x": {"text": "a"}}}]}},
+    )
+    _, done = await _job(client, failed.json()["job_id"])
+    assert done["status"] == "failed"
+    drafted = await client.post(
+        "/api/v1/posts/schedule",
+        headers=WORKSPACE,
+        json={"bulk": {"state": "draft_public", "posts": [{"networks": {"x": {"text": "b"}}}]}},
+    )
+    _, done = await _job(client, drafted.json()["job_id"])
+    [post] = done["payload"]["posts"]
+    assert (post["state"], post["account_id"], post["text"]) == ("draft_public", None, "b")
+
+
+async def test_an_update_keeps_the_fields_it_does_not_give(client: httpx.AsyncClient) -> None:
+    """PUT /posts/{id} changes the text it is given and keeps the account, time and type;
+    an unknown id is a 404."""
+    post = {
+        "networks": {"facebook": {"type": "status", "text": "before"}},
+        "accounts": [{"id": INSTAGRAM, "scheduled_at": "2030-06-10T09:30:00+00:00"}],
+    }
+    [created] = await _schedule(client, [post])
+    answer = await client.put(
+        f"/api/v1/posts/{created['id']}", headers=WORKSPACE, json={"text": "after"}
+    )
+    assert answer.status_code == 200
+    updated = answer.json()
+    assert updated["text"] == "after"
+    assert {k: updated[k] for k in ("account_id", "scheduled_at", "type", "state")} == {
+        k: created[k] for k in ("account_id", "scheduled_at", "type", "state")
+    }
+    missing = await client.put("/api/v1/posts/000000000000", headers=WORKSPACE, json={"text": "x"})
+    assert missing.status_code == 404
+
+
+async def test_best_times_without_dates_uses_a_default_window(client: httpx.AsyncClient) -> None:
+    """best_times without from/to answers the heatmap over Publer's default recent window."""
+    for path in ("/analytics/best_times", f"/analytics/{FACEBOOK}/best_times"):
+        answer = await client.get(f"/api/v1{path}", headers=WORKSPACE)
+        assert answer.status_code == 200 and len(answer.json()["Monday"]) == 24

@@ -358,7 +358,9 @@ def test_crash_after_the_head_is_logged_as_what_happened(
 def head(method: str, case: str, nonce: str, extra: str = "") -> bytes:
     """A raw request head for `case`, its nonce also the request id."""
     target = f"/api/v1/posts?case={case}&nonce={nonce}"
-    return f"{method} {target} HTTP/1.1\r\nHost: p\r\nX-Request-Id: {nonce}\r\n{extra}\r\n".encode()
+    return (
+        f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: {nonce}\r\n{extra}\r\n"
+    ).encode()
 
 
 def _raw(proxy: Proxy, data: bytes) -> socket.socket:

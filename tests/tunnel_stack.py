@@ -98,8 +98,10 @@ def start_tunnel_stack(
     token_file: Path,
     api_key: str,
     forward: dict[str, Any] | None = None,
+    agent_limits: dict[str, Any] | None = None,
 ) -> TunnelStack:
-    """The sandbox as app.publer.com, and a proxy with two routes and a forward proxy."""
+    """The sandbox as app.publer.com, and a proxy with two routes and a forward proxy;
+    `agent_limits` are the agents route's `limits`."""
     tls = named_tls(workdir / "publer-tls")
     sandbox = start_sandbox(workdir / "sandbox", api_key, tls=tls)
     client_token = "ct_" + secrets.token_hex(16)
@@ -113,6 +115,7 @@ def start_tunnel_stack(
             "workspace_id": AGENT_WORKSPACE,
             "scopes": ["users", "posts", "accounts", "job_status", "media"],
             "clients": [{"name": "agent", "token_sha256": hash_token(client_token)}],
+            **({"limits": agent_limits} if agent_limits is not None else {}),
         },
         {
             "name": "open",

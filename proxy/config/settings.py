@@ -535,10 +535,56 @@ class _Share(_Model):
         return value
 
 
+PostState = Literal["draft", "draft_public", "draft_private", "scheduled"]
+
+
+class PostLimitSettings(_Model):
+    """What a route or client may do with posts, beyond the `posts` scope."""
+
+    publish_now: bool = Field(
+        default=True,
+        description="May publish at once: `POST /posts/schedule/publish`, or a scheduled post"
+        " with no time.",
+    )
+    states: list[PostState] | None = Field(
+        default=None,
+        description="The `bulk.state` values it may create (`draft`, `scheduled`, ...)."
+        " Default: any.",
+    )
+    delete: bool = Field(default=True, description="May delete posts.")
+    update: bool = Field(default=True, description="May update posts (`PUT /posts/{id}`).")
+
+
+class LimitSettings(_Model):
+    """Limits finer than Publer's scopes (see the README, "Limiting what an app can do")."""
+
+    accounts: list[str] | None = Field(
+        default=None,
+        description="The social account ids it may act on and see. Default: every account of"
+        " the workspace.",
+    )
+    posts: PostLimitSettings = Field(
+        default=PostLimitSettings(), description="What it may do with posts."
+    )
+
+    @field_validator("accounts")
+    @classmethod
+    def _account_ids(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or ():
+            if not _WORKSPACE_RE.fullmatch(item):
+                raise ValueError(f"{item!r} is not a Publer account id (letters and digits)")
+        return value
+
+
 class ClientSettings(_Share):
     token_sha256: str = Field(
         description="`sha256:` and the hex digest of the client's token (`publer-proxy"
         " hash-token`); the name may not be `anonymous`."
+    )
+    limits: LimitSettings | None = Field(
+        default=None,
+        description="Limits finer than scopes for this client; they narrow the route's,"
+        " never widen them.",
     )
 
     @field_validator("name")
@@ -573,6 +619,11 @@ class RouteSettings(_Share):
         default=None,
         description="The clients allowed on the route, each with its token's digest."
         " Default: none (open, on loopback only).",
+    )
+    limits: LimitSettings | None = Field(
+        default=None,
+        description="Limits finer than scopes: the social accounts the route may act on and"
+        ' what it may do with posts (see "Limiting what an app can do").',
     )
 
     @field_validator("prefix")

@@ -73,6 +73,8 @@ UNREAD_BODY_KEY = "sandbox.unread_body"
 _JSON_BODY_LIMIT = 1024 * 1024
 _PAGE_SIZE = 20
 _INSIGHTS_PAGE_SIZE = 10
+_POST_STATES = frozenset({"draft", "draft_public", "draft_private", "scheduled"})
+_ACCOUNTLESS_STATES = frozenset({"draft_public", "draft_private"})
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _PART_HEADERS_LIMIT = 64 * 1024
 _FILLER = b"a" * DOWNLOAD_CHUNK_BYTES
@@ -599,18 +601,36 @@ async def _posts_list(state: _State, call: _Call) -> Response:
 
 
 async def _posts_create(state: _State, call: _Call) -> Response:
-    bulk = (await _small_json(call.request)).get("bulk")
-    bulk = bulk if isinstance(bulk, dict) else {}
+    body = await _small_json(call.request)
+    bulk = body.get("bulk")
+    # Publer's create calls read one documented shape; anything else is refused before a
+    # job starts, so that a client sending another shape learns it here.
+    if not isinstance(bulk, dict):
+        return _errors(400, 'param is missing or the value is empty: bulk ({"bulk": {...}})')
     drafts = bulk.get("posts")
-    drafts = drafts if isinstance(drafts, list) else [{}]
+    if not isinstance(drafts, list) or not drafts:
+        return _errors(400, "param is missing or the value is empty: bulk.posts")
+    bulk_state = bulk.get("state", "scheduled")
+    if bulk_state not in _POST_STATES:
+        return _errors(400, f"bulk.state must be one of {', '.join(sorted(_POST_STATES))}")
     publish = call.request.scope["path"].endswith("/publish")
-    post_state = "published" if publish else str(bulk.get("state", "scheduled"))
+    post_state = "published" if publish else str(bulk_state)
     known = {account[0] for account in _ACCOUNTS}
     created: list[dict[str, Any]] = []
     failures: dict[str, list[str]] = {}
     for draft in drafts:
         targets = _draft_accounts(draft)
-        for account_id, scheduled_at in targets or [(_ACCOUNTS[0][0], None)]:
+        if not targets:
+            if bulk_state in _ACCOUNTLESS_STATES:
+                created.append(
+                    _store_post(state, call, _object_id(), post_state, draft, None, None)
+                )
+            else:
+                failures.setdefault("", []).append(
+                    f"A {bulk_state} post needs bulk.posts[].accounts[].id."
+                )
+            continue
+        for account_id, scheduled_at in targets:
             if account_id not in known:
                 failures.setdefault(account_id, []).append("This account is not in the workspace.")
                 continue
@@ -623,19 +643,19 @@ async def _posts_create(state: _State, call: _Call) -> Response:
 
 
 async def _post_update(state: _State, call: _Call) -> Response:
+    old = state.posts.get(call.params["id"])
+    if old is None or old["workspace_id"] != call.workspace:
+        return _errors(404, "Post not found.")
     body = await _small_json(call.request)
     draft = body.get("post", body)
-    old = state.posts.get(call.params["id"], {})
-    post = _store_post(
-        state,
-        call,
-        call.params["id"],
-        old.get("state", "scheduled"),
-        draft,
-        old.get("account_id", _ACCOUNTS[0][0]),
-        old.get("scheduled_at"),
-    )
-    return JSONResponse(post)
+    # An update changes the fields it gives and keeps the others.
+    changes = {
+        field: draft[field]
+        for field in ("text", "type", "title", "url")
+        if isinstance(draft, dict) and isinstance(draft.get(field), str)
+    }
+    old.update(changes)
+    return JSONResponse(old)
 
 
 async def _posts_delete(state: _State, call: _Call) -> Response:
@@ -781,7 +801,8 @@ async def _post_insights(state: _State, call: _Call) -> Response:
 
 
 async def _best_times(state: _State, call: _Call) -> Response:
-    return _needs_dates(call) or JSONResponse({day: [0] * 24 for day in _DAYS})
+    # Without from/to, Publer computes best times over a recent default window.
+    return JSONResponse({day: [0] * 24 for day in _DAYS})
 
 
 async def _hashtag_insights(state: _State, call: _Call) -> Response:
@@ -930,13 +951,14 @@ def _store_post(
     post_id: str,
     post_state: str,
     draft: Any,
-    account_id: str,
+    account_id: str | None,
     scheduled_at: str | None,
 ) -> dict[str, Any]:
     text, kind = _draft_text(draft)
     post = {"id": post_id, "state": post_state, "text": text, "type": kind, "url": None,
             "account_id": account_id, "user": _SANDBOX_USER, "scheduled_at": scheduled_at,
-            "post_link": None, "has_media": False, "network": _network_of(account_id),
+            "post_link": None, "has_media": False,
+            "network": None if account_id is None else _network_of(account_id),
             "workspace_id": call.workspace}  # fmt: skip
     state.posts[post_id] = post
     return post

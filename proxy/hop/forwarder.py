@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import structlog
 from starlette.types import Message, Receive, Scope, Send
@@ -33,8 +34,19 @@ from proxy.rules.headers import (
     response_body_length,
     upstream_headers,
 )
+from proxy.rules.limits import (
+    FILTER_LIMIT_BYTES,
+    INSPECT_LIMIT_BYTES,
+    LimitedCall,
+    Limits,
+    effective_limits,
+    filter_accounts,
+    named_accounts,
+    streams_body,
+)
+from proxy.rules.limits import decide as decide_limits
 from proxy.rules.paths import ABSOLUTE_FORM_KEY
-from proxy.rules.policy import RequestHead, Verdict, decide
+from proxy.rules.policy import API_ROOT, RequestHead, Verdict, decide
 from proxy.rules.publer import (
     MAX_MESSAGE_BYTES,
     REJECTION_STATUSES,
@@ -84,6 +96,13 @@ class Forwarder:
         self.services = services
         self._access = services.access_log
         self._queue = Queue()
+        self._limits = {
+            (route.name, client.name if client else None): effective_limits(
+                route.limits, client.limits if client else None
+            )
+            for route in services.settings.routes
+            for client in [None, *(route.clients or ())]
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one request; whatever happens, it leaves one access record."""
@@ -121,8 +140,18 @@ class Forwarder:
         downstream = Downstream(receive, self.services.settings.upstream.max_body_bytes)
         # Everything awaited inside the block is cancelled when the client leaves.
         async with downstream:
-            await self._spend(verdict)
-            body = await self._request_body(downstream, length)
+            assert verdict.route is not None
+            limits = self._limits.get((verdict.route.name, verdict.client))
+            if limits is None:
+                await self._spend(verdict)
+                body = await self._request_body(downstream, length)
+                if isinstance(body, bytes) and scope["method"] == "POST":
+                    outcome.accounts = named_accounts(_rest(verdict).partition("?")[0], body)
+            else:
+                body, length, verdict = await self._limited_body(
+                    scope, downstream, length, verdict, limits, outcome
+                )
+                await self._spend(verdict)
             response = await self._forward(scope, verdict, key, body, length, outcome)
             try:
                 last = await self._relay(scope, send, verdict, response, outcome)
@@ -171,6 +200,61 @@ class Forwarder:
         if length is not None and length > limit:
             raise ProxyError(_too_large(limit))
         return length
+
+    async def _limited_body(
+        self,
+        scope: Scope,
+        downstream: Downstream,
+        length: int | None,
+        verdict: Verdict,
+        limits: Limits,
+        outcome: Outcome,
+    ) -> tuple[RequestBody, int | None, Verdict]:
+        """On a limited route: read the body whole (up to the inspection limit), decide
+        (`proxy/limits.py`), and return the exact bytes checked, their length and the
+        verdict with its target narrowed. Raises ProxyError when the limits refuse."""
+        method: str = scope["method"]
+        rest, _, query = _rest(verdict).partition("?")
+        body: RequestBody = None
+        if streams_body(method, rest):
+            body = await self._request_body(downstream, length)
+        elif length is None or length == 0:
+            downstream.no_body()
+        elif length > INSPECT_LIMIT_BYTES:
+            raise ProxyError(_uninspectable())
+        else:
+            held = bytearray()
+            try:
+                async for chunk in downstream.body():
+                    held += chunk
+                    if len(held) > INSPECT_LIMIT_BYTES:
+                        raise ProxyError(_uninspectable())
+            except BodyTooLarge:
+                raise ProxyError(
+                    _too_large(self.services.settings.upstream.max_body_bytes)
+                ) from None
+            body = bytes(held)
+            length = len(body)
+        decision = decide_limits(
+            LimitedCall(
+                method=method,
+                path=rest,
+                raw_query=query.encode("ascii"),
+                headers=scope["headers"],
+                body=body if isinstance(body, bytes) and body else None,
+            ),
+            limits,
+        )
+        outcome.limits = decision
+        outcome.accounts = decision.accounts
+        if decision.refusal is not None:
+            raise ProxyError(decision.refusal)
+        if decision.add_query:
+            target = verdict.upstream_target
+            joined = target + ("&" if query else "?") + decision.add_query
+            verdict = replace(verdict, upstream_target=joined)
+        outcome.allowed_accounts = limits.accounts
+        return body, length, verdict
 
     async def _request_body(self, downstream: Downstream, length: int | None) -> RequestBody:
         """None, the whole body when small enough to replay, else the body as it arrives."""
@@ -234,8 +318,12 @@ class Forwarder:
         while True:
             attempt += 1
             outcome.attempts = attempt
+            client_headers: list[tuple[bytes, bytes]] = scope["headers"]
+            if outcome.limits is not None and outcome.limits.filter_response:
+                # The answer is read and narrowed: it must come uncompressed.
+                client_headers = [h for h in client_headers if h[0].lower() != b"accept-encoding"]
             headers = upstream_headers(
-                scope["headers"],
+                client_headers,
                 host=self.services.upstream.host_header,
                 api_key=key.value,
                 workspace=verdict.workspace,
@@ -315,7 +403,18 @@ class Forwarder:
         chunks = response.aiter_raw()
         body: bytes | None = None
         read: list[bytes] = []
-        if not head_only and (length is None or length <= SMALL_RESPONSE_BYTES):
+        narrowing = (
+            outcome.limits is not None
+            and outcome.limits.filter_response
+            and outcome.allowed_accounts is not None
+            and 200 <= response.status_code < 300
+            and not head_only
+        )
+        if narrowing:
+            headers, body = await _narrowed(
+                headers, chunks, outcome.allowed_accounts or frozenset()
+            )
+        elif not head_only and (length is None or length <= SMALL_RESPONSE_BYTES):
             # A small response (by Content-Length, or chunked and ending within the limit)
             # is read whole before the status line goes out: it is screened for secrets,
             # and one that breaks off is still a clean 502.
@@ -419,6 +518,40 @@ async def _read_small(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes |
         if size > limit:
             return None, read
     return b"".join(read), []
+
+
+async def _narrowed(
+    headers: list[tuple[bytes, bytes]], chunks: AsyncIterator[bytes], allowed: frozenset[str]
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """An account list answer narrowed to the route's accounts, with its framing fixed.
+    Raises ProxyError (`response_unfilterable`) when it is compressed, too large or not a
+    JSON account list: then it is not passed on at all."""
+    unfilterable = Refusal.of(
+        "response_unfilterable",
+        "Publer's account list could not be narrowed to this route's accounts (compressed,"
+        f" larger than {FILTER_LIMIT_BYTES} bytes, or not a JSON list), so it is withheld",
+    )
+    if content_coding(headers) not in (b"", b"identity"):
+        raise ProxyError(unfilterable)
+    whole, _ = await _read_small(chunks, FILTER_LIMIT_BYTES)
+    narrowed = None if whole is None else filter_accounts(whole, allowed)
+    if narrowed is None:
+        raise ProxyError(unfilterable)
+    kept = [(n, v) for n, v in headers if n not in FRAMING_HEADERS]
+    return [*kept, (b"content-length", str(len(narrowed)).encode())], narrowed
+
+
+def _rest(verdict: Verdict) -> str:
+    """The target relative to /api/v1, query included."""
+    return verdict.upstream_target.removeprefix(API_ROOT)
+
+
+def _uninspectable() -> Refusal:
+    return Refusal.of(
+        "body_uninspectable",
+        f"on a limited route a request body is read whole before it goes, and this one is"
+        f" larger than the inspection limit of {INSPECT_LIMIT_BYTES} bytes; send a smaller body",
+    )
 
 
 def _too_large(limit: int) -> Refusal:

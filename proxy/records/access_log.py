@@ -22,6 +22,7 @@ from proxy.records.activity import Activity
 from proxy.records.audit import AuditLog
 from proxy.records.metrics import Metrics, method_label
 from proxy.records.request_ids import REQUEST_ID_KEY
+from proxy.rules.limits import Decision
 from proxy.rules.policy import Verdict
 from proxy.rules.publer import Rejection
 from proxy.rules.refusals import STATUS
@@ -49,6 +50,9 @@ class Outcome:
     # What a refusal before routing adds to the log line (the Host, Origin or target it
     # refused), already cut to a loggable length.
     logged: dict[str, str | None] | None = None
+    limits: Decision | None = None  # the limit decision, on a route with limits
+    allowed_accounts: frozenset[str] | None = None  # the accounts a limited route may see
+    accounts: tuple[str, ...] | None = None  # the accounts the call acts on, when known
 
 
 class AccessLog:
@@ -104,6 +108,7 @@ class AccessLog:
             upstream_status=outcome.upstream_status,
             decision=outcome.decision,
             response_body=outcome.response_body,
+            accounts=outcome.accounts,
         )
         self._count(route or "none", request_scope or "none", method, client, outcome.status)
         if outcome.decision in STATUS:

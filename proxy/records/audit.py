@@ -448,8 +448,10 @@ class AuditLog:
         upstream_status: int | None,
         decision: str,
         response_body: bytes | None,
+        accounts: tuple[str, ...] | None = None,
     ) -> None:
-        """Write the audit line of one call, if it is a mutating one."""
+        """Write the audit line of one call, if it is a mutating one; `accounts`: the social
+        accounts it acted on, when the proxy could read them (None: not known)."""
         if (self._write is None and self._file is None) or method in READ_METHODS:
             return
         if self._file is not None:
@@ -464,6 +466,7 @@ class AuditLog:
             "status": status,
             "upstream_status": upstream_status,
             "decision": decision,
+            **({"accounts": list(accounts)} if accounts is not None else {}),
             **(response_ids(response_body) if upstream_status is not None else {}),
         }
         head = self.head

@@ -36,6 +36,9 @@ Code = Literal[
     "upstream_busy",
     "host_denied",
     "origin_denied",
+    "limit_denied",
+    "body_uninspectable",
+    "response_unfilterable",
 ]
 
 STATUS: dict[Code, int] = {
@@ -64,6 +67,11 @@ STATUS: dict[Code, int] = {
     "host_denied": 421,
     # A request a browser marked as sent by a page of another site (Origin, Sec-Fetch-Site).
     "origin_denied": 403,
+    # Limits finer than scopes: an account or action the route may not touch; a body the
+    # proxy cannot read with certainty; an answer it cannot narrow to the allowed accounts.
+    "limit_denied": 403,
+    "body_uninspectable": 403,
+    "response_unfilterable": 502,
 }
 # The RFC 9209 error types the forward-proxy listener's refusals use (section 2.3).
 ProxyStatusError = Literal[
