@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.docs_pages import pages
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT = 240
+README_MAX_LINES = 200
+MODULE_PATH = re.compile(r"\bproxy/[\w/]*\.py\b")
+# A relative link of Markdown, `[text](target)`, not to a web address or an anchor.
+LOCAL_LINK = re.compile(r"\]\((?!https?:|#|mailto:)([^)\s#]+)(?:#[^)\s]*)?\)")
 
 
 def build(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
@@ -96,3 +103,32 @@ def test_a_broken_link_fails_the_build(tmp_path: Path) -> None:
     done = build(copy / "mkdocs.yml", tmp_path / "site")
     assert done.returncode != 0
     assert any("tuning.md" in line for line in warnings(done)), done.stdout + done.stderr
+
+
+def test_every_module_path_named_in_the_docs_exists() -> None:
+    """Every `proxy/...py` path the README or a docs page names is a file of the package, so
+    a module renamed or moved fails here until the pages say where it went."""
+    missing = [
+        f"{page.relative_to(ROOT)}: {path}"
+        for page in pages()
+        for path in sorted(set(MODULE_PATH.findall(page.read_text(encoding="utf-8"))))
+        if not (ROOT / path).is_file()
+    ]
+    assert missing == []
+
+
+def test_module_paths_are_found_as_written() -> None:
+    """The pattern the check above uses finds nested and top-level module paths, and not
+    folder names or dotted module names."""
+    text = "`proxy/hop/forwarder.py`, (proxy/cli.py), proxy/keys/sources/ and proxy.tunnel.ca"
+    assert MODULE_PATH.findall(text) == ["proxy/hop/forwarder.py", "proxy/cli.py"]
+
+
+def test_readme_is_short_and_its_links_resolve() -> None:
+    """The README stays a front page (at most 200 lines) and every relative link in it,
+    to the docs pages by their path so that GitHub renders them, names a file that exists."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= README_MAX_LINES
+    links = LOCAL_LINK.findall(text)
+    assert "docs/index.md" in links and "docs/operators.md" in links
+    assert [link for link in links if not (ROOT / link).exists()] == []
