@@ -1,6 +1,6 @@
-"""Every row of the table on the docs page "Clients you cannot change", run as printed with the real
-runtime: curl, Python (urllib, requests, httpx, aiohttp), Node 24 and Node 20, axios old
-and new, Go, Ruby, PHP and Java.
+"""Every row of the table on the docs page "Clients you cannot change", run as printed
+with the real runtime: curl, Python (urllib, requests, httpx, aiohttp), Node 24 and Node
+20, axios old and new, Go, Ruby, PHP and Java.
 
 The settings come from that page itself (its placeholders replaced by this stack's port
 and CA file), so a row that stops working, or a page that changes, fails here. Each
