@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from proxy.config.schema import reference_markdown
 from tests.docs_pages import pages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,3 +133,39 @@ def test_readme_is_short_and_its_links_resolve() -> None:
     links = LOCAL_LINK.findall(text)
     assert "docs/index.md" in links and "docs/operators.md" in links
     assert [link for link in links if not (ROOT / link).exists()] == []
+
+
+# Every key the README's hand-written config table listed before the reference was made
+# from the settings model: none may go missing from the generated page.
+FORMER_TABLE_KEYS_TEXT = """
+listen.host listen.port listen.unix_socket listen.allowed_hosts browser.allowed_origins
+upstream.url upstream.insecure_allow_plain_http upstream.ca_file
+upstream.connect_timeout_seconds upstream.read_timeout_seconds upstream.max_body_bytes
+upstream.max_connections upstream.retries upstream.proxy upstream.connect_to
+forward_proxy.host forward_proxy.port forward_proxy.ca_certificate_file
+forward_proxy.leaf_lifetime_hours forward_proxy.allowed_hosts forward_proxy.ca_vault.mount
+forward_proxy.ca_vault.path forward_proxy.ca_vault.kv_version
+forward_proxy.ca_vault.certificate_field forward_proxy.ca_vault.private_key_field
+vault.url vault.namespace vault.ca_cert vault.skip_verify vault.timeout_seconds vault.proxy
+vault.auth.method vault.auth.token_file vault.auth.role_id vault.auth.role_id_file
+vault.auth.secret_id_file vault.auth.role vault.auth.jwt_file vault.auth.mount
+credentials.NAME.source credentials.NAME.mount credentials.NAME.path credentials.NAME.field
+credentials.NAME.kv_version credentials.NAME.secret_id credentials.NAME.region
+credentials.NAME.profile credentials.NAME.endpoint_url credentials.NAME.proxy
+credentials.NAME.timeout_seconds credentials.NAME.readable_by credentials.NAME.poll_seconds
+credentials.NAME.variable credentials.NAME.env_file credentials.NAME.refresh_seconds
+credentials.NAME.max_stale_seconds credentials.NAME.rotate_after_days routes[].name
+routes[].prefix routes[].credential routes[].workspace_id routes[].workspace_ids
+routes[].scopes routes[].read_only routes[].clients[] routes[].weight
+routes[].clients[].weight routes[].max_requests routes[].clients[].max_requests
+routes[].limits routes[].clients[].limits rate_limit.requests rate_limit.per_seconds
+rate_limit.max_wait_seconds rate_limit.redis_url rate_limit.replicas audit.sink
+audit.redis_url audit.head_key logging.format logging.level scope_map reload.watch
+reload.settle_seconds admin.token_sha256
+"""
+
+
+def test_reference_keeps_every_key_of_the_former_table() -> None:
+    """The generated configuration reference names every key the hand-written table did."""
+    reference = reference_markdown()
+    assert [key for key in FORMER_TABLE_KEYS_TEXT.split() if f"`{key}`" not in reference] == []
