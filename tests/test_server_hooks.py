@@ -1,4 +1,4 @@
-"""The hooks proxy/server.py takes in uvicorn's httptools protocol are still called.
+"""The hooks proxy/edge/server.py takes in uvicorn's httptools protocol are still called.
 
 `StrictHttpToolsProtocol` overrides methods of uvicorn's internal protocol class; a
 uvicorn release that renamed or stopped calling one would silently drop a limit (a

@@ -123,9 +123,11 @@ class ListenSettings(_Model):
     )
     allowed_hosts: list[str] = Field(
         default=[],
-        description="Names clients use in `Host` for this listener, besides its loopback names"
-        " and its own address (`proxy`, `proxy:8080`, `10.0.0.5`). Any other `Host` is refused"
-        " with `host_denied`.",
+        description="Names clients use in `Host` for this listener, besides its own: `localhost`,"
+        " `127.0.0.1` and `[::1]` when it listens on loopback or `0.0.0.0`, and its own address"
+        " (`proxy`, `proxy:8080`, `10.0.0.5`). `name` matches with no port or the listener's,"
+        " `name:port` that port only; any other `Host` is refused with 421 `host_denied`. On a"
+        " unix socket, `Host` is checked only when names are listed.",
     )
 
     _hosts = field_validator("allowed_hosts")(check_host_names)
@@ -367,7 +369,8 @@ class CredentialSettings(KeyLifeSettings):
 
     source: Literal["vault"] = Field(
         default="vault",
-        description="Where the key is kept: `vault`, `aws_secrets_manager`, `file` or `env`.",
+        description="Where the key is kept: `vault`, `aws_secrets_manager`, `file` or `env`"
+        " (see the key sources page).",
     )
     mount: str = Field(default="secret", description="The KV secrets engine's mount path.")
     path: str = Field(description="The secret's path under the mount.")
@@ -556,7 +559,7 @@ class PostLimitSettings(_Model):
 
 
 class LimitSettings(_Model):
-    """Limits finer than Publer's scopes (see the README, "Limiting what an app can do")."""
+    """Limits finer than Publer's scopes (the operators' page, "Limiting what an app can do")."""
 
     accounts: list[str] | None = Field(
         default=None,
@@ -579,7 +582,9 @@ class LimitSettings(_Model):
 class ClientSettings(_Share):
     token_sha256: str = Field(
         description="`sha256:` and the hex digest of the client's token (`publer-proxy"
-        " hash-token`); the name may not be `anonymous`."
+        " hash-token`); the name may not be `anonymous`. A token belongs to one client: the"
+        " same digest twice, in one route or in two (the forward proxy picks the route by the"
+        " token), is a config error."
     )
     limits: LimitSettings | None = Field(
         default=None,
@@ -725,8 +730,10 @@ class ForwardProxySettings(_Model):
     )
     allowed_hosts: list[str] = Field(
         default=[],
-        description="Names clients use in `Host` for this listener, besides its loopback names"
-        " and its own address. Any other `Host` is refused with `host_denied`.",
+        description="As `listen.allowed_hosts`, for a request to the forward-proxy listener"
+        " itself (not a CONNECT, whose target is checked instead): names clients use in `Host`"
+        " besides its loopback names and its own address. Any other `Host` is refused with 421"
+        " `host_denied`.",
     )
 
     _hosts = field_validator("allowed_hosts")(check_host_names)
@@ -738,7 +745,9 @@ class BrowserSettings(_Model):
     allowed_origins: list[str] = Field(
         default=[],
         description="Origins of browser apps that really call the proxy"
-        " (`https://app.example.com`); preflights are answered for these only.",
+        " (`https://app.example.com`, `http://localhost:5173`): their requests pass and get"
+        " CORS headers, and preflights are answered for these only; every other web page is"
+        " refused (403 `origin_denied`).",
     )
 
     @field_validator("allowed_origins")
@@ -1108,7 +1117,7 @@ def _describe(error: Any) -> list[str]:
         or str(error["msg"]).removeprefix("Value error, ")
     )
     if message.startswith("Input should be"):  # pydantic's own words say what, not how
-        message += "; correct the value (the README's config reference lists each key's values)"
+        message += "; correct the value (the docs' configuration reference lists each key's values)"
     lines = message.split("\n")
     # Cross-checks name their own key paths; the others get the location pydantic found.
     if error["type"] == "value_error" and all(": " in line for line in lines) and not location:

@@ -1,6 +1,6 @@
 """The forward proxy's start-up: its CA, its listener beside uvicorn, and what `check` prints.
 
-`TunnellingServer` is uvicorn's server with the forward-proxy listener (proxy/tunnel.py)
+`TunnellingServer` is uvicorn's server with the forward-proxy listener (proxy/tunnel/session.py)
 started after the app's lifespan and stopped before the app's shutdown, so tunnels share
 the app's state (routes, keys, budget, metrics) and its graceful SIGTERM. The CA is made
 (or read from Vault) and the listener's port bound before anything listens: a mistake

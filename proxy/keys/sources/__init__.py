@@ -7,7 +7,7 @@
 
 Every source turns a credential's settings into a `KeySource` (base.py): `read()` gives
 the key and its version or raises SourceError. What happens around reads (refresh,
-staleness, rotation logs) is the same for all of them, in proxy/credentials.py.
+staleness, rotation logs) is the same for all of them, in proxy/keys/store.py.
 """
 
 from __future__ import annotations
