@@ -228,7 +228,7 @@ def test_a_refusal_before_routing_is_recorded_like_any_request(
         ids = {}
         statuses = {"host_denied": STATUS["host_denied"], "origin_denied": STATUS["origin_denied"]}
         for code, fields in heads.items():
-            _status, headers, _ = exchange(
+            status, headers, _ = exchange(
                 port,
                 b"POST /api/v1/posts/schedule HTTP/1.1\r\n"
                 + fields
