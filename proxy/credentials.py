@@ -31,7 +31,13 @@ from proxy.metrics import Metrics
 from proxy.redact import mask
 from proxy.settings import AnyCredential, KeyLifeSettings, VaultSettings
 from proxy.sources import make_source
-from proxy.sources.base import KeySource, SecretRead, SourceError, backoff_seconds
+from proxy.sources.base import (
+    BACKOFF_MAX_SECONDS,
+    KeySource,
+    SecretRead,
+    SourceError,
+    backoff_seconds,
+)
 
 if TYPE_CHECKING:
     from proxy.redact import SecretRegistry
@@ -53,6 +59,11 @@ class HeldKey:
     version: int | str | None
     created_time: datetime | None
     read_at: float  # time.monotonic() of the read
+    not_after: datetime | None = None  # the version's own expiry, when its source says
+
+    def past_expiry(self) -> bool:
+        """True once the version's own expiry time (not the proxy's staleness) has passed."""
+        return self.not_after is not None and datetime.now(UTC) >= self.not_after
 
     @property
     def masked(self) -> str:
@@ -85,6 +96,7 @@ class _Slot:
     reread: asyncio.Task[HeldKey] | None = None
     reread_at: float = -math.inf
     warned_rotation_at: float = -math.inf
+    retry_at: float = -math.inf  # a source that said "retry after" is not asked before
 
 
 def vault_session_maker(
@@ -292,6 +304,19 @@ class CredentialStore:
             self._count_read(slot, exc.kind)
             slot.last_error = exc.reason
             slot.last_attempt_failed = True
+            if exc.retry_after is not None:
+                slot.retry_at = time.monotonic() + exc.retry_after
+            if exc.drop_key and slot.key is not None:
+                # A version its owner disabled or that expired is not served stale.
+                log.warning(
+                    "key_withdrawn",
+                    credential=slot.name,
+                    source=source.kind,
+                    key=slot.key.masked,
+                    key_version=slot.key.version,
+                    reason=exc.reason,
+                )
+                slot.key = None
             log.warning(
                 "key_read_failed",
                 credential=slot.name,
@@ -302,7 +327,9 @@ class CredentialStore:
             )
             return None
         self._count_read(slot, "ok")
-        held = HeldKey(read.value, read.version, read.created_time, time.monotonic())
+        held = HeldKey(
+            read.value, read.version, read.created_time, time.monotonic(), read.not_after
+        )
         # Every source's every read, whatever it finds: what an operator debugging a
         # source (AWS, a file) looks for first.
         log.debug(
@@ -382,6 +409,7 @@ class CredentialStore:
             if slot.last_attempt_failed or slot.key is None:
                 failures += 1
                 delay = min(backoff_seconds(failures), slot.settings.refresh_seconds)
+                delay = _honour_retry_after(slot, delay)
             else:
                 failures = 0
                 delay = self.jitter(slot.settings.refresh_seconds)
@@ -434,6 +462,13 @@ class CredentialStore:
         """The usable key of a credential, or CredentialUnavailable; never waits on a source."""
         slot = self._slot(name)
         state = _state(slot)
+        if slot.key is not None and slot.key.past_expiry():
+            raise CredentialUnavailable(
+                name,
+                f"version {slot.key.version} of the key in {slot.source.kind} is past its"
+                " expiry time, and no newer valid version could be read"
+                + (f" ({slot.last_error})" if slot.last_error else ""),
+            )
         if slot.key is None or state in ("missing", "expired"):
             reason = slot.last_error or f"not read from {slot.source.kind} yet"
             if state == "expired":
@@ -465,6 +500,8 @@ class CredentialStore:
         return slot
 
     async def _reread(self, slot: _Slot) -> HeldKey:
+        if time.monotonic() < slot.retry_at:  # the source asked for a pause: keep it
+            return self.current(slot.name)
         try:
             await self._read(slot)
         finally:
@@ -523,12 +560,29 @@ class CredentialStore:
 def _state(slot: _Slot) -> State:
     if slot.key is None:
         return "missing"
+    if slot.key.past_expiry():
+        return "expired"
     age = time.monotonic() - slot.key.read_at
     if age > slot.settings.refresh_seconds + slot.settings.max_stale_seconds:
         return "expired"
     if slot.last_attempt_failed or age > slot.settings.refresh_seconds * 2:
         return "stale"
     return "fresh"
+
+
+def _honour_retry_after(slot: _Slot, delay: float) -> float:
+    """The delay before the next read: at least what the source asked for with its
+    Retry-After, but never past the moment the held key stops being usable, so a long
+    Retry-After cannot turn a stale key into an expired one unasked."""
+    wait = slot.retry_at - time.monotonic()
+    if wait <= delay:
+        return delay
+    wait = min(wait, BACKOFF_MAX_SECONDS)
+    if slot.key is not None:
+        usable = slot.settings.refresh_seconds + slot.settings.max_stale_seconds
+        left = usable - (time.monotonic() - slot.key.read_at)
+        wait = min(wait, max(left - 1.0, delay))
+    return wait
 
 
 def _location(settings: KeyLifeSettings) -> dict[str, object]:

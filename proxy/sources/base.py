@@ -11,6 +11,13 @@ from a worker thread, never on the event loop. Every failure is one exception wh
       kind="denied"       the identity is valid but may not read the key
       kind="not_found"    no such secret, field, file or variable
       kind="invalid"      the value does not look like an API key, or a file is unsafe
+      kind="throttled"    the service asked to wait (`retry_after` seconds, when it said)
+      kind="disabled"     the version is disabled
+      kind="expired"      the version is past its expiry time
+      kind="not_yet_valid" the version's activation time is still ahead
+
+`drop_key` asks the credential store to stop serving the key it holds at once (its
+version was disabled or expired), instead of serving it stale.
 """
 
 from __future__ import annotations
@@ -21,8 +28,19 @@ from datetime import datetime
 from functools import partial
 from typing import Any, Literal, Protocol
 
-ErrorKind = Literal["unreachable", "sealed", "denied", "not_found", "invalid", "auth_failed"]
-SourceKind = Literal["vault", "aws_secrets_manager", "file", "env"]
+ErrorKind = Literal[
+    "unreachable",
+    "sealed",
+    "denied",
+    "not_found",
+    "invalid",
+    "auth_failed",
+    "throttled",
+    "disabled",
+    "expired",
+    "not_yet_valid",
+]
+SourceKind = Literal["vault", "aws_secrets_manager", "azure_key_vault", "file", "env"]
 
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
@@ -31,27 +49,41 @@ BACKOFF_MAX_SECONDS = 300.0
 class SourceError(Exception):
     """Reading a key failed; `reason` is safe to log and show, `kind` is what happened."""
 
-    def __init__(self, reason: str, *, kind: ErrorKind) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        kind: ErrorKind,
+        retry_after: float | None = None,
+        drop_key: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.kind: ErrorKind = kind
+        self.retry_after = retry_after
+        self.drop_key = drop_key
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, reason={self.reason!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (partial(type(self), kind=self.kind), (self.reason,))
+        again = partial(
+            type(self), kind=self.kind, retry_after=self.retry_after, drop_key=self.drop_key
+        )
+        return (again, (self.reason,))
 
 
 @dataclass(frozen=True)
 class SecretRead:
     """One key as a source returned it: the value, its version in the source's own terms
     (a KV v2 version number, an AWS VersionId, a count of file contents seen; None when
-    the source has no versions) and when that version was written, when known."""
+    the source has no versions), when that version was written, when known, and when it
+    stops being valid, when the source says (Key Vault's `exp`)."""
 
     value: str = field(repr=False)
     version: int | str | None
     created_time: datetime | None
+    not_after: datetime | None = None
 
 
 class KeySource(Protocol):
