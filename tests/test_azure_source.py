@@ -8,6 +8,7 @@ stand-in's CA and the SDK's challenge-resource check on: nothing is turned off.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import os
 import secrets
 import signal
@@ -246,7 +247,7 @@ def test_versions_that_are_disabled_expired_or_not_yet_valid_are_never_used(
     `exp` and `nbf` itself and refuses it; a disabled version (403 SecretDisabled) is
     refused and asks the store to drop the key it holds; the value is in no reason."""
     now = int(time.time())
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "expired": {"exp": now - 60},
         "not_yet_valid": {"nbf": now + 3600},
         "disabled": {"enabled": False},
@@ -449,7 +450,7 @@ def test_access_token_is_reused_and_renewed_before_it_expires(
     reads = [r for r in _vault_reads(standin, name) if r["bearer"]]
     assert len(reads) > len(tokens), (reads, tokens)
     assert not [r for r in _vault_reads(standin, name) if r.get("expired_token")]
-    gaps = [b["at"] - a["at"] for a, b in zip(tokens, tokens[1:], strict=False)]
+    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(tokens)]
     assert all(gap >= 1.5 for gap in gaps), gaps
 
 
@@ -504,7 +505,11 @@ def test_no_secret_or_token_in_any_output_at_debug_level(
         standin.put_secret(name, rotated)
         standin.control("PUT", "throttle", {"count": 2, "retry_after": 1})
         for proxy in (managed, secret):
-            eventually(lambda proxy=proxy: _readyz(proxy)["key"] == "***" + rotated[-4:])
+
+            def rotated_in(proxy: Proxy = proxy) -> bool:
+                return bool(_readyz(proxy)["key"] == "***" + rotated[-4:])
+
+            eventually(rotated_in)
             outputs.append(httpx.get(f"{proxy.url}/readyz").text)
             outputs.append(httpx.get(f"{proxy.url}/metrics").text)
     finally:
@@ -616,6 +621,29 @@ def test_config_mistakes_name_the_key(change: dict[str, Any], expected: str) -> 
     assert any(
         line.startswith("credentials.publer") and expected in line for line in error.value.problems
     ), error.value.problems
+
+
+def test_readme_example_is_a_valid_config() -> None:
+    """The README's azure_key_vault example is accepted as written."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- azure-example -->\n```yaml\n", 1)[1].split("```", 1)[0]
+    config = proxy_config("http://127.0.0.1:9", "http://127.0.0.1:9")
+    config["credentials"] = yaml.safe_load(block)["credentials"]
+    settings = parse_settings(config).credentials["publer"]
+    assert isinstance(settings, AzureCredentialSettings)
+    assert settings.credential.type == "managed_identity"
+
+
+def test_the_sdk_is_imported_only_when_a_credential_uses_it() -> None:
+    """A proxy whose keys are elsewhere never loads azure or msal (tens of modules)."""
+    code = (
+        "import sys, proxy.app, proxy.credentials, proxy.online, proxy.sources\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('azure', 'msal')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.strip() == "[]"
 
 
 def test_missing_sdk_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -266,16 +266,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _issue(self, identity: str, resource: str) -> str:
         """A new signed token (caller holds the lock)."""
-        claims = {
-            "sub": identity,
-            "aud": resource.rstrip("/"),
-            "exp": time.time() + self.state.token_seconds,
-            "jti": secrets.token_hex(8),
-        }
+        audience, expires = resource.rstrip("/"), time.time() + self.state.token_seconds
+        claims = {"sub": identity, "aud": audience, "exp": expires, "jti": secrets.token_hex(8)}
         body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
         mac = hmac.new(self.state.signing_key, body.encode(), hashlib.sha256).hexdigest()
         token = f"standin.{body}.{mac}"
-        self.state.tokens[token] = Token(identity, claims["aud"], claims["exp"])
+        self.state.tokens[token] = Token(identity, audience, expires)
         return token
 
     def _verify(self, token: str) -> Token | None:
