@@ -552,6 +552,85 @@ def test_sdk_loggers_stay_above_debug_whatever_the_level() -> None:
         assert logging.getLogger(name).getEffectiveLevel() >= logging.WARNING, name
 
 
+def test_a_named_proxy_carries_vault_and_sign_in_but_never_managed_identity(
+    tmp_path: Path,
+    standin: StandIn,
+    client_secret_file: Path,
+    sandbox: Sandbox,
+    api_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`proxy:` named in config tunnels the vault's and the sign-in host's connections
+    (CONNECT by their real names, TLS checked end to end), while the managed-identity
+    endpoint is asked directly, never through the proxy; environment proxies stay unused."""
+    import socket
+
+    import tests.peers as peers
+
+    real = socket.create_connection
+
+    def dial(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        host, port = address
+        if host.endswith((".vault.azure.net", "login.microsoftonline.com")) and port == 443:
+            address = ("127.0.0.1", standin.tls_port)  # the stand-in answers for both
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(peers.socket, "create_connection", dial)
+    name = _fresh_name()
+    standin.put_secret(name, api_key)
+    forwarding = peers.ForwardingProxy()
+    try:
+        with recording_listener() as trap:
+            for identity, secret_file in (("secret", client_secret_file), ("mi", None)):
+                env = {**trap.environment(), "AZURE_POD_IDENTITY_AUTHORITY_HOST": standin.imds}
+                config = proxy_config("http://127.0.0.1:9", sandbox.url)
+                credential = azure_credential(standin, name, secret_file, proxy=forwarding.url)
+                del credential["connect_to"]
+                config["credentials"]["publer"] = credential
+                proxy = start_proxy(tmp_path / identity, config, env=env)
+                try:
+                    assert httpx.get(f"{proxy.url}/api/v1/posts").status_code == 200
+                finally:
+                    proxy.stop()
+            assert trap.connections == 0
+        lines = [line for line, _ in forwarding.requests]
+        assert any(line.startswith("CONNECT publer.vault.azure.net:443 ") for line in lines)
+        assert any(line.startswith("CONNECT login.microsoftonline.com:443 ") for line in lines)
+        assert all(line.startswith("CONNECT ") for line in lines), lines
+        assert [s for s in standin.seen() if s["kind"] == "imds"]
+        assert api_key.encode() not in forwarding.passed()
+    finally:
+        forwarding.close()
+
+
+def test_workload_identity_signs_in_with_the_federated_token(
+    tmp_path: Path, standin: StandIn, api_key: str
+) -> None:
+    """Workload identity (AKS): the token file's content is the client assertion, the key
+    is read, and the federated token is registered as a secret."""
+    client = f"workload-{secrets.token_hex(3)}"
+    federated = "eyJ" + secrets.token_urlsafe(40)
+    token_file = tmp_path / "azure-identity-token"
+    token_file.write_text(federated)
+    standin.control("PUT", "federated", {client: federated})
+    name = _fresh_name()
+    standin.put_secret(name, api_key)
+    settings = azure_credential(standin, name, None)
+    settings["credential"] = {
+        "type": "workload_identity",
+        "tenant_id": TENANT,
+        "client_id": client,
+        "token_file": str(token_file),
+    }
+    registry = SecretRegistry()
+    found = AzureKeySource(AzureCredentialSettings.model_validate(settings), registry)
+    assert found.read().value == api_key
+    assert found.where.endswith("as workload_identity")
+    assert federated not in registry.redact(f"token {federated}")
+    grants = [s for s in standin.seen() if s.get("client") == client]
+    assert grants and grants[0]["grant"] == "client_credentials"
+
+
 def test_sovereign_clouds_are_reached_by_vault_url(
     standin: StandIn, client_secret_file: Path, api_key: str
 ) -> None:

@@ -364,6 +364,7 @@ class AzureKeySource:
         client = self._connect()
         identity = self._identity
         assert identity is not None
+        self._remember_token_file()
         identity.failure = None
         try:
             secret = client.get_secret(settings.secret_name, settings.version)
@@ -424,6 +425,19 @@ class AzureKeySource:
             created_time=props.created_on,
             not_after=props.expires_on,
         )
+
+    def _remember_token_file(self) -> None:
+        """Register the workload identity's federated token (Kubernetes rewrites the file
+        as it renews it), which the SDK reads and sends by itself."""
+        chosen = self._settings.credential
+        if chosen.type not in ("workload_identity", "default"):
+            return
+        path = chosen.token_file or os.environ.get("AZURE_FEDERATED_TOKEN_FILE")
+        if path:
+            try:
+                self._secrets.add(Path(path).read_text("utf-8").strip())
+            except OSError:
+                pass  # the SDK reports the missing file in its own failure
 
     def _announce(self, identity: RecordingIdentity) -> None:
         """Say once (and in `where`) which identity got the token."""
