@@ -41,6 +41,7 @@ The SDK is configured in this one place; each setting that differs from its defa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -434,10 +435,9 @@ class AzureKeySource:
             return
         path = chosen.token_file or os.environ.get("AZURE_FEDERATED_TOKEN_FILE")
         if path:
-            try:
+            # A missing file is the SDK's to report, in its own failure.
+            with contextlib.suppress(OSError):
                 self._secrets.add(Path(path).read_text("utf-8").strip())
-            except OSError:
-                pass  # the SDK reports the missing file in its own failure
 
     def _announce(self, identity: RecordingIdentity) -> None:
         """Say once (and in `where`) which identity got the token."""
