@@ -421,12 +421,12 @@ def test_wrong_credentials_and_denials_are_clear_and_leak_nothing(
 def test_access_token_is_reused_and_renewed_before_it_expires(
     tmp_path: Path, standin: StandIn, client_secret_file: Path, sandbox: Sandbox, api_key: str
 ) -> None:
-    """With tokens valid 302 s, the SDK asks for a new one once less than 5 minutes are
-    left (so every 2 s or so), never presents an expired one, and reads in between reuse
-    the token; each token is registered as a secret (tested by the leak test above)."""
+    """With tokens valid 304 s, the SDK asks for a new one once less than 5 minutes are
+    left (so every 3 to 4 s: expiry is kept in whole seconds), never presents an expired
+    one, and the reads in between (one a second) reuse the token."""
     name = _fresh_name()
     standin.put_secret(name, api_key)
-    standin.control("PUT", "token-seconds", 302)
+    standin.control("PUT", "token-seconds", 304)
     client = f"renew-{secrets.token_hex(3)}"
     secret_file = tmp_path / "secret"
     secret_file.write_text("cs-" + secrets.token_hex(16))
@@ -440,7 +440,7 @@ def test_access_token_is_reused_and_renewed_before_it_expires(
         try:
             eventually(
                 lambda: len([s for s in standin.seen() if s.get("client") == client]) >= 3,
-                timeout=20,
+                timeout=30,
             )
         finally:
             proxy.stop()
@@ -448,10 +448,10 @@ def test_access_token_is_reused_and_renewed_before_it_expires(
         standin.control("PUT", "token-seconds", 3600)
     tokens = [s for s in standin.seen() if s.get("client") == client]
     reads = [r for r in _vault_reads(standin, name) if r["bearer"]]
-    assert len(reads) > len(tokens), (reads, tokens)
+    assert len(reads) >= 2 * len(tokens), (reads, tokens)
     assert not [r for r in _vault_reads(standin, name) if r.get("expired_token")]
     gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(tokens)]
-    assert all(gap >= 1.5 for gap in gaps), gaps
+    assert all(gap >= 2.5 for gap in gaps), gaps
 
 
 def test_a_token_key_vault_refuses_is_not_presented_again(
@@ -575,7 +575,7 @@ def test_a_named_proxy_carries_vault_and_sign_in_but_never_managed_identity(
             address = ("127.0.0.1", standin.tls_port)  # the stand-in answers for both
         return real(address, *args, **kwargs)
 
-    monkeypatch.setattr(peers.socket, "create_connection", dial)
+    monkeypatch.setattr(socket, "create_connection", dial)  # the forwarding proxy dials
     name = _fresh_name()
     standin.put_secret(name, api_key)
     forwarding = peers.ForwardingProxy()
