@@ -631,6 +631,38 @@ def test_workload_identity_signs_in_with_the_federated_token(
     assert grants and grants[0]["grant"] == "client_credentials"
 
 
+def test_the_default_chain_with_no_identity_says_where_it_looked(
+    standin: StandIn, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`type: default` where no identity exists (no variables, no managed-identity
+    endpoint, no Azure CLI): the reason lists where the chain looked and how to name one,
+    not a refusal; with the environment's client secret, the chain finds that one."""
+    for variable in [v for v in os.environ if v.startswith(("AZURE_", "IDENTITY_", "MSI_"))]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", "http://127.0.0.1:9")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no `az`
+    name = _fresh_name()
+    standin.put_secret(name, api_key)
+    settings = azure_credential(standin, name, None)
+    settings["credential"] = {"type": "default"}
+    found = AzureKeySource(AzureCredentialSettings.model_validate(settings), SecretRegistry())
+    with pytest.raises(SourceError) as none:
+        found.read()
+    assert none.value.kind == "auth_failed"
+    assert none.value.reason.startswith("no Azure identity found"), none.value.reason
+    secret = "cs-env-" + secrets.token_hex(12)
+    client = f"env-{secrets.token_hex(3)}"
+    standin.add_client(client, secret)
+    monkeypatch.setenv("AZURE_TENANT_ID", TENANT)
+    monkeypatch.setenv("AZURE_CLIENT_ID", client)
+    monkeypatch.setenv("AZURE_CLIENT_SECRET", secret)
+    registry = SecretRegistry()
+    found = AzureKeySource(AzureCredentialSettings.model_validate(settings), registry)
+    assert found.read().value == api_key
+    assert found.where.endswith("as default chain: environment client_secret")
+    assert secret not in registry.redact(secret)
+
+
 def test_sovereign_clouds_are_reached_by_vault_url(
     standin: StandIn, client_secret_file: Path, api_key: str
 ) -> None:

@@ -453,7 +453,10 @@ class AzureKeySource:
         chosen = self._settings.credential
         if isinstance(exc, SourceError):
             return exc
-        if isinstance(exc, CredentialUnavailableError):
+        text = str(getattr(exc, "message", "") or exc)
+        # The chain reports "nothing to try" as a failure too; a refusal says so.
+        nothing_found = chosen.type == "default" and "Authentication failed" not in text
+        if isinstance(exc, CredentialUnavailableError) or nothing_found:
             if chosen.type == "default":
                 return SourceError(
                     "no Azure identity found: the SDK's chain tried the environment"
@@ -473,7 +476,6 @@ class AzureKeySource:
                 f" identity ({_network_detail(exc, self._settings.timeout_seconds)})",
                 kind="unreachable",
             )
-        text = str(getattr(exc, "message", "") or exc)
         if any(mark in text for mark in (*_TLS_FAILURES, "onnection", "timed out")):
             return SourceError(
                 f"the Microsoft Entra sign-in endpoint is unreachable for the {chosen.type}"
