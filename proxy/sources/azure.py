@@ -329,6 +329,7 @@ class AzureKeySource:
         self._settings = settings
         self._secrets = secrets
         self._lock = threading.Lock()
+        self._reading = threading.Lock()
         self._client: Any = None
         self._identity: RecordingIdentity | None = None
         self._session: requests.Session | None = None
@@ -360,7 +361,12 @@ class AzureKeySource:
             return self._client
 
     def read(self) -> SecretRead:
-        """GET the secret's version, checked; raises SourceError."""
+        """GET the secret's version, checked; raises SourceError. One read at a time: a
+        background refresh and a re-read after Publer refused the key may overlap."""
+        with self._reading:
+            return self._read()
+
+    def _read(self) -> SecretRead:
         settings = self._settings
         client = self._connect()
         identity = self._identity
@@ -500,7 +506,9 @@ class AzureKeySource:
     def _refused(self, exc: HttpResponseError) -> SourceError:
         status = exc.status_code or 0
         code, inner = _error_codes(exc)
-        said = f" ({'/'.join(c for c in (code, inner) if c)})" if code or inner else ""
+        codes = "/".join(c for c in (code, inner) if c)
+        said = f" ({codes})" if codes else ""
+        status_and_codes = f"{status} {codes}".strip()
         if status == 429:
             retry_after = _retry_after(exc)
             wait = f"; it asked to wait {retry_after:g} s" if retry_after is not None else ""
@@ -539,11 +547,11 @@ class AzureKeySource:
             )
         if status >= 500:
             return SourceError(
-                f"Key Vault {self._settings.vault_url} failed to answer ({status}{said[1:-1]})",
+                f"Key Vault {self._settings.vault_url} failed to answer ({status_and_codes})",
                 kind="unreachable",
             )
         return SourceError(
-            f"Key Vault refused to read {self._secret} ({status}{said[1:-1]})", kind="invalid"
+            f"Key Vault refused to read {self._secret} ({status_and_codes})", kind="invalid"
         )
 
     def changed(self) -> bool:
