@@ -354,8 +354,11 @@ class AzureCredentialSettings(KeyLifeSettings):
     credential: AzureIdentitySettings = AzureIdentitySettings()
     proxy: str | None = Field(default=None, repr=False)  # environment proxies never
     ca_file: Path | None = None  # trust only this CA (a stand-in's); default: the system's
-    # Dial this host:port for every https name of this source, TLS still checking the name.
-    connect_to: str | None = None
+    # Where to dial instead of resolving a name, TLS still checking the name (curl's
+    # --connect-to): "host:port" for every DNS name this source reaches over https (the
+    # vault, the sign-in host; an IP literal or localhost is dialled as written), or
+    # {name: "host:port"} for the names given only.
+    connect_to: str | dict[str, str] | None = None
     timeout_seconds: PositiveFloat = 5.0
 
     @field_validator("vault_url")
@@ -385,11 +388,17 @@ class AzureCredentialSettings(KeyLifeSettings):
 
     @field_validator("connect_to")
     @classmethod
-    def _host_port(cls, value: str | None) -> str | None:
-        if value is not None:
-            host, _, port = value.rpartition(":")
+    def _host_port(cls, value: str | dict[str, str] | None) -> str | dict[str, str] | None:
+        addresses = value.values() if isinstance(value, dict) else [value] if value else []
+        for address in addresses:
+            host, _, port = address.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError("must be host:port, such as 127.0.0.1:8443")
+                raise ValueError(
+                    "must be host:port, such as 127.0.0.1:8443, or a mapping of names to"
+                    " host:port, such as {publer.vault.azure.net: 127.0.0.1:8443}"
+                )
+        if isinstance(value, dict):
+            return {name.lower().rstrip("."): address for name, address in value.items()}
         return value
 
     @model_validator(mode="after")

@@ -663,6 +663,56 @@ def test_the_default_chain_with_no_identity_says_where_it_looked(
     assert secret not in registry.redact(secret)
 
 
+@pytest.mark.parametrize("identity", ["client_secret", "default"])
+def test_a_private_authority_is_reached_as_written(
+    tmp_path: Path,
+    standin: StandIn,
+    client_secret_file: Path,
+    api_key: str,
+    identity: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`credential.authority` (or AZURE_AUTHORITY_HOST) naming a sign-in host by its
+    address (https://localhost:PORT) is dialled as written while the vault's name goes to
+    `connect_to`, and MSAL does not ask Microsoft about an authority it cannot know; the
+    default chain takes the same setting (here finding the managed identity)."""
+    for variable in [v for v in os.environ if v.startswith(("AZURE_", "IDENTITY_", "MSI_"))]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", standin.imds)
+    name = _fresh_name()
+    standin.put_secret(name, api_key)
+    settings = azure_credential(standin, name, client_secret_file)
+    settings["credential"]["type"] = identity
+    settings["credential"]["authority"] = f"https://localhost:{standin.tls_port}"
+    if identity == "default":
+        settings["credential"] = {"type": "default"}
+        monkeypatch.setenv("AZURE_AUTHORITY_HOST", f"https://localhost:{standin.tls_port}")
+    since = time.time()
+    found = AzureKeySource(AzureCredentialSettings.model_validate(settings), SecretRegistry())
+    assert found.read().value == api_key
+    seen = [s for s in standin.seen() if s.get("at", 0) >= since]
+    assert not [s for s in seen if s["kind"] in ("unknown", "discovery")], seen
+    if identity == "client_secret":
+        assert [s for s in seen if s["kind"] == "token" and s["host"] == "localhost"]
+
+
+def test_connect_to_as_a_mapping_dials_only_the_names_given(
+    standin: StandIn, client_secret_file: Path, api_key: str
+) -> None:
+    """`connect_to: {name: host:port}` dials those names only: the vault and the sign-in
+    host listed are reached; a name left out is resolved (and here not found)."""
+    name = _fresh_name()
+    standin.put_secret(name, api_key)
+    both = {"publer.vault.azure.net": standin.connect_to}
+    both["login.microsoftonline.com"] = standin.connect_to
+    assert source(standin, name, client_secret_file, connect_to=both).read().value == api_key
+    vault_only = {"publer.vault.azure.net": standin.connect_to}
+    only = source(standin, name, client_secret_file, connect_to=vault_only, timeout_seconds=2)
+    with pytest.raises(SourceError) as unresolved:
+        only.read()
+    assert unresolved.value.kind == "unreachable"
+
+
 def test_sovereign_clouds_are_reached_by_vault_url(
     standin: StandIn, client_secret_file: Path, api_key: str
 ) -> None:

@@ -35,6 +35,7 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import sys
@@ -53,6 +54,9 @@ CLOUDS = (  # (vault suffix, resource the challenge names, sign-in host)
     ("vault.usgovcloudapi.net", "https://vault.usgovcloudapi.net", "login.microsoftonline.us"),
 )
 TLS_NAMES = [f"*.{suffix}" for suffix, _, _ in CLOUDS] + [login for _, _, login in CLOUDS]
+# A sign-in host named by its address (an `authority` such as https://localhost:PORT)
+# answers as the public cloud's.
+LOCAL_NAMES = ("localhost", "127.0.0.1")
 
 
 @dataclass
@@ -104,6 +108,8 @@ def _cloud(host: str) -> tuple[str, str, str] | None:
     for cloud in CLOUDS:
         if host.endswith("." + cloud[0]) or host == cloud[2]:
             return cloud
+    if host in LOCAL_NAMES:
+        return (CLOUDS[0][0], CLOUDS[0][1], host)
     return None
 
 
@@ -183,6 +189,8 @@ class Handler(BaseHTTPRequestHandler):
         tenant = path.strip("/").split("/")[0]
         if path == "/common/discovery/instance":  # MSAL's check of an authority
             host = cloud[2]
+            with self.state.lock:
+                self.state.seen.append({"kind": "discovery", "host": host, "at": time.time()})
             return self._send(
                 200,
                 {
@@ -199,14 +207,15 @@ class Handler(BaseHTTPRequestHandler):
             with self.state.lock:
                 self.state.seen.append({"kind": "unknown", "method": "GET", "path": path})
             return self._send(404, {"error": "not_found"})
-        base = f"https://{cloud[2]}/{tenant}"
+        origin = f"https://{self.headers.get('Host') or cloud[2]}"
+        base = f"{origin}/{tenant}"
         self._send(
             200,
             {
                 "token_endpoint": f"{base}/oauth2/v2.0/token",
                 "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
                 "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
-                "issuer": f"https://{cloud[2]}/{tenant}/v2.0",
+                "issuer": f"{origin}/{tenant}/v2.0",
                 "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt"],
                 "tenant_region_scope": "EU",
             },
@@ -559,7 +568,10 @@ def write_certificates(workdir: Path) -> tuple[Path, Path, Path]:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=7))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(name) for name in TLS_NAMES]),
+            x509.SubjectAlternativeName(
+                [x509.DNSName(name) for name in (*TLS_NAMES, "localhost")]
+                + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

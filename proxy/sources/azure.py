@@ -28,8 +28,11 @@ The SDK is configured in this one place; each setting that differs from its defa
   identity, so a named `proxy` carries the token requests too; it is set for https only,
   so the managed-identity endpoint (plain http on a link-local or loopback address) is
   never reached through a proxy.
-- `ca_file` replaces the system's trust store (a stand-in's CA); `connect_to` dials one
-  address for every https name while TLS still checks the name (curl's --connect-to).
+- `ca_file` replaces the system's trust store (a stand-in's CA); `connect_to` dials
+  another address for https names while TLS still checks the name (curl's --connect-to).
+- `disable_instance_discovery` when the sign-in host is not one of Microsoft's: MSAL
+  would otherwise ask login.microsoftonline.com about a private authority (Azure Stack,
+  a stand-in) that it cannot know.
 - `retry_status=0`: a 429 or 5xx comes straight back to the credential store, which
   backs off and honours Retry-After within the stale window; the SDK would otherwise sleep
   in the worker thread for as long as Retry-After says. One retry on a failed connection.
@@ -47,6 +50,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -79,6 +83,18 @@ CLOUD_AUTHORITIES = (
     ("vault.azure.net", "https://login.microsoftonline.com"),
 )
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
+# Microsoft's own sign-in hosts, which MSAL's instance discovery knows.
+MICROSOFT_SIGN_IN_HOSTS = frozenset(
+    {
+        "login.microsoftonline.com",
+        "login.microsoft.com",
+        "login.windows.net",
+        "login.chinacloudapi.cn",
+        "login.partner.microsoftonline.cn",
+        "login.microsoftonline.us",
+        "login.usgovcloudapi.net",
+    }
+)
 # Environment values that are secrets the SDK reads by itself: redacted wherever they land.
 SECRET_VARIABLES = (
     "AZURE_CLIENT_SECRET",
@@ -124,11 +140,36 @@ def cloud_authority(vault_url: str) -> str:
     return DEFAULT_AUTHORITY
 
 
-class DialAdapter(HTTPAdapter):
-    """requests' adapter that dials `dial` (host, port) for every https name while TLS
-    checks the certificate against the name in the URL, and Host names it too."""
+Dial = Callable[[str], "tuple[str, int] | None"]
 
-    def __init__(self, dial: tuple[str, int] | None, **kwargs: Any) -> None:
+
+def dial_rule(connect_to: str | dict[str, str] | None) -> Dial:
+    """Where to dial an https name instead of resolving it, or None to resolve it:
+    "host:port" for every DNS name but localhost, {name: "host:port"} for those names."""
+
+    def address(value: str) -> tuple[str, int]:
+        host, _, port = value.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    if connect_to is None:
+        return lambda _name: None
+    if isinstance(connect_to, dict):
+        table = {name: address(value) for name, value in connect_to.items()}
+        return lambda name: table.get(name.lower().rstrip("."))
+    everywhere = address(connect_to)
+
+    def dial(name: str) -> tuple[str, int] | None:
+        literal = name.replace(".", "").isdigit() or ":" in name
+        return None if literal or name.lower() == "localhost" else everywhere
+
+    return dial
+
+
+class DialAdapter(HTTPAdapter):
+    """requests' adapter that dials where `dial` says for an https name while TLS checks
+    the certificate against the name in the URL, and Host names it too."""
+
+    def __init__(self, dial: Dial, **kwargs: Any) -> None:
         self._dial = dial
         super().__init__(**kwargs)
 
@@ -139,18 +180,19 @@ class DialAdapter(HTTPAdapter):
         found = super().build_connection_pool_key_attributes(request, verify, cert)
         host_params: dict[str, Any] = dict(found[0])
         pool_kwargs: dict[str, Any] = dict(found[1])
-        if self._dial is not None and host_params["scheme"] == "https":
-            name = host_params["host"]
+        name = host_params["host"]
+        target = self._dial(name) if host_params["scheme"] == "https" else None
+        if target is not None:
             # urllib3's pool: SNI and the certificate check use the name, not the address.
             pool_kwargs.update(server_hostname=name, assert_hostname=name)
-            host_params.update(host=self._dial[0], port=self._dial[1])
+            host_params.update(host=target[0], port=target[1])
         return host_params, pool_kwargs
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
         """Send, with Host naming the URL's authority when the address is dialled."""
-        url = request.url or ""
-        if self._dial is not None and url.startswith("https://"):
-            request.headers["Host"] = urlsplit(url).netloc
+        url = urlsplit(request.url or "")
+        if url.scheme == "https" and self._dial(url.hostname or "") is not None:
+            request.headers["Host"] = url.netloc
         return super().send(request, *args, **kwargs)
 
 
@@ -160,10 +202,7 @@ def make_session(settings: AzureCredentialSettings) -> requests.Session:
     session.trust_env = False  # no HTTP(S)_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE, ~/.netrc
     # A named proxy carries https only: the managed-identity endpoint is plain http.
     session.proxies = {"https": settings.proxy} if settings.proxy else {}
-    dial = None
-    if settings.connect_to:
-        host, _, port = settings.connect_to.rpartition(":")
-        dial = (host.strip("[]"), int(port))
+    dial = dial_rule(settings.connect_to)
     no_retries = Retry(total=False, redirect=False, raise_on_status=False)
     session.mount("https://", DialAdapter(dial, max_retries=no_retries))
     session.mount("http://", HTTPAdapter(max_retries=no_retries))
@@ -257,6 +296,8 @@ def make_identity(
         or cloud_authority(settings.vault_url)
     )
     signed_in = {**options, "authority": authority}
+    if (urlsplit(authority).hostname or "").lower() not in MICROSOFT_SIGN_IN_HOSTS:
+        signed_in["disable_instance_discovery"] = True
     kind = chosen.type
     inner: Any
     if kind == "client_secret":
