@@ -713,6 +713,29 @@ def test_connect_to_as_a_mapping_dials_only_the_names_given(
     assert unresolved.value.kind == "unreachable"
 
 
+def test_a_challenge_for_another_resource_gets_no_token(
+    standin: StandIn, client_secret_file: Path, api_key: str
+) -> None:
+    """A 401 whose challenge names a resource that is not a parent of the vault's host
+    (a token for another service): the SDK's check, left on, refuses; no token is asked
+    for or sent, and the reason says to check vault_url."""
+    name = _fresh_name()
+    standin.put_secret(name, api_key)
+    vault = f"https://other-{secrets.token_hex(3)}.vault.azure.net"  # no cached challenge
+    standin.control("PUT", "challenge-resource", "https://management.azure.com")
+    since = time.time()
+    try:
+        found = source(standin, name, client_secret_file, vault_url=vault)
+        with pytest.raises(SourceError) as refused:
+            found.read()
+    finally:
+        standin.control("PUT", "challenge-resource", None)
+    assert refused.value.kind == "invalid"
+    assert "asked for a token for another service" in refused.value.reason
+    seen = [s for s in standin.seen() if s.get("at", 0) >= since]
+    assert [s["kind"] for s in seen] == ["vault"] and not seen[0]["bearer"], seen
+
+
 def test_sovereign_clouds_are_reached_by_vault_url(
     standin: StandIn, client_secret_file: Path, api_key: str
 ) -> None:

@@ -96,6 +96,7 @@ class State:
     signing_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     token_seconds: int = 3600
     identity_header: str = ""  # App Service's X-IDENTITY-HEADER, when set
+    challenge_resource: str | None = None  # a resource the 401 names instead of the vault's
     throttle: int = 0
     retry_after: int = 1
     fail: int = 0
@@ -357,7 +358,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _challenge(self, cloud: tuple[str, str, str], message: str) -> None:
         header = (
-            f'Bearer authorization="https://{cloud[2]}/{self.state.tenant}", resource="{cloud[1]}"'
+            f'Bearer authorization="https://{cloud[2]}/{self.state.tenant}",'
+            f' resource="{self.state.challenge_resource or cloud[1]}"'
         )
         self._send(
             401,
@@ -509,6 +511,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(200, {})
             if what == "readers" and method == "PUT":
                 state.readers = body
+                return self._send(200, {})
+            if what == "challenge-resource" and method == "PUT":
+                state.challenge_resource = body
                 return self._send(200, {})
             if what == "identity-header" and method == "PUT":
                 state.identity_header = str(body)
