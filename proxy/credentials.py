@@ -1,13 +1,16 @@
 """The keys the proxy holds: read from their sources, refreshed, aged out.
 
-Every source (Vault, AWS Secrets Manager, a file, the environment) gets the same life.
-The request path only ever reads `current()`, which never waits on a source. A
-background task per credential re-reads it every `refresh_seconds` (sooner when a file
-source sees its file change, and after a failure with backoff); another keeps the Vault
-token alive when a credential is in Vault. A new value or version is a rotation, logged
-with both masked keys. A key stays usable while its last good read is at most
-`refresh_seconds + max_stale_seconds` old, so an outage of a source costs nothing until
-then, and nothing is ever forwarded without a key.
+Every source (Vault, AWS Secrets Manager, Azure Key Vault, a file, the environment) gets
+the same life. The request path only ever reads `current()`, which never waits on a
+source. A background task per credential re-reads it every `refresh_seconds` (sooner
+when a file source sees its file change, and after a failure with backoff, never sooner
+than a source's Retry-After allows unless the key would expire first); another keeps the
+Vault token alive when a credential is in Vault. A new value or version is a rotation,
+logged with both masked keys. A key stays usable while its last good read is at most
+`refresh_seconds + max_stale_seconds` old and its version's own expiry (when the source
+has one) has not passed, so an outage of a source costs nothing until then, and nothing
+is ever forwarded without a key. A source that finds the held version disabled or
+expired withdraws it at once (`key_withdrawn`) instead of letting it serve stale.
 """
 
 from __future__ import annotations

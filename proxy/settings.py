@@ -820,7 +820,8 @@ def credential_warnings(credentials: dict[str, AnyCredential]) -> list[str]:
                 f"{where}: env: the key comes from ${cred.variable}"
                 + (f" or {cred.env_file}" if cred.env_file else "")
                 + "; fine for local development, but a vault (Vault, OpenBao, AWS Secrets"
-                " Manager) or a mounted secret file is the better home: a variable is"
+                " Manager, Azure Key Vault) or a mounted secret file is the better home: a"
+                " variable is"
                 " inherited by whatever starts before the proxy, shows in crash reports"
                 " and in the /proc/PID/environ of every process that still holds it"
             )
