@@ -331,6 +331,29 @@ def test_throttling_honours_retry_after_but_never_past_the_stale_window(
         proxy.stop()
 
 
+def test_a_rejected_key_does_not_override_retry_after(
+    tmp_path: Path, standin: StandIn, client_secret_file: Path, sandbox: Sandbox, api_key: str
+) -> None:
+    """While Key Vault has asked to wait (429, Retry-After), Publer rejecting the key does
+    not send the proxy back to Key Vault: the re-read that a rejection triggers waits too."""
+    name = _fresh_name()
+    standin.put_secret(name, api_key)
+    proxy = azure_proxy(tmp_path, standin, sandbox, name, client_secret_file, max_stale_seconds=60)
+    try:
+        standin.control("PUT", "throttle", {"count": 1, "retry_after": 3600})
+        eventually(lambda: "throttling" in _readyz(proxy).get("reason", ""))
+        throttled_at = time.time()
+        sandbox.set_keys({"key": "pk_someone_else_" + secrets.token_hex(8)})
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert httpx.get(f"{proxy.url}/api/v1/posts").status_code in (401, 403)
+            time.sleep(0.1)
+        assert not [r for r in _vault_reads(standin, name) if r["at"] > throttled_at]
+    finally:
+        proxy.stop()
+        sandbox.set_keys({"key": api_key})
+
+
 def test_outage_serves_the_last_key_then_503_then_recovers(
     tmp_path: Path, client_secret_file: Path, sandbox: Sandbox, api_key: str
 ) -> None:
