@@ -345,6 +345,7 @@ class CredentialStore:
         )
         previous = slot.key
         slot.key, slot.last_error, slot.last_attempt_failed = held, None, False
+        slot.retry_at = -math.inf  # answering again: its earlier "wait" is over
         if previous is None:
             log.info(
                 "key_loaded",

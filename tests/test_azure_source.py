@@ -311,7 +311,7 @@ def test_throttling_honours_retry_after_but_never_past_the_stale_window(
 ) -> None:
     """A 429 with Retry-After of an hour: the proxy does not ask again at its usual pace,
     says `throttled` in /readyz, asks once more before the held key would expire (so it
-    never does) and is fresh again when Key Vault answers."""
+    never does) and is fresh again when Key Vault answers, the wait then over."""
     name = _fresh_name()
     standin.put_secret(name, api_key)
     proxy = azure_proxy(tmp_path, standin, sandbox, name, client_secret_file, max_stale_seconds=5)
@@ -327,8 +327,14 @@ def test_throttling_honours_retry_after_but_never_past_the_stale_window(
         after = [r for r in _vault_reads(standin, name) if r["at"] > throttled_at]
         assert after, "asked again"
         assert after[0]["at"] - throttled_at > 2.5  # not the one-second refresh
+        # Answering again ends the wait: a key Publer rejects is re-read at once.
+        new_key = "pk_after_throttle_" + secrets.token_hex(8)
+        standin.put_secret(name, new_key)
+        sandbox.set_keys({"key": new_key})
+        assert httpx.get(f"{proxy.url}/api/v1/posts").status_code == 200
     finally:
         proxy.stop()
+        sandbox.set_keys({"key": api_key})
 
 
 def test_a_rejected_key_does_not_override_retry_after(
