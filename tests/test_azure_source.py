@@ -565,6 +565,33 @@ def test_no_secret_or_token_in_any_output_at_debug_level(
     assert [s for s in standin.seen() if s["kind"] == "app_service"]
 
 
+def test_a_garbled_token_answer_leaks_no_token(
+    tmp_path: Path, standin: StandIn, sandbox: Sandbox, api_key: str
+) -> None:
+    """The managed-identity endpoint answering a token with an expiry that is not a
+    number: the SDK rejects the answer (quoting it whole in its own error), the proxy says
+    the identity failed, and the token appears in no output."""
+    name = _fresh_name()
+    standin.put_secret(name, api_key)
+    standin.control("PUT", "imds-garbled", True)
+    env = {"AZURE_POD_IDENTITY_AUTHORITY_HOST": standin.imds}
+    try:
+        proxy = azure_proxy(tmp_path, standin, sandbox, name, None, env=env, wait_ready=False)
+        try:
+            eventually(lambda: "reason" in _readyz(proxy))
+            assert _readyz(proxy)["state"] == "missing"
+            answer = httpx.get(f"{proxy.url}/api/v1/posts")
+            assert answer.status_code == 503
+        finally:
+            proxy.stop()
+    finally:
+        standin.control("PUT", "imds-garbled", False)
+    tokens = standin.control("GET", "tokens")["tokens"]
+    for text in (proxy.output(), answer.text):
+        for token in tokens:
+            assert token not in text
+
+
 def test_sdk_loggers_stay_above_debug_whatever_the_level() -> None:
     """The Azure SDK's and MSAL's loggers are kept at WARNING even when the proxy logs at
     debug: at DEBUG the network trace prints whole answers and the Authorization header."""

@@ -97,6 +97,7 @@ class State:
     token_seconds: int = 3600
     identity_header: str = ""  # App Service's X-IDENTITY-HEADER, when set
     challenge_resource: str | None = None  # a resource the 401 names instead of the vault's
+    imds_garbled: bool = False  # IMDS answers a token with an expiry that is not a number
     throttle: int = 0
     retry_after: int = 1
     fail: int = 0
@@ -318,13 +319,14 @@ class Handler(BaseHTTPRequestHandler):
             token = self._issue(f"mi:{who}", resource)
             seconds = state.token_seconds
         now = int(time.time())
+        garbled = state.imds_garbled
         self._send(
             200,
             {
                 "access_token": token,
                 "client_id": who,
-                "expires_in": str(seconds),
-                "expires_on": str(now + seconds),
+                "expires_in": "soon" if garbled else str(seconds),
+                "expires_on": "soon" if garbled else str(now + seconds),
                 "ext_expires_in": str(seconds),
                 "not_before": str(now),
                 "resource": resource,
@@ -511,6 +513,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(200, {})
             if what == "readers" and method == "PUT":
                 state.readers = body
+                return self._send(200, {})
+            if what == "imds-garbled" and method == "PUT":
+                state.imds_garbled = bool(body)
                 return self._send(200, {})
             if what == "challenge-resource" and method == "PUT":
                 state.challenge_resource = body
