@@ -792,6 +792,71 @@ def test_a_challenge_for_another_resource_gets_no_token(
     assert [s["kind"] for s in seen] == ["vault"] and not seen[0]["bearer"], seen
 
 
+def _client_certificate(path: Path) -> str:
+    """An RSA key and a self-signed certificate in one PEM file; the certificate's PEM."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "publer-proxy")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.touch(0o600)
+    path.write_bytes(key_pem + cert_pem)
+    return cert_pem.decode()
+
+
+def test_client_certificate_signs_in_and_a_wrong_one_is_refused(
+    tmp_path: Path, standin: StandIn, api_key: str
+) -> None:
+    """A client certificate: MSAL's signed assertion is accepted and the key read; a
+    certificate the application does not have is refused with the code, in the proxy's
+    words."""
+    client = f"cert-{secrets.token_hex(3)}"
+    registered = _client_certificate(tmp_path / "good.pem")
+    _client_certificate(tmp_path / "other.pem")
+    standin.control("PUT", "certificates", {client: registered})
+    name = _fresh_name()
+    standin.put_secret(name, api_key)
+    settings = azure_credential(standin, name, None)
+    for pem, works in (("good.pem", True), ("other.pem", False)):
+        settings["credential"] = {
+            "type": "client_certificate",
+            "tenant_id": TENANT,
+            "client_id": client,
+            "certificate_file": str(tmp_path / pem),
+        }
+        found = AzureKeySource(AzureCredentialSettings.model_validate(settings), SecretRegistry())
+        if works:
+            assert found.read().value == api_key
+            assert found.where.endswith("as client_certificate")
+            continue
+        with pytest.raises(SourceError) as refused:
+            found.read()
+        assert refused.value.kind == "auth_failed"
+        assert "AADSTS700027" in refused.value.reason
+        assert "signature validation" not in refused.value.reason
+
+
 def test_sovereign_clouds_are_reached_by_vault_url(
     standin: StandIn, client_secret_file: Path, api_key: str
 ) -> None:

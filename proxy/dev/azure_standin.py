@@ -14,8 +14,9 @@ Written from Microsoft's published REST reference, not from the proxy's code:
   real service it answers an expired or not-yet-valid version with 200.
 - Microsoft Entra ID, over TLS, for `login.microsoftonline.com` (and the sovereign sign-in
   hosts): the tenant's OpenID configuration, and `POST /{tenant}/oauth2/v2.0/token` with
-  the client-credentials grant (a client secret, or a client assertion for workload
-  identity); a wrong secret is 401 `invalid_client`.
+  the client-credentials grant (a client secret; a client assertion: a JWT signed by a
+  registered certificate, or a workload identity's federated token); a wrong secret is
+  401 `invalid_client`.
 - The managed-identity endpoints, plain HTTP: IMDS's `GET /metadata/identity/oauth2/token`
   with `Metadata: true` (400 without it), and App Service's `GET /msi/token` with the
   `X-IDENTITY-HEADER` secret (IDENTITY_ENDPOINT and IDENTITY_HEADER).
@@ -90,6 +91,7 @@ class State:
     deleted: set[str] = field(default_factory=set)
     clients: dict[str, str] = field(default_factory=dict)  # client id -> secret
     federated: dict[str, str] = field(default_factory=dict)  # client id -> assertion
+    certificates: dict[str, str] = field(default_factory=dict)  # client id -> cert PEM
     readers: list[str] | None = None  # identities allowed to read; None: every one
     tokens: dict[str, Token] = field(default_factory=dict)  # issued by this process
     # Signs tokens, as Entra ID signs its JWTs: a token outlives a restart of the vault.
@@ -242,7 +244,18 @@ class Handler(BaseHTTPRequestHandler):
                 return self._oauth_error(400, "invalid_request", 90002, "Tenant not found.")
             if form.get("grant_type") != "client_credentials":
                 return self._oauth_error(400, "unsupported_grant_type", 70003, "Unsupported.")
-            if "client_assertion" in form:
+            if "client_assertion" in form and client in state.certificates:
+                endpoint = f"https://{self.headers.get('Host')}{path}"
+                if not _signed_by(
+                    form["client_assertion"], state.certificates[client], client, endpoint
+                ):
+                    return self._oauth_error(
+                        401,
+                        "invalid_client",
+                        700027,
+                        "Client assertion failed signature validation.",
+                    )
+            elif "client_assertion" in form:
                 good = state.federated.get(client)
                 if good is None or not secrets.compare_digest(good, form["client_assertion"]):
                     return self._oauth_error(401, "invalid_client", 700024, "Bad assertion.")
@@ -508,6 +521,9 @@ class Handler(BaseHTTPRequestHandler):
             if what == "clients" and method == "PUT":
                 state.clients.update(body)
                 return self._send(200, {})
+            if what == "certificates" and method == "PUT":
+                state.certificates.update(body)
+                return self._send(200, {})
             if what == "federated" and method == "PUT":
                 state.federated.update(body)
                 return self._send(200, {})
@@ -536,6 +552,39 @@ class Handler(BaseHTTPRequestHandler):
                 state.fail, state.fail_status = int(body["count"]), int(body.get("status", 503))
                 return self._send(200, {})
         self._send(404, {"error": "no such control"})
+
+
+def _signed_by(assertion: str, cert_pem: str, client: str, endpoint: str) -> bool:
+    """Whether a client assertion (a JWT, RS256 or PS256) is signed by the certificate's
+    key, for this client (iss and sub), for this token endpoint (aud), and not expired."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    def decode(part: str) -> bytes:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+    try:
+        head, body, signature = assertion.split(".")
+        header, claims = json.loads(decode(head)), json.loads(decode(body))
+        key = x509.load_pem_x509_certificate(cert_pem.encode()).public_key()
+        assert isinstance(key, rsa.RSAPublicKey)
+        signed, sig = f"{head}.{body}".encode(), decode(signature)
+        if header.get("alg") == "PS256":
+            pss = padding.PSS(padding.MGF1(hashes.SHA256()), hashes.SHA256.digest_size)
+            key.verify(sig, signed, pss, hashes.SHA256())
+        elif header.get("alg") == "RS256":
+            key.verify(sig, signed, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            return False
+    except (ValueError, AssertionError, InvalidSignature):
+        return False
+    return bool(
+        claims.get("iss") == claims.get("sub") == client
+        and claims.get("aud") == endpoint
+        and float(claims.get("exp", 0)) > time.time()
+    )
 
 
 def write_certificates(workdir: Path) -> tuple[Path, Path, Path]:

@@ -116,6 +116,7 @@ _AADSTS_MEANING = {
     "AADSTS700016": "no application with this client_id in the tenant",
     "AADSTS90002": "no such tenant",
     "AADSTS700024": "the client assertion is not valid",
+    "AADSTS700027": "the certificate is not one the application has",
     "AADSTS70021": "no federated credential matches the workload identity's token",
 }
 _IDENTITY_NAMES = {
