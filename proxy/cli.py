@@ -233,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument(
         "--source",
-        choices=["vault", "file", "env", "aws"],
+        choices=["vault", "file", "env", "aws", "azure"],
         default="vault",
-        help="where the proxy reads the key: vault (OpenBao, the default), file, env, or aws"
-        " (a local Secrets Manager)",
+        help="where the proxy reads the key: vault (OpenBao, the default), file, env, aws"
+        " (a local Secrets Manager) or azure (a local Key Vault stand-in)",
     )
     dev.set_defaults(func=cmd_dev)
     sandbox = sub.add_parser("sandbox", help="the Publer sandbox upstream alone")
