@@ -11,12 +11,15 @@ is one the operator names in the config (`vault.proxy`, `upstream.proxy`).
 from __future__ import annotations
 
 import ssl
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import httpx
 import requests
 
 from proxy.config.settings import UpstreamSettings
+
+if TYPE_CHECKING:
+    import httpx
 
 
 def vault_http_session(proxy: str | None, verify: bool | str = True) -> requests.Session:
@@ -39,6 +42,9 @@ def vault_http_session(proxy: str | None, verify: bool | str = True) -> requests
 
 def publer_http_client(upstream: UpstreamSettings) -> httpx.Client:
     """A one-off httpx client to the upstream origin, as `check --online` probes it."""
+    # Only `check --online` talks to Publer this way: `serve` never loads httpx.
+    import httpx
+
     # Python's default client context: certificates and host names verified.
     context = ssl.create_default_context(cafile=str(upstream.ca_file) if upstream.ca_file else None)
     return httpx.Client(
