@@ -1,7 +1,8 @@
-"""What a running `serve` imports: only what its config uses. Each heavy library (the
-forward proxy's certificate machinery, the Redis client, the file watcher, the AWS SDK,
-the HTTP client of `check --online`) is absent from a proxy with one Vault credential, and
-present once the feature that needs it is configured."""
+"""What a running `serve` imports: only what its config uses. Each heavy library of a
+feature (the forward proxy's certificate machinery, the Redis client, the file watcher,
+the AWS SDK) is absent from a proxy with one Vault credential and present once that
+feature is configured; what only other commands use (httpx for `check --online`) and
+requests' character-set detector are never loaded."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ FEATURE_MODULES = {
     "reload.watch": ("watchfiles",),
     "aws credential": ("boto3", "botocore"),
 }
-# What only other commands use (`check --online` probes Publer with httpx; `dev` and
-# `sandbox` run the development tools): never loaded by `serve`.
-OTHER_COMMANDS = ("httpx", "proxy.online", "proxy.dev")
+# Never loaded by `serve`: what only other commands use (`check --online` probes Publer
+# with httpx; `dev` and `sandbox` run the development tools), and requests' character-set
+# detector (Vault answers JSON, decoded as UTF-8 without guessing).
+NEVER = ("httpx", "proxy.online", "proxy.dev", "charset_normalizer", "chardet")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_serve_loads_only_what_its_config_uses(
 ) -> None:
     """With one Vault credential `serve` loads hvac and none of the heavy libraries of the
     other features; with one feature more, that feature's libraries and no other's; never
-    what only other commands use."""
+    what only other commands use, nor requests' character-set detector."""
     config, env = feature_config(feature, tmp_path, bao, sandbox, token_file, redis_server.url)
     loaded = loaded_modules(tmp_path, config, env)
 
@@ -105,4 +107,4 @@ def test_serve_loads_only_what_its_config_uses(
     for other, names in FEATURE_MODULES.items():
         expected = other == feature
         assert {name: present(name) for name in names} == dict.fromkeys(names, expected), other
-    assert [name for name in OTHER_COMMANDS if present(name)] == []
+    assert [name for name in NEVER if present(name)] == []
