@@ -108,3 +108,20 @@ def test_serve_loads_only_what_its_config_uses(
         expected = other == feature
         assert {name: present(name) for name in names} == dict.fromkeys(names, expected), other
     assert [name for name in NEVER if present(name)] == []
+
+
+def test_serve_without_a_vault_credential_loads_no_vault_client(
+    tmp_path: Path, bao: Bao, sandbox: Sandbox, api_key: str
+) -> None:
+    """With its key in a file, `serve` loads neither hvac nor requests: the Vault client
+    comes with a Vault credential."""
+    key_file = tmp_path / "api_key"
+    key_file.write_text(api_key)
+    key_file.chmod(0o600)
+    config = proxy_config(bao.url, sandbox.url)
+    config["credentials"]["publer"] = {"source": "file", "path": str(key_file)}
+    loaded = loaded_modules(tmp_path, config, {})
+    assert "proxy.keys.sources.files" in loaded and "proxy.runtime" in loaded
+    assert [
+        name for name in ("hvac", "requests", "proxy.keys.sources.vault") if name in loaded
+    ] == []
