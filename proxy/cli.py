@@ -33,6 +33,9 @@ def _print_problems(error: ConfigError) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the proxy until SIGTERM."""
+    from proxy.edge.uvicorn_loading import import_uvicorn
+
+    import_uvicorn()  # before the runtime imports it: see proxy/edge/uvicorn_loading.py
     from proxy.masking.secrets import SecretRegistry
     from proxy.records.log_setup import configure_logging
     from proxy.runtime import create_app, serve

@@ -96,6 +96,9 @@ def make_source(
         from proxy.keys.sources.env import EnvKeySource
 
         return EnvKeySource(credential, secrets)
+    from proxy.keys.outbound import import_requests
+
+    import_requests()  # before hvac imports it
     from proxy.keys.sources.vault import VaultKeySource, VaultSession
 
     session = vault()
