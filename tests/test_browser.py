@@ -13,6 +13,7 @@ from proxy.rules.browser import (
     check_host,
     is_preflight,
     listener_names,
+    own_origin,
     preflight_headers,
     without_cors,
 )
@@ -187,6 +188,25 @@ def test_listed_origin_gets_cors() -> None:
 def test_parse_origin(value: str, expected: str | None) -> None:
     """Origins are normalised as browsers serialise them; anything else is not one."""
     assert parse_origin(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        (b"localhost:8080", 8080, "http://localhost:8080"),
+        (b"localhost", 8080, "http://localhost:8080"),  # not http://localhost (port 80)
+        (b"LOCALHOST.", 8080, "http://localhost:8080"),
+        (b"[::1]", 8080, "http://[::1]:8080"),
+        (b"localhost", 80, "http://localhost"),
+        (b"localhost:80", 80, "http://localhost"),
+        (b"proxy", None, "http://proxy"),  # a unix socket: the Host as given
+        (b"a@localhost", 8080, None),
+        (b"", 8080, None),
+    ],
+)
+def test_own_origin(host: bytes, port: int | None, expected: str | None) -> None:
+    """The proxy's own origin is its Host at the port the request came in on."""
+    assert own_origin(host, port) == expected
 
 
 def test_preflight() -> None:

@@ -258,3 +258,40 @@ def test_a_refusal_before_routing_is_recorded_like_any_request(
         assert all("/posts/schedule" not in str(r) for r in sandbox.requests())
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("path", ["/status.json", "/status", "/readyz", "/metrics", "/healthz"])
+def test_listed_origin_reads_no_operational_endpoint(proxy: Proxy, path: str) -> None:
+    """A listed browser app is granted the API routes only: the operational endpoints refuse
+    it (403 origin_denied, no Access-Control-* header), its preflights for them too."""
+    port = _port(proxy)
+    listed = b"Host: localhost:%d\r\nOrigin: http://localhost:5173\r\n" % port
+    status, headers, _body = exchange(
+        port, b"GET " + path.encode() + b" HTTP/1.1\r\n" + listed + b"Connection: close\r\n\r\n"
+    )
+    assert (status, headers["x-publer-proxy-error"]) == (403, "origin_denied")
+    assert not [name for name in headers if name.startswith("access-control-")]
+    status, headers, _body = exchange(
+        port,
+        b"OPTIONS "
+        + path.encode()
+        + b" HTTP/1.1\r\n"
+        + listed
+        + b"Access-Control-Request-Method: GET\r\nConnection: close\r\n\r\n",
+    )
+    assert (status, headers["x-publer-proxy-error"]) == (403, "origin_denied")
+    assert not [name for name in headers if name.startswith("access-control-")]
+
+
+def test_portless_host_is_not_port_80s_origin(proxy: Proxy, sandbox: Sandbox) -> None:
+    """A Host without a port names this listener's port, so a page of http://localhost (port
+    80, another server) is not taken for the proxy's own origin."""
+    sandbox.clear()
+    for path in (b"/status.json", b"/api/v1/users/me"):
+        status, headers, _body = exchange(
+            _port(proxy),
+            b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+        assert (status, headers["x-publer-proxy-error"]) == (403, "origin_denied")
+    assert sandbox.requests() == []
