@@ -185,7 +185,8 @@ def test_unix_socket_takes_any_host(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
 ) -> None:
     """On a unix socket (no browser can open one) Host is not checked unless names are
-    listed; the browser refusal still applies."""
+    listed; the browser refusal still applies, and an unchecked Host does not make a page
+    whose origin it spells the proxy's own."""
     path = tmp_path / "proxy.sock"
     config = proxy_config(bao.url, sandbox.url, token_file=token_file)
     config["listen"] = {"unix_socket": str(path)}
@@ -203,6 +204,9 @@ def test_unix_socket_takes_any_host(
             eventually(lambda: client.get("/readyz").status_code == 200)
             assert client.get("/api/v1/users/me").status_code == 200
             refused = client.get("/api/v1/users/me", headers={"Origin": "http://attacker.test"})
+            assert refused.json()["code"] == "origin_denied"
+            rebound = {"Host": "attacker.test:8080", "Origin": "http://attacker.test:8080"}
+            refused = client.post("/api/v1/posts/schedule", headers=rebound, content=b"{}")
             assert refused.json()["code"] == "origin_denied"
     finally:
         process.terminate()

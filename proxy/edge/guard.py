@@ -78,7 +78,10 @@ class BrowserGuard:
             if refusal is not None:
                 await _refuse(scope, send, services, refusal, hosts)
                 return
-            mine = own_origin(hosts[0], _port(scope)) if hosts else None
+            # Only a Host that was checked names the proxy: on a unix socket with no names
+            # listed, any Host passes, so the origin it spells is nobody's in particular.
+            checked = bool(hosts) and _checks_host(services)
+            mine = own_origin(hosts[0], _port(scope)) if checked else None
             own = [mine] if mine is not None else []
         verdict = check_browser(headers, own, frozenset(settings.browser.allowed_origins))
         if verdict.refusal is not None:
@@ -112,8 +115,7 @@ class BrowserGuard:
 
     def _host_refusal(self, scope: Scope, services: Services, hosts: list[bytes]) -> Refusal | None:
         listen = services.settings.listen
-        if listen.unix_socket is not None and not listen.allowed_hosts:
-            # No browser can open a unix socket; whoever bridges it to TCP lists its names.
+        if not _checks_host(services):
             return None
         names = listener_names(
             "" if listen.unix_socket is not None else listen.host, listen.allowed_hosts
@@ -125,6 +127,13 @@ class BrowserGuard:
             http_version=str(scope.get("http_version", "1.1")),
             key="listen.allowed_hosts",
         )
+
+
+def _checks_host(services: Services) -> bool:
+    """False on a unix socket with no names listed: no browser can open a unix socket, and
+    whoever bridges it to TCP lists its names."""
+    listen = services.settings.listen
+    return listen.unix_socket is None or bool(listen.allowed_hosts)
 
 
 def _port(scope: Scope) -> int | None:
