@@ -73,6 +73,13 @@ def test_loopback_names_pass(host: bytes) -> None:
         b"localhost/x",
         b"user@localhost:8080",
         b"http://localhost:8080",
+        b"[::1%25lo]:8080",  # a zone id is another address's spelling
+        b"[fe80::1%25eth0]:8080",
+        b"0.0.0.0:8080",  # the wildcard: some browsers connect it to loopback
+        b"127.0.0.2:8080",  # loopback too, but not this listener's name
+        b"localhost:+8080",
+        b"localhost\t:8080",
+        b"localhost:8080, attacker.test",
     ],
 )
 def test_other_hosts_refused(host: bytes) -> None:
@@ -149,6 +156,12 @@ def _browser(*headers: tuple[bytes, bytes], allowed: frozenset[str] = frozenset(
         (((b"origin", b""),), "origin_denied"),
         (((b"origin", b"http://127.0.0.1:8080"), (b"origin", b"http://a.test")), "origin_denied"),
         (((b"sec-fetch-site", b"cross-site"),), "origin_denied"),
+        # A browser never sends none with a foreign Origin; the Origin decides anyway.
+        (((b"origin", b"http://attacker.example"), (b"sec-fetch-site", b"none")), "origin_denied"),
+        (((b"origin", b"http://127.0.0.1:8080"), (b"sec-fetch-site", b"none")), "ok"),
+        (((b"origin", b"http://localhost:5173"),), "origin_denied"),  # another loopback port
+        (((b"sec-fetch-site", b"same-origin, cross-site"),), "origin_denied"),
+        (((b"sec-fetch-site", b""),), "origin_denied"),
         (((b"sec-fetch-site", b"same-site"),), "origin_denied"),
         (((b"sec-fetch-site", b"CROSS-SITE"),), "origin_denied"),
         (((b"sec-fetch-site", b"none"), (b"sec-fetch-site", b"cross-site")), "origin_denied"),
