@@ -176,6 +176,13 @@ def test_browser_provenance(headers: tuple[tuple[bytes, bytes], ...], expected: 
     assert _browser(*headers) == expected
 
 
+def test_fetch_site_refusal_names_the_foreign_value() -> None:
+    """The refusal quotes the Sec-Fetch-Site value that was refused, not an accepted one."""
+    headers = [(b"sec-fetch-site", b"none"), (b"sec-fetch-site", b"cross-site")]
+    refusal = check_browser(headers, ["http://127.0.0.1:8080"], frozenset()).refusal
+    assert refusal is not None and "Sec-Fetch-Site: cross-site" in refusal.message
+
+
 def test_listed_origin_gets_cors() -> None:
     """A listed origin passes, even cross-site, and is the one CORS is granted to."""
     allowed = frozenset({"http://localhost:5173"})

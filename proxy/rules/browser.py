@@ -171,8 +171,9 @@ def check_browser(
         elif origin is None or origin not in own_origins:
             shown = repr(raw[:100])
             return BrowserVerdict(Refusal.of("origin_denied", ORIGIN_DENIED.format(origin=shown)))
-    if listed is None and any(site not in SAME_SITE_VALUES for site in sites):
-        site = sites[0][:40].decode("latin-1")
+    foreign = [site for site in sites if site not in SAME_SITE_VALUES]
+    if listed is None and foreign:
+        site = foreign[0][:40].decode("latin-1")
         return BrowserVerdict(Refusal.of("origin_denied", FETCH_SITE_DENIED.format(site=site)))
     return BrowserVerdict(cors_origin=listed)
 
