@@ -196,7 +196,9 @@ def create_app(
         else:
             await ops(scope, receive, send)
 
-    return RequestContext(BrowserGuard(dispatch, live_key=LIVE_KEY, listener="listen"))
+    return RequestContext(
+        BrowserGuard(dispatch, live_key=LIVE_KEY, listener="listen", operator_paths=OPS_PATHS)
+    )
 
 
 def serve(

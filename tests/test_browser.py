@@ -13,6 +13,7 @@ from proxy.rules.browser import (
     check_host,
     is_preflight,
     listener_names,
+    own_origin,
     preflight_headers,
     without_cors,
 )
@@ -72,6 +73,13 @@ def test_loopback_names_pass(host: bytes) -> None:
         b"localhost/x",
         b"user@localhost:8080",
         b"http://localhost:8080",
+        b"[::1%25lo]:8080",  # a zone id is another address's spelling
+        b"[fe80::1%25eth0]:8080",
+        b"0.0.0.0:8080",  # the wildcard: some browsers connect it to loopback
+        b"127.0.0.2:8080",  # loopback too, but not this listener's name
+        b"localhost:+8080",
+        b"localhost\t:8080",
+        b"localhost:8080, attacker.test",
     ],
 )
 def test_other_hosts_refused(host: bytes) -> None:
@@ -148,6 +156,12 @@ def _browser(*headers: tuple[bytes, bytes], allowed: frozenset[str] = frozenset(
         (((b"origin", b""),), "origin_denied"),
         (((b"origin", b"http://127.0.0.1:8080"), (b"origin", b"http://a.test")), "origin_denied"),
         (((b"sec-fetch-site", b"cross-site"),), "origin_denied"),
+        # A browser never sends none with a foreign Origin; the Origin decides anyway.
+        (((b"origin", b"http://attacker.example"), (b"sec-fetch-site", b"none")), "origin_denied"),
+        (((b"origin", b"http://127.0.0.1:8080"), (b"sec-fetch-site", b"none")), "ok"),
+        (((b"origin", b"http://localhost:5173"),), "origin_denied"),  # another loopback port
+        (((b"sec-fetch-site", b"same-origin, cross-site"),), "origin_denied"),
+        (((b"sec-fetch-site", b""),), "origin_denied"),
         (((b"sec-fetch-site", b"same-site"),), "origin_denied"),
         (((b"sec-fetch-site", b"CROSS-SITE"),), "origin_denied"),
         (((b"sec-fetch-site", b"none"), (b"sec-fetch-site", b"cross-site")), "origin_denied"),
@@ -160,6 +174,13 @@ def _browser(*headers: tuple[bytes, bytes], allowed: frozenset[str] = frozenset(
 def test_browser_provenance(headers: tuple[tuple[bytes, bytes], ...], expected: str) -> None:
     """Requests a browser marks as another site's are refused; non-browsers pass."""
     assert _browser(*headers) == expected
+
+
+def test_fetch_site_refusal_names_the_foreign_value() -> None:
+    """The refusal quotes the Sec-Fetch-Site value that was refused, not an accepted one."""
+    headers = [(b"sec-fetch-site", b"none"), (b"sec-fetch-site", b"cross-site")]
+    refusal = check_browser(headers, ["http://127.0.0.1:8080"], frozenset()).refusal
+    assert refusal is not None and "Sec-Fetch-Site: cross-site" in refusal.message
 
 
 def test_listed_origin_gets_cors() -> None:
@@ -187,6 +208,25 @@ def test_listed_origin_gets_cors() -> None:
 def test_parse_origin(value: str, expected: str | None) -> None:
     """Origins are normalised as browsers serialise them; anything else is not one."""
     assert parse_origin(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        (b"localhost:8080", 8080, "http://localhost:8080"),
+        (b"localhost", 8080, "http://localhost:8080"),  # not http://localhost (port 80)
+        (b"LOCALHOST.", 8080, "http://localhost:8080"),
+        (b"[::1]", 8080, "http://[::1]:8080"),
+        (b"localhost", 80, "http://localhost"),
+        (b"localhost:80", 80, "http://localhost"),
+        (b"proxy", None, "http://proxy"),  # a unix socket: the Host as given
+        (b"a@localhost", 8080, None),
+        (b"", 8080, None),
+    ],
+)
+def test_own_origin(host: bytes, port: int | None, expected: str | None) -> None:
+    """The proxy's own origin is its Host at the port the request came in on."""
+    assert own_origin(host, port) == expected
 
 
 def test_preflight() -> None:

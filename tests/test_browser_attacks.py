@@ -255,7 +255,8 @@ def test_listed_origin_is_the_only_one_that_reads(
     attacker: type[Attacker],
 ) -> None:
     """With the attacker's origin listed in browser.allowed_origins, its page may call and
-    read (CORS preflight answered for it); the same page under another name may not."""
+    read the API routes (CORS preflight answered for it) but none of the operational
+    endpoints; the same page under another name may not read anything."""
     config = proxy_config(bao.url, sandbox.url, token_file=token_file, routes=_routes())
     listed = attacker.url.rstrip("/")  # type: ignore[attr-defined]
     config["browser"] = {"allowed_origins": [listed]}
@@ -265,6 +266,8 @@ def test_listed_origin_is_the_only_one_that_reads(
         reads = [r for r in reports if r.startswith("READ")]
         assert any("/c/api/v1/users/me 200" in r for r in reads), reports
         assert any("/api/v1/posts/schedule" in r for r in reads), reports
+        operational = ("/status.json ", "/status ", "/readyz ", "/metrics ", "/healthz ")
+        assert not [r for r in reads if any(path in r for path in operational)], reads
         port = attacker.url.rsplit(":", 1)[1].rstrip("/")  # type: ignore[attr-defined]
         other = attack(tmp_path, attacker, [proxy.url], at=f"http://attacker.test:{port}/")
         _nothing_read(other)

@@ -185,7 +185,8 @@ def test_unix_socket_takes_any_host(
     tmp_path: Path, bao: Bao, token_file: Path, sandbox: Sandbox
 ) -> None:
     """On a unix socket (no browser can open one) Host is not checked unless names are
-    listed; the browser refusal still applies."""
+    listed; the browser refusal still applies, and an unchecked Host does not make a page
+    whose origin it spells the proxy's own."""
     path = tmp_path / "proxy.sock"
     config = proxy_config(bao.url, sandbox.url, token_file=token_file)
     config["listen"] = {"unix_socket": str(path)}
@@ -203,6 +204,9 @@ def test_unix_socket_takes_any_host(
             eventually(lambda: client.get("/readyz").status_code == 200)
             assert client.get("/api/v1/users/me").status_code == 200
             refused = client.get("/api/v1/users/me", headers={"Origin": "http://attacker.test"})
+            assert refused.json()["code"] == "origin_denied"
+            rebound = {"Host": "attacker.test:8080", "Origin": "http://attacker.test:8080"}
+            refused = client.post("/api/v1/posts/schedule", headers=rebound, content=b"{}")
             assert refused.json()["code"] == "origin_denied"
     finally:
         process.terminate()
@@ -258,3 +262,40 @@ def test_a_refusal_before_routing_is_recorded_like_any_request(
         assert all("/posts/schedule" not in str(r) for r in sandbox.requests())
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("path", ["/status.json", "/status", "/readyz", "/metrics", "/healthz"])
+def test_listed_origin_reads_no_operational_endpoint(proxy: Proxy, path: str) -> None:
+    """A listed browser app is granted the API routes only: the operational endpoints refuse
+    it (403 origin_denied, no Access-Control-* header), its preflights for them too."""
+    port = _port(proxy)
+    listed = b"Host: localhost:%d\r\nOrigin: http://localhost:5173\r\n" % port
+    status, headers, _body = exchange(
+        port, b"GET " + path.encode() + b" HTTP/1.1\r\n" + listed + b"Connection: close\r\n\r\n"
+    )
+    assert (status, headers["x-publer-proxy-error"]) == (403, "origin_denied")
+    assert not [name for name in headers if name.startswith("access-control-")]
+    status, headers, _body = exchange(
+        port,
+        b"OPTIONS "
+        + path.encode()
+        + b" HTTP/1.1\r\n"
+        + listed
+        + b"Access-Control-Request-Method: GET\r\nConnection: close\r\n\r\n",
+    )
+    assert (status, headers["x-publer-proxy-error"]) == (403, "origin_denied")
+    assert not [name for name in headers if name.startswith("access-control-")]
+
+
+def test_portless_host_is_not_port_80s_origin(proxy: Proxy, sandbox: Sandbox) -> None:
+    """A Host without a port names this listener's port, so a page of http://localhost (port
+    80, another server) is not taken for the proxy's own origin."""
+    sandbox.clear()
+    for path in (b"/status.json", b"/api/v1/users/me"):
+        status, headers, _body = exchange(
+            _port(proxy),
+            b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+        assert (status, headers["x-publer-proxy-error"]) == (403, "origin_denied")
+    assert sandbox.requests() == []

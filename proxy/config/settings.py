@@ -902,9 +902,10 @@ class BrowserSettings(_Model):
     allowed_origins: list[str] = Field(
         default=[],
         description="Origins of browser apps that really call the proxy"
-        " (`https://app.example.com`, `http://localhost:5173`): their requests pass and get"
-        " CORS headers, and preflights are answered for these only; every other web page is"
-        " refused (403 `origin_denied`).",
+        " (`https://app.example.com`, `http://localhost:5173`): their requests to the API"
+        " routes pass and get CORS headers, and preflights are answered for these only; every"
+        " other web page, and every page calling the status page, `/readyz`, `/metrics` or"
+        " `/healthz`, is refused (403 `origin_denied`).",
     )
 
     @field_validator("allowed_origins")

@@ -17,17 +17,18 @@ from typing import Literal
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.config.hosts import parse_origin
 from proxy.config.settings import ForwardProxySettings
 from proxy.hop.forwarder import send_refusal
 from proxy.hop.services import LiveServices, Services
 from proxy.records.request_ids import REQUEST_ID_KEY
 from proxy.rules.browser import (
+    OPERATOR_ONLY,
     check_browser,
     check_host,
     cors_response_headers,
     is_preflight,
     listener_names,
+    own_origin,
     preflight_headers,
     without_cors,
 )
@@ -47,10 +48,20 @@ PREFLIGHT_REFUSED = (
 class BrowserGuard:
     """Host and browser-provenance checks in front of `app` (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, *, live_key: str, listener: Listener) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        live_key: str,
+        listener: Listener,
+        operator_paths: frozenset[bytes] = frozenset(),
+    ) -> None:
+        """`operator_paths`: the raw paths of the listener's operational endpoints, which
+        no web page may call, listed origin or not."""
         self.app = app
         self.live_key = live_key
         self.listener = listener
+        self.operator_paths = operator_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,13 +78,20 @@ class BrowserGuard:
             if refusal is not None:
                 await _refuse(scope, send, services, refusal, hosts)
                 return
-            mine = parse_origin("http://" + hosts[0].decode("latin-1")) if hosts else None
+            # Only a Host that was checked names the proxy: on a unix socket with no names
+            # listed, any Host passes, so the origin it spells is nobody's in particular.
+            checked = bool(hosts) and _checks_host(services)
+            mine = own_origin(hosts[0], _port(scope)) if checked else None
             own = [mine] if mine is not None else []
         verdict = check_browser(headers, own, frozenset(settings.browser.allowed_origins))
         if verdict.refusal is not None:
             await _refuse(scope, send, services, verdict.refusal, hosts)
             return
         origin = verdict.cors_origin
+        if origin is not None and scope.get("raw_path") in self.operator_paths:
+            # Listing an origin grants a browser app the API routes, not the operator's view.
+            await _refuse(scope, send, services, Refusal.of("origin_denied", OPERATOR_ONLY), hosts)
+            return
         if origin is not None and is_preflight(scope["method"], headers):
             answer = preflight_headers(origin, headers)
             if answer is None:
@@ -97,10 +115,7 @@ class BrowserGuard:
 
     def _host_refusal(self, scope: Scope, services: Services, hosts: list[bytes]) -> Refusal | None:
         listen = services.settings.listen
-        server = scope.get("server")
-        port = server[1] if isinstance(server, tuple | list) and len(server) > 1 else None
-        if listen.unix_socket is not None and not listen.allowed_hosts:
-            # No browser can open a unix socket; whoever bridges it to TCP lists its names.
+        if not _checks_host(services):
             return None
         names = listener_names(
             "" if listen.unix_socket is not None else listen.host, listen.allowed_hosts
@@ -108,10 +123,24 @@ class BrowserGuard:
         return check_host(
             hosts,
             names,
-            port if isinstance(port, int) else None,
+            _port(scope),
             http_version=str(scope.get("http_version", "1.1")),
             key="listen.allowed_hosts",
         )
+
+
+def _checks_host(services: Services) -> bool:
+    """False on a unix socket with no names listed: no browser can open a unix socket, and
+    whoever bridges it to TCP lists its names."""
+    listen = services.settings.listen
+    return listen.unix_socket is None or bool(listen.allowed_hosts)
+
+
+def _port(scope: Scope) -> int | None:
+    """The port the request arrived on; None on a unix socket."""
+    server = scope.get("server")
+    port = server[1] if isinstance(server, tuple | list) and len(server) > 1 else None
+    return port if isinstance(port, int) else None
 
 
 async def _refuse(

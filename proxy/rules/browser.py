@@ -51,6 +51,11 @@ ORIGIN_DENIED = (
     "requests from web pages are refused: the Origin {origin} is not listed in"
     " browser.allowed_origins; list it there only for a browser app meant to call the proxy"
 )
+OPERATOR_ONLY = (
+    "the operational endpoints (the status page, /readyz, /metrics, /healthz) answer no web"
+    " page, not even one listed in browser.allowed_origins (that list grants the API routes);"
+    " open them in a tab of their own or call them from a program"
+)
 FETCH_SITE_DENIED = (
     "requests from web pages are refused: the browser marked this request"
     " Sec-Fetch-Site: {site}; list the page's origin in browser.allowed_origins only for a"
@@ -115,6 +120,22 @@ def check_host(
     return Refusal.of("host_denied", HOST_DENIED.format(host=repr(raw[:100]), names=shown, key=key))
 
 
+def own_origin(host: bytes, port: int | None) -> str | None:
+    """The origin of a page the proxy served itself, from the request's checked `Host` and
+    the `port` the request arrived on (None on a unix socket): `http://host:port`, or None
+    when `host` is not a host name.
+
+    A Host without a port stands for the listener's own port here, not for 80: a browser
+    names any other port in Host (RFC 9110 section 7.2), so a page of `http://localhost`
+    (port 80, another server) is not this listener's own.
+    """
+    name = parse_host(host.decode("latin-1"))
+    if name is None:
+        return None
+    given = name.port if name.port is not None else port
+    return parse_origin(f"http://{name.host}" + ("" if given is None else f":{given}"))
+
+
 def _show(name: HostName) -> str:
     return name.host if name.port is None else f"{name.host}:{name.port}"
 
@@ -150,8 +171,9 @@ def check_browser(
         elif origin is None or origin not in own_origins:
             shown = repr(raw[:100])
             return BrowserVerdict(Refusal.of("origin_denied", ORIGIN_DENIED.format(origin=shown)))
-    if listed is None and any(site not in SAME_SITE_VALUES for site in sites):
-        site = sites[0][:40].decode("latin-1")
+    foreign = [site for site in sites if site not in SAME_SITE_VALUES]
+    if listed is None and foreign:
+        site = foreign[0][:40].decode("latin-1")
         return BrowserVerdict(Refusal.of("origin_denied", FETCH_SITE_DENIED.format(site=site)))
     return BrowserVerdict(cors_origin=listed)
 
