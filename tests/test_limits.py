@@ -4,6 +4,8 @@ property tests that no body naming a forbidden account is ever allowed."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -34,6 +36,7 @@ DRAFTER = Limits(
 )
 NO_PUBLISH_NOW = Limits(publish_now=False)
 JSON = [(b"content-type", b"application/json")]
+JAN_2_2030 = datetime(2030, 1, 2, tzinfo=UTC).timestamp()
 
 
 def call(
@@ -246,6 +249,35 @@ DENIED: list[tuple[str, Limits, LimitedCall, str]] = [
      {"post": {"scheduled_at": "2030-01-01T00:00Z"}}), "limit_denied"),
     ("update changing the state", NO_PUBLISH_NOW, call("PUT", "/posts/abc",
      {"state": "scheduled"}), "limit_denied"),
+    ("scheduled with words for a time", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": "tomorrow"})), "limit_denied"),
+    ("scheduled with a blank time", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": " "})), "limit_denied"),
+    ("scheduled with an object for a time", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": {"date": "2030-01-01"}})), "limit_denied"),
+    ("scheduled with a month 13", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": "2030-13-01T09:00Z"})), "limit_denied"),
+    ("scheduled with non-ASCII digits", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": "\u0662030-01-01T09:00Z"})), "limit_denied"),
+    ("scheduled in the past", NO_PUBLISH_NOW, replace(call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": "2030-01-01T09:00Z"})), now=JAN_2_2030), "limit_denied"),
+    ("scheduled before year 1 in some zone", NO_PUBLISH_NOW, replace(call("POST",
+     "/posts/schedule", create({"id": A, "scheduled_at": "0001-01-01T00:00"})), now=0.0),
+     "limit_denied"),
+    ("scheduled without a zone, past somewhere", NO_PUBLISH_NOW, replace(call("POST",
+     "/posts/schedule", create({"id": A, "scheduled_at": "2030-01-02T09:00"})),
+     now=JAN_2_2030), "limit_denied"),
+    ("PATCH, which Rails routes as an update", DRAFTER, call("PATCH", "/posts/abc",
+     {"text": "x"}), "limit_denied"),
+    ("PATCH on a route limited to some accounts", REGIONAL, call("PATCH", "/posts/abc",
+     {"text": "x"}), "limit_denied"),
+    ("a second content type spelled with '_'", REGIONAL, call("POST", "/posts/schedule",
+     create(A), headers=[*JSON, (b"Content_Type", b"application/x-www-form-urlencoded")]),
+     "body_uninspectable"),
+    ("a content coding spelled with '_'", REGIONAL, call("POST", "/posts/schedule",
+     create(A), headers=[*JSON, (b"content_encoding", b"gzip")]), "body_uninspectable"),
+    ("a method override spelled with '_'", REGIONAL, call("POST", "/posts/schedule",
+     create(A), headers=[*JSON, (b"X_HTTP_Method_Override", b"DELETE")]), "limit_denied"),
 ]  # fmt: skip
 
 
@@ -298,6 +330,12 @@ ALLOWED: list[tuple[str, Limits, LimitedCall, Decision]] = [
      create({"id": A}, state="draft")), Decision(None, accounts=(A,))),
     ("scheduled with a time", NO_PUBLISH_NOW, call("POST", "/posts/schedule", create(X)),
      Decision(None, accounts=(X,))),
+    ("scheduled later the same day", NO_PUBLISH_NOW, replace(call("POST", "/posts/schedule",
+     create({"id": X, "scheduled_at": "2030-01-02T00:00:01Z"})), now=JAN_2_2030),
+     Decision(None, accounts=(X,))),
+    ("scheduled without a zone, future everywhere", NO_PUBLISH_NOW, replace(call("POST",
+     "/posts/schedule", create({"id": X, "scheduled_at": "2030-01-02T14:00:01"})),
+     now=JAN_2_2030), Decision(None, accounts=(X,))),
     ("auto-scheduled", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
      create({"id": X}, auto=True)), Decision(None, accounts=(X,))),
     ("update of text", NO_PUBLISH_NOW, call("PUT", "/posts/abc", {"text": "fixed"}),

@@ -17,7 +17,10 @@ route the proxy reads exactly one shape, strictly, and refuses every other:
   any spelling that contains "account") is refused, as is a query on a write and any
   method override;
 - a call whose accounts cannot be known (an update or delete by post id, a report over
-  all accounts) is refused on a route limited to some accounts.
+  all accounts) is refused on a route limited to some accounts;
+- header names are read as Rack reads them (`Content_Type` is a content type too), and a
+  scheduled_at that must hold a post back is a time in the future: Rails reads a time it
+  cannot parse as none.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote_plus
 
 from proxy.config.settings import LimitSettings
+from proxy.rules.headers import field_name
 from proxy.rules.refusals import Refusal
 
 # The largest request body read whole to be inspected; larger ones are refused.
@@ -61,6 +66,14 @@ _COMPETITOR_RE = re.compile(r"/competitors/([^/]+)(/analytics)?")
 _POST_ID_RE = re.compile(r"/posts/([^/]+)")
 _ACCOUNT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _BOM = b"\xef\xbb\xbf"
+# An ISO 8601 date and time, as Publer's docs write scheduled_at; ASCII digits only.
+_TIMESTAMP_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2})?"
+)
+# The earliest a local time can be anywhere (UTC+14): a scheduled_at without a zone is
+# read in the user's zone, so it is in the future only if it is so in every zone.
+_EARLIEST_ZONE = timedelta(hours=14)
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,7 @@ class LimitedCall:
     raw_query: bytes  # without '?'
     headers: Sequence[tuple[bytes, bytes]]  # raw (name, value) pairs, as received
     body: bytes | None  # the whole body, or None when there is none
+    now: float | None = None  # seconds since the epoch when it arrived; None: not checked
 
 
 @dataclass(frozen=True)
@@ -174,7 +188,7 @@ def _printable(message: str) -> str:
 def decide(call: LimitedCall, limits: Limits) -> Decision:
     """Whether a call may go on a route with `limits`, and how it is forwarded."""
     for name, _ in call.headers:
-        if name.lower() in METHOD_OVERRIDE_HEADERS:
+        if field_name(name) in METHOD_OVERRIDE_HEADERS:
             return _deny(
                 f"the {name.decode('latin-1')} header is refused on a limited route: send the"
                 " method itself"
@@ -210,8 +224,9 @@ def decide(call: LimitedCall, limits: Limits) -> Decision:
         if isinstance(body, Decision):
             return body
     if method == "POST" and path in CREATE_PATHS:
-        return _create(path, body, call.body is not None, limits)
-    if method == "PUT" and _POST_ID_RE.fullmatch(path):
+        return _create(path, body, call.body is not None, limits, call.now)
+    # Rails routes PATCH to the same update as PUT.
+    if method in ("PUT", "PATCH") and _POST_ID_RE.fullmatch(path):
         return _update(body, call.body is not None, limits)
     if method == "DELETE" and (path == "/posts" or _POST_ID_RE.fullmatch(path)):
         return _delete(limits)
@@ -311,13 +326,14 @@ def _query_accounts(
 
 def parse_json_body(headers: Sequence[tuple[bytes, bytes]], body: bytes) -> Any:
     """The body as JSON, parsed once and strictly, or a Decision refusing it."""
-    encodings = [v for n, v in headers if n.lower() == b"content-encoding"]
+    # Names compared as Rack reads them: `Content_Type` reaches Publer as a content type too.
+    encodings = [v for n, v in headers if field_name(n) == b"content-encoding"]
     if encodings:
         return _unreadable(
             "a compressed request body (Content-Encoding) is refused on a limited route: the"
             " proxy reads bodies before they go; send it uncompressed"
         )
-    types = [v for n, v in headers if n.lower() == b"content-type"]
+    types = [v for n, v in headers if field_name(n) == b"content-type"]
     if len(types) != 1 or not _is_plain_json(types[0]):
         return _unreadable(
             "on a limited route a request body must be JSON sent as"
@@ -413,7 +429,7 @@ def _account_keys(value: Any, where: str) -> str | None:
     return _first_key(value, where, _names_account)
 
 
-def _create(path: str, body: Any, has_body: bool, limits: Limits) -> Decision:
+def _create(path: str, body: Any, has_body: bool, limits: Limits, now: float | None) -> Decision:
     if not has_body:
         return _unreadable(f'POST {path} needs its JSON body ({{"bulk": ...}})')
     if not isinstance(body, dict) or set(body) != {"bulk"}:
@@ -438,14 +454,20 @@ def _create(path: str, body: Any, has_body: bool, limits: Limits) -> Decision:
     named: list[str] = []
     for index, post in enumerate(posts):
         where = f"bulk.posts[{index}]"
-        refused = _check_post(post, where, state, publish, limits, named)
+        refused = _check_post(post, where, state, publish, limits, named, now)
         if refused is not None:
             return refused
     return Decision(None, accounts=tuple(dict.fromkeys(named)))
 
 
 def _check_post(
-    post: Any, where: str, state: str, publish: bool, limits: Limits, named: list[str]
+    post: Any,
+    where: str,
+    state: str,
+    publish: bool,
+    limits: Limits,
+    named: list[str],
+    now: float | None,
 ) -> Decision | None:
     if not isinstance(post, dict):
         return _deny(f"{where} must be an object")
@@ -484,15 +506,31 @@ def _check_post(
             return _deny(f"{at}.id must be an account id written as a JSON string")
         if limits.accounts is not None and account_id not in limits.accounts:
             return _deny(f"account {account_id!r} is not one this route may act on")
-        when = account.get("scheduled_at")
-        untimed = not (isinstance(when, str) and when) and post.get("auto") is not True
-        if not limits.publish_now and state == "scheduled" and not publish and untimed:
+        held_back = not limits.publish_now and state == "scheduled" and not publish
+        timed = post.get("auto") is True or _in_future(account.get("scheduled_at"), now)
+        if held_back and not timed:
             return _deny(
-                f"{at} has no scheduled_at: a scheduled post without a time may go out at"
-                " once, which this route may not do"
+                f"{at} has no scheduled_at in the future, written as ISO 8601"
+                " (2030-01-01T09:00:00Z): a scheduled post without one may go out at once,"
+                " which this route may not do"
             )
         named.append(account_id)
     return None
+
+
+def _in_future(value: Any, now: float | None) -> bool:
+    """True for an ISO 8601 date and time (a JSON string) later than `now` (None: any
+    well-formed time); Rails reads a time it cannot parse as none, which sends at once."""
+    if not isinstance(value, str) or not _TIMESTAMP_RE.fullmatch(value):
+        return False
+    try:
+        moment = datetime.fromisoformat(value)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC) - _EARLIEST_ZONE
+        stamp = moment.timestamp()
+    except (ValueError, OverflowError):  # a month 13, a 25th hour, a time before year 1
+        return False
+    return now is None or stamp > now
 
 
 def _update(body: Any, has_body: bool, limits: Limits) -> Decision:
