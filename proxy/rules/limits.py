@@ -506,6 +506,9 @@ def _check_post(
             return _deny(f"{at}.id must be an account id written as a JSON string")
         if limits.accounts is not None and account_id not in limits.accounts:
             return _deny(f"account {account_id!r} is not one this route may act on")
+        if not isinstance(account.get("scheduled_at", ""), str | None):
+            # Keys nested in it would be read by no rule above.
+            return _deny(f"{at}.scheduled_at must be a time written as a JSON string")
         held_back = not limits.publish_now and state == "scheduled" and not publish
         timed = post.get("auto") is True or _in_future(account.get("scheduled_at"), now)
         if held_back and not timed:
