@@ -395,7 +395,8 @@ def test_a_client_narrows_its_route_and_never_widens_it() -> None:
 
 
 def test_the_account_list_is_narrowed() -> None:
-    """GET /accounts keeps only the allowed accounts; anything else is not narrowable."""
+    """GET /accounts keeps only the allowed accounts; anything else (another list beside
+    them included) is not narrowable."""
     answer = json.dumps([{"id": A, "name": "a"}, {"id": X, "name": "x"}]).encode()
     assert json.loads(filter_accounts(answer, frozenset({A})) or b"") == [{"id": A, "name": "a"}]
     wrapped = json.dumps({"accounts": [{"id": X}], "total": 1}).encode()
@@ -403,7 +404,8 @@ def test_the_account_list_is_narrowed() -> None:
         "accounts": [],
         "total": 1,
     }
-    for bad in (b"<html>", b'[{"id": 1}]', b'{"id": "x"}', b'[{"id":"a","id":"b"}]'):
+    beside = json.dumps({"accounts": [{"id": A}], "groups": [{"accounts": [{"id": X}]}]}).encode()
+    for bad in (b"<html>", b'[{"id": 1}]', b'{"id": "x"}', b'[{"id":"a","id":"b"}]', beside):
         assert filter_accounts(bad, frozenset({A})) is None
 
 

@@ -570,11 +570,16 @@ def _delete(limits: Limits) -> Decision:
 
 
 def filter_accounts(body: bytes, allowed: frozenset[str]) -> bytes | None:
-    """An account list (`[{"id": ...}, ...]`, or an object holding it under "accounts")
-    narrowed to `allowed`; None when the body is not such a list."""
+    """An account list (`[{"id": ...}, ...]`, or an object holding it under "accounts"
+    beside scalar fields such as a total) narrowed to `allowed`; None when the body is not
+    such a list."""
     parsed = parse_json_body([(b"content-type", b"application/json")], body)
     if isinstance(parsed, Decision):
         return None
+    if isinstance(parsed, dict) and any(
+        isinstance(value, (dict, list)) for key, value in parsed.items() if key != "accounts"
+    ):
+        return None  # another list beside it could hold other accounts, unfiltered
     items = parsed.get("accounts") if isinstance(parsed, dict) else parsed
     if not isinstance(items, list) or not all(
         isinstance(item, dict) and isinstance(item.get("id"), str) for item in items
