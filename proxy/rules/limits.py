@@ -213,6 +213,12 @@ def decide(call: LimitedCall, limits: Limits) -> Decision:
     refused = _query_accounts(query, path, method, limits)
     if refused is not None:
         return refused
+    if streams_body(method, path) and not _is_upload(call.headers):
+        return _unreadable(
+            f"{method} {path} takes a multipart/form-data upload on a limited route, sent"
+            " uncompressed: its body is not read, so no other type (forms, JSON) may carry"
+            " parameters past the proxy"
+        )
     body: Any = None
     if call.body is not None and not streams_body(method, path):
         if method in ("GET", "HEAD", "DELETE"):
@@ -359,6 +365,15 @@ def parse_json_body(headers: Sequence[tuple[bytes, bytes]], body: bytes) -> Any:
             "the body is not one strict JSON value (comments, NaN, Infinity, trailing data and"
             " invalid UTF-8 are refused); send plain JSON"
         )
+
+
+def _is_upload(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """True for one multipart/form-data Content-Type and no Content-Encoding."""
+    types = [v for n, v in headers if field_name(n) == b"content-type"]
+    if any(field_name(n) == b"content-encoding" for n, _ in headers) or len(types) != 1:
+        return False
+    media_type = types[0].decode("latin-1").split(";")[0]
+    return media_type.strip(" \t").lower() == "multipart/form-data"
 
 
 def _is_plain_json(value: bytes) -> bool:
