@@ -242,7 +242,6 @@ class Forwarder:
                 raw_query=query.encode("ascii"),
                 headers=scope["headers"],
                 body=body if isinstance(body, bytes) and body else None,
-                now=time.time(),
             ),
             limits,
         )

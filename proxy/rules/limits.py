@@ -19,7 +19,7 @@ route the proxy reads exactly one shape, strictly, and refuses every other:
 - a call whose accounts cannot be known (an update or delete by post id, a report over
   all accounts) is refused on a route limited to some accounts;
 - header names are read as Rack reads them (`Content_Type` is a content type too), and a
-  scheduled_at that must hold a post back is a time in the future: Rails reads a time it
+  scheduled_at that must hold a post back is an ISO 8601 time: Rails reads a time it
   cannot parse as none.
 """
 
@@ -29,7 +29,7 @@ import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -71,9 +71,6 @@ _TIMESTAMP_RE = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?"
     r"(Z|[+-][0-9]{2}:[0-9]{2})?"
 )
-# The earliest a local time can be anywhere (UTC+14): a scheduled_at without a zone is
-# read in the user's zone, so it is in the future only if it is so in every zone.
-_EARLIEST_ZONE = timedelta(hours=14)
 
 
 @dataclass(frozen=True)
@@ -150,7 +147,6 @@ class LimitedCall:
     raw_query: bytes  # without '?'
     headers: Sequence[tuple[bytes, bytes]]  # raw (name, value) pairs, as received
     body: bytes | None  # the whole body, or None when there is none
-    now: float | None = None  # seconds since the epoch when it arrived; None: not checked
 
 
 @dataclass(frozen=True)
@@ -230,7 +226,7 @@ def decide(call: LimitedCall, limits: Limits) -> Decision:
         if isinstance(body, Decision):
             return body
     if method == "POST" and path in CREATE_PATHS:
-        return _create(path, body, call.body is not None, limits, call.now)
+        return _create(path, body, call.body is not None, limits)
     # Rails routes PATCH to the same update as PUT.
     if method in ("PUT", "PATCH") and _POST_ID_RE.fullmatch(path):
         return _update(body, call.body is not None, limits)
@@ -444,7 +440,7 @@ def _account_keys(value: Any, where: str) -> str | None:
     return _first_key(value, where, _names_account)
 
 
-def _create(path: str, body: Any, has_body: bool, limits: Limits, now: float | None) -> Decision:
+def _create(path: str, body: Any, has_body: bool, limits: Limits) -> Decision:
     if not has_body:
         return _unreadable(f'POST {path} needs its JSON body ({{"bulk": ...}})')
     if not isinstance(body, dict) or set(body) != {"bulk"}:
@@ -469,20 +465,14 @@ def _create(path: str, body: Any, has_body: bool, limits: Limits, now: float | N
     named: list[str] = []
     for index, post in enumerate(posts):
         where = f"bulk.posts[{index}]"
-        refused = _check_post(post, where, state, publish, limits, named, now)
+        refused = _check_post(post, where, state, publish, limits, named)
         if refused is not None:
             return refused
     return Decision(None, accounts=tuple(dict.fromkeys(named)))
 
 
 def _check_post(
-    post: Any,
-    where: str,
-    state: str,
-    publish: bool,
-    limits: Limits,
-    named: list[str],
-    now: float | None,
+    post: Any, where: str, state: str, publish: bool, limits: Limits, named: list[str]
 ) -> Decision | None:
     if not isinstance(post, dict):
         return _deny(f"{where} must be an object")
@@ -525,10 +515,10 @@ def _check_post(
             # Keys nested in it would be read by no rule above.
             return _deny(f"{at}.scheduled_at must be a time written as a JSON string")
         held_back = not limits.publish_now and state == "scheduled" and not publish
-        timed = post.get("auto") is True or _in_future(account.get("scheduled_at"), now)
+        timed = post.get("auto") is True or _is_time(account.get("scheduled_at"))
         if held_back and not timed:
             return _deny(
-                f"{at} has no scheduled_at in the future, written as ISO 8601"
+                f"{at} has no scheduled_at written as an ISO 8601 time"
                 " (2030-01-01T09:00:00Z): a scheduled post without one may go out at once,"
                 " which this route may not do"
             )
@@ -536,19 +526,16 @@ def _check_post(
     return None
 
 
-def _in_future(value: Any, now: float | None) -> bool:
-    """True for an ISO 8601 date and time (a JSON string) later than `now` (None: any
-    well-formed time); Rails reads a time it cannot parse as none, which sends at once."""
+def _is_time(value: Any) -> bool:
+    """True for an ISO 8601 date and time written as a JSON string: Rails reads a time it
+    cannot parse as none, and a scheduled post without a time goes out at once."""
     if not isinstance(value, str) or not _TIMESTAMP_RE.fullmatch(value):
         return False
     try:
-        moment = datetime.fromisoformat(value)
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC) - _EARLIEST_ZONE
-        stamp = moment.timestamp()
-    except (ValueError, OverflowError):  # a month 13, a 25th hour, a time before year 1
+        datetime.fromisoformat(value)
+    except ValueError:  # a month 13, a 25th hour
         return False
-    return now is None or stamp > now
+    return True
 
 
 def _update(body: Any, has_body: bool, limits: Limits) -> Decision:
