@@ -20,7 +20,8 @@ route the proxy reads exactly one shape, strictly, and refuses every other:
   all accounts) is refused on a route limited to some accounts;
 - header names are read as Rack reads them (`Content_Type` is a content type too), and a
   scheduled_at that must hold a post back is an ISO 8601 time: Rails reads a time it
-  cannot parse as none.
+  cannot parse as none;
+- the one body not read, a media upload, must be uncompressed multipart/form-data.
 """
 
 from __future__ import annotations
