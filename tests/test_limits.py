@@ -246,6 +246,44 @@ DENIED: list[tuple[str, Limits, LimitedCall, str]] = [
      {"post": {"scheduled_at": "2030-01-01T00:00Z"}}), "limit_denied"),
     ("update changing the state", NO_PUBLISH_NOW, call("PUT", "/posts/abc",
      {"state": "scheduled"}), "limit_denied"),
+    ("scheduled with words for a time", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": "tomorrow"})), "limit_denied"),
+    ("scheduled with a blank time", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": " "})), "limit_denied"),
+    ("scheduled with an object for a time", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": {"date": "2030-01-01"}})), "limit_denied"),
+    ("scheduled with a month 13", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": "2030-13-01T09:00Z"})), "limit_denied"),
+    ("scheduled with non-ASCII digits", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": "\u0662030-01-01T09:00Z"})), "limit_denied"),
+    ("an account entry's time holding accounts", REGIONAL, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": {"accounts": [{"id": X}]}})), "limit_denied"),
+    ("an account entry's time as a list", REGIONAL, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": [X]})), "limit_denied"),
+    ("a form sent as a media upload", REGIONAL, call("POST", "/media",
+     f"_method=DELETE&accounts[][id]={X}", headers=[(b"content-type",
+     b"application/x-www-form-urlencoded")]), "body_uninspectable"),
+    ("JSON sent as a media upload", REGIONAL, call("POST", "/media", create(X)),
+     "body_uninspectable"),
+    ("a media upload with no type", REGIONAL, call("POST", "/media", b"x", headers=[]),
+     "body_uninspectable"),
+    ("a media upload with a second type", REGIONAL, call("POST", "/media", None,
+     headers=[(b"content-type", b"multipart/form-data; boundary=b"),
+              (b"content_type", b"application/json")]), "body_uninspectable"),
+    ("a compressed media upload", REGIONAL, call("POST", "/media", None,
+     headers=[(b"content-type", b"multipart/form-data; boundary=b"),
+              (b"content-encoding", b"gzip")]), "body_uninspectable"),
+    ("PATCH, which Rails routes as an update", DRAFTER, call("PATCH", "/posts/abc",
+     {"text": "x"}), "limit_denied"),
+    ("PATCH on a route limited to some accounts", REGIONAL, call("PATCH", "/posts/abc",
+     {"text": "x"}), "limit_denied"),
+    ("a second content type spelled with '_'", REGIONAL, call("POST", "/posts/schedule",
+     create(A), headers=[*JSON, (b"Content_Type", b"application/x-www-form-urlencoded")]),
+     "body_uninspectable"),
+    ("a content coding spelled with '_'", REGIONAL, call("POST", "/posts/schedule",
+     create(A), headers=[*JSON, (b"content_encoding", b"gzip")]), "body_uninspectable"),
+    ("a method override spelled with '_'", REGIONAL, call("POST", "/posts/schedule",
+     create(A), headers=[*JSON, (b"X_HTTP_Method_Override", b"DELETE")]), "limit_denied"),
 ]  # fmt: skip
 
 
@@ -298,6 +336,13 @@ ALLOWED: list[tuple[str, Limits, LimitedCall, Decision]] = [
      create({"id": A}, state="draft")), Decision(None, accounts=(A,))),
     ("scheduled with a time", NO_PUBLISH_NOW, call("POST", "/posts/schedule", create(X)),
      Decision(None, accounts=(X,))),
+    *[(f"scheduled at {when}", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
+       create({"id": X, "scheduled_at": when})), Decision(None, accounts=(X,)))
+      for when in ("2026-02-01T09:00:00Z", "2030-01-01T09:00:00.000Z",
+                   "2030-06-10T09:30:00+00:00", "2030-01-01T09:00:00.123456-05:00",
+                   "2030-01-01T09:00")],
+    ("an account entry with a null time", REGIONAL, call("POST", "/posts/schedule",
+     create({"id": A, "scheduled_at": None})), Decision(None, accounts=(A,))),
     ("auto-scheduled", NO_PUBLISH_NOW, call("POST", "/posts/schedule",
      create({"id": X}, auto=True)), Decision(None, accounts=(X,))),
     ("update of text", NO_PUBLISH_NOW, call("PUT", "/posts/abc", {"text": "fixed"}),
@@ -351,7 +396,8 @@ def test_a_client_narrows_its_route_and_never_widens_it() -> None:
 
 
 def test_the_account_list_is_narrowed() -> None:
-    """GET /accounts keeps only the allowed accounts; anything else is not narrowable."""
+    """GET /accounts keeps only the allowed accounts; anything else (another list beside
+    them included) is not narrowable."""
     answer = json.dumps([{"id": A, "name": "a"}, {"id": X, "name": "x"}]).encode()
     assert json.loads(filter_accounts(answer, frozenset({A})) or b"") == [{"id": A, "name": "a"}]
     wrapped = json.dumps({"accounts": [{"id": X}], "total": 1}).encode()
@@ -359,7 +405,8 @@ def test_the_account_list_is_narrowed() -> None:
         "accounts": [],
         "total": 1,
     }
-    for bad in (b"<html>", b'[{"id": 1}]', b'{"id": "x"}', b'[{"id":"a","id":"b"}]'):
+    beside = json.dumps({"accounts": [{"id": A}], "groups": [{"accounts": [{"id": X}]}]}).encode()
+    for bad in (b"<html>", b'[{"id": 1}]', b'{"id": "x"}', b'[{"id":"a","id":"b"}]', beside):
         assert filter_accounts(bad, frozenset({A})) is None
 
 

@@ -140,6 +140,11 @@ HOSTILE: list[tuple[str, str, str, dict[str, Any]]] = [
      {"content": GOOD, "headers": JSON_TYPE}),
     ("POST", "/regional/api/v1/posts/schedule", "limit_denied",
      {"content": GOOD, "headers": {**JSON_TYPE, "X-HTTP-Method-Override": "DELETE"}}),
+    ("POST", "/regional/api/v1/posts/schedule", "body_uninspectable",
+     {"content": GOOD, "headers": {**JSON_TYPE,
+                                   "Content_Type": "application/x-www-form-urlencoded"}}),
+    ("POST", "/regional/api/v1/media", "body_uninspectable",
+     {"content": schedule_body(IG), "headers": JSON_TYPE}),
     ("GET", f"/regional/api/v1/posts?account_ids[]={IG}", "limit_denied", {}),
     ("GET", f"/regional/api/v1/posts?account_ids%5B%5D={IG}", "limit_denied", {}),
     ("GET", f"/regional/api/v1/posts?account_ids={IG}", "limit_denied", {}),
@@ -329,3 +334,19 @@ def test_check_and_the_status_page_show_the_limits(stack: tuple[Proxy, Sandbox, 
     assert ("open", None) not in rows
     page = _send(proxy, "GET", "/status").text
     assert 'data-route="drafting"' in page and "post states draft" in page
+
+
+def test_a_media_upload_passes_as_multipart(stack: tuple[Proxy, Sandbox, Path]) -> None:
+    """On a limited route a multipart media upload streams to Publer as before."""
+    proxy, upstream, _ = stack
+    upstream.clear()
+    answer = _send(
+        proxy,
+        "POST",
+        "/regional/api/v1/media",
+        files={"file": ("logo.png", b"\x89PNG\r\n\x1a\n" + b"0" * 64, "image/png")},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["name"] == "logo.png"
+    [record] = upstream.requests()
+    assert record["method"] == "POST"

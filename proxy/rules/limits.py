@@ -17,7 +17,11 @@ route the proxy reads exactly one shape, strictly, and refuses every other:
   any spelling that contains "account") is refused, as is a query on a write and any
   method override;
 - a call whose accounts cannot be known (an update or delete by post id, a report over
-  all accounts) is refused on a route limited to some accounts.
+  all accounts) is refused on a route limited to some accounts;
+- header names are read as Rack reads them (`Content_Type` is a content type too), and a
+  scheduled_at that must hold a post back is an ISO 8601 time: Rails reads a time it
+  cannot parse as none;
+- the one body not read, a media upload, must be uncompressed multipart/form-data.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
 from proxy.config.settings import LimitSettings
+from proxy.rules.headers import field_name
 from proxy.rules.refusals import Refusal
 
 # The largest request body read whole to be inspected; larger ones are refused.
@@ -61,6 +67,11 @@ _COMPETITOR_RE = re.compile(r"/competitors/([^/]+)(/analytics)?")
 _POST_ID_RE = re.compile(r"/posts/([^/]+)")
 _ACCOUNT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _BOM = b"\xef\xbb\xbf"
+# An ISO 8601 date and time, as Publer's docs write scheduled_at; ASCII digits only.
+_TIMESTAMP_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2})?"
+)
 
 
 @dataclass(frozen=True)
@@ -174,7 +185,7 @@ def _printable(message: str) -> str:
 def decide(call: LimitedCall, limits: Limits) -> Decision:
     """Whether a call may go on a route with `limits`, and how it is forwarded."""
     for name, _ in call.headers:
-        if name.lower() in METHOD_OVERRIDE_HEADERS:
+        if field_name(name) in METHOD_OVERRIDE_HEADERS:
             return _deny(
                 f"the {name.decode('latin-1')} header is refused on a limited route: send the"
                 " method itself"
@@ -199,6 +210,12 @@ def decide(call: LimitedCall, limits: Limits) -> Decision:
     refused = _query_accounts(query, path, method, limits)
     if refused is not None:
         return refused
+    if streams_body(method, path) and not _is_upload(call.headers):
+        return _unreadable(
+            f"{method} {path} takes a multipart/form-data upload on a limited route, sent"
+            " uncompressed: its body is not read, so no other type (forms, JSON) may carry"
+            " parameters past the proxy"
+        )
     body: Any = None
     if call.body is not None and not streams_body(method, path):
         if method in ("GET", "HEAD", "DELETE"):
@@ -211,7 +228,8 @@ def decide(call: LimitedCall, limits: Limits) -> Decision:
             return body
     if method == "POST" and path in CREATE_PATHS:
         return _create(path, body, call.body is not None, limits)
-    if method == "PUT" and _POST_ID_RE.fullmatch(path):
+    # Rails routes PATCH to the same update as PUT.
+    if method in ("PUT", "PATCH") and _POST_ID_RE.fullmatch(path):
         return _update(body, call.body is not None, limits)
     if method == "DELETE" and (path == "/posts" or _POST_ID_RE.fullmatch(path)):
         return _delete(limits)
@@ -311,13 +329,14 @@ def _query_accounts(
 
 def parse_json_body(headers: Sequence[tuple[bytes, bytes]], body: bytes) -> Any:
     """The body as JSON, parsed once and strictly, or a Decision refusing it."""
-    encodings = [v for n, v in headers if n.lower() == b"content-encoding"]
+    # Names compared as Rack reads them: `Content_Type` reaches Publer as a content type too.
+    encodings = [v for n, v in headers if field_name(n) == b"content-encoding"]
     if encodings:
         return _unreadable(
             "a compressed request body (Content-Encoding) is refused on a limited route: the"
             " proxy reads bodies before they go; send it uncompressed"
         )
-    types = [v for n, v in headers if n.lower() == b"content-type"]
+    types = [v for n, v in headers if field_name(n) == b"content-type"]
     if len(types) != 1 or not _is_plain_json(types[0]):
         return _unreadable(
             "on a limited route a request body must be JSON sent as"
@@ -343,6 +362,15 @@ def parse_json_body(headers: Sequence[tuple[bytes, bytes]], body: bytes) -> Any:
             "the body is not one strict JSON value (comments, NaN, Infinity, trailing data and"
             " invalid UTF-8 are refused); send plain JSON"
         )
+
+
+def _is_upload(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """True for one multipart/form-data Content-Type and no Content-Encoding."""
+    types = [v for n, v in headers if field_name(n) == b"content-type"]
+    if any(field_name(n) == b"content-encoding" for n, _ in headers) or len(types) != 1:
+        return False
+    media_type = types[0].decode("latin-1").split(";")[0]
+    return media_type.strip(" \t").lower() == "multipart/form-data"
 
 
 def _is_plain_json(value: bytes) -> bool:
@@ -484,15 +512,31 @@ def _check_post(
             return _deny(f"{at}.id must be an account id written as a JSON string")
         if limits.accounts is not None and account_id not in limits.accounts:
             return _deny(f"account {account_id!r} is not one this route may act on")
-        when = account.get("scheduled_at")
-        untimed = not (isinstance(when, str) and when) and post.get("auto") is not True
-        if not limits.publish_now and state == "scheduled" and not publish and untimed:
+        if not isinstance(account.get("scheduled_at", ""), str | None):
+            # Keys nested in it would be read by no rule above.
+            return _deny(f"{at}.scheduled_at must be a time written as a JSON string")
+        held_back = not limits.publish_now and state == "scheduled" and not publish
+        timed = post.get("auto") is True or _is_time(account.get("scheduled_at"))
+        if held_back and not timed:
             return _deny(
-                f"{at} has no scheduled_at: a scheduled post without a time may go out at"
-                " once, which this route may not do"
+                f"{at} has no scheduled_at written as an ISO 8601 time"
+                " (2030-01-01T09:00:00Z): a scheduled post without one may go out at once,"
+                " which this route may not do"
             )
         named.append(account_id)
     return None
+
+
+def _is_time(value: Any) -> bool:
+    """True for an ISO 8601 date and time written as a JSON string: Rails reads a time it
+    cannot parse as none, and a scheduled post without a time goes out at once."""
+    if not isinstance(value, str) or not _TIMESTAMP_RE.fullmatch(value):
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:  # a month 13, a 25th hour
+        return False
+    return True
 
 
 def _update(body: Any, has_body: bool, limits: Limits) -> Decision:
@@ -529,11 +573,16 @@ def _delete(limits: Limits) -> Decision:
 
 
 def filter_accounts(body: bytes, allowed: frozenset[str]) -> bytes | None:
-    """An account list (`[{"id": ...}, ...]`, or an object holding it under "accounts")
-    narrowed to `allowed`; None when the body is not such a list."""
+    """An account list (`[{"id": ...}, ...]`, or an object holding it under "accounts"
+    beside scalar fields such as a total) narrowed to `allowed`; None when the body is not
+    such a list."""
     parsed = parse_json_body([(b"content-type", b"application/json")], body)
     if isinstance(parsed, Decision):
         return None
+    if isinstance(parsed, dict) and any(
+        isinstance(value, (dict, list)) for key, value in parsed.items() if key != "accounts"
+    ):
+        return None  # another list beside it could hold other accounts, unfiltered
     items = parsed.get("accounts") if isinstance(parsed, dict) else parsed
     if not isinstance(items, list) or not all(
         isinstance(item, dict) and isinstance(item.get("id"), str) for item in items
