@@ -17,9 +17,9 @@ from pathlib import Path
 COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("uvicorn + httptools: the client-side HTTP server", ("uvicorn/", "httptools/")),
     (
-        "upstream hop: aiohttp's client and proxy/upstream.py",
+        "upstream hop: aiohttp's client and proxy/hop/upstream.py",
         (
-            "proxy/upstream.py",
+            "proxy/hop/upstream.py",
             "aiohttp/",
             "yarl/",
             "multidict/",
@@ -27,22 +27,22 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ),
     (
         "access log: structlog, orjson, redaction",
-        ("structlog/", "proxy/logs.py", "proxy/redact.py"),
+        ("structlog/", "proxy/records/log_setup.py", "proxy/masking/secrets.py"),
     ),
-    ("metrics: prometheus_client", ("prometheus_client/", "proxy/metrics.py")),
+    ("metrics: prometheus_client", ("prometheus_client/", "proxy/records/metrics.py")),
     (
         "policy: route, client token, scope map, path checks",
-        ("proxy/policy.py", "proxy/paths.py", "proxy/scopes.py"),
+        ("proxy/rules/policy.py", "proxy/rules/paths.py", "proxy/rules/scopes.py"),
     ),
-    ("header filtering", ("proxy/headers.py",)),
-    ("rate budget", ("proxy/ratelimit.py",)),
-    ("credentials", ("proxy/credentials.py", "proxy/sources/vault.py")),
-    ("request id middleware", ("proxy/requestid.py",)),
+    ("header filtering", ("proxy/rules/headers.py",)),
+    ("rate budget", ("proxy/budget/stores.py",)),
+    ("credentials", ("proxy/keys/store.py", "proxy/keys/sources/vault.py")),
+    ("request id middleware", ("proxy/records/request_ids.py",)),
     (
         "forwarder: orchestration, relay, disconnect watch",
-        ("proxy/forward.py", "proxy/downstream.py", "proxy/app.py"),
+        ("proxy/hop/forwarder.py", "proxy/hop/downstream.py", "proxy/runtime.py"),
     ),
-    ("server glue (proxy/server.py)", ("proxy/server.py",)),
+    ("server glue (proxy/edge/server.py)", ("proxy/edge/server.py",)),
     ("starlette", ("starlette/",)),
 ]
 IDLE_THREAD_MARKERS = ("WorkerThread.run", "Thread._bootstrap")

@@ -1,6 +1,6 @@
 """`make bench`, limits part: the CPU cost of inspecting a request body on a limited route.
 
-The decision (`proxy/limits.py`) parses the body once, strictly, and walks it. Two bodies
+The decision (`proxy/rules/limits.py`) parses the body once, strictly, and walks it. Two bodies
 just under the 256 KiB inspection limit are measured: many posts with many account
 entries (the most keys to walk), and one post with a long text (the most bytes to
 decode). Plain `json.loads` of the same bytes is measured beside it, for scale. Writes
