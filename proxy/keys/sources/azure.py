@@ -38,7 +38,7 @@ The SDK is configured in this one place; each setting that differs from its defa
   in the worker thread for as long as Retry-After says. One retry on a failed connection.
 - `connection_timeout`/`read_timeout`: the credential's `timeout_seconds`, not 300 s.
 - no `logging_enable` anywhere, and the `azure` and `msal` loggers are kept at WARNING
-  (proxy/logs.py): the SDK's network trace logs whole answers (the secret) and the
+  (proxy/records/log_setup.py): the SDK's network trace logs whole answers (the secret) and the
   Authorization header at DEBUG, and its HttpLoggingPolicy logs every URL at INFO.
 """
 
