@@ -299,7 +299,7 @@ def _take_hangup(command: str) -> None:
     """What SIGHUP means to each command: `serve` reloads its config, `dev` stops (its
     terminal is gone), the others have nothing to reload and take the default action."""
     if command == "dev":
-        signals.hangup_stops()
+        signals.hangup_stops("publer-proxy dev: its terminal hung up (SIGHUP); stopping the stack")
     elif command != "serve":
         signals.hangup_default()
 

@@ -295,6 +295,7 @@ def test_a_hangup_of_dev_alone_stops_the_whole_stack(tmp_path: Path) -> None:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/healthz")
         assert "config_reloaded" not in log.read_text()
+        assert "its terminal hung up (SIGHUP); stopping the stack" in log.read_text()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

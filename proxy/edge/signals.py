@@ -17,6 +17,7 @@ single `finally`. Until the server takes the signals over, these handlers hold t
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from types import FrameType
@@ -33,6 +34,7 @@ class _State:
     hangup_ignored_at_start = False
     hangup_pending = False
     hangup_stops = False
+    hangup_notice = b""
     on_stop: StopCallback | None = None
     on_reload: Callable[[], object] | None = None
 
@@ -51,17 +53,19 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _on_terminate)
 
 
-def hangup_stops() -> None:
+def hangup_stops(notice: str = "") -> None:
     """From now on a hangup stops the program, as SIGTERM does (what `dev` wants), unless
-    SIGHUP was ignored when the program started. Without `install()`, nothing changes."""
+    SIGHUP was ignored when the program started; `notice` is written to stderr when it
+    does. Without `install()`, nothing changes."""
     if not _state.installed:
         return
     _state.hangup_stops = True
+    _state.hangup_notice = (notice + "\n").encode() if notice else b""
     if _state.hangup_ignored_at_start:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     elif _state.hangup_pending:
         _state.hangup_pending = False
-        _on_terminate(signal.SIGHUP, None)
+        _on_hangup(signal.SIGHUP, None)
 
 
 def hangup_default() -> None:
@@ -97,6 +101,8 @@ def register_server(on_stop: StopCallback | None) -> None:
 
 def _on_hangup(signum: int, frame: FrameType | None) -> None:
     if _state.hangup_stops:
+        if _state.hangup_notice:
+            os.write(2, _state.hangup_notice)  # a signal handler writes without buffers
         _on_terminate(signum, frame)
     elif _state.on_reload is not None:
         _state.on_reload()
