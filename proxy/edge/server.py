@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import Callable
 from typing import Any, Literal
 
 import httptools
@@ -294,24 +293,17 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     )
 
 
-def serve(
-    settings: Settings,
-    app: Any,
-    sockets: list[socket.socket] | None = None,
-    make_server: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server,
-) -> int:
+def serve(settings: Settings, app: Any, sockets: list[socket.socket] | None = None) -> int:
     """Serve until SIGINT/SIGTERM, finishing requests in flight; the exit status.
 
-    `sockets`, when given, are bound sockets to serve on instead of `settings.listen`;
-    `make_server` makes the server from its uvicorn settings (the runtime gives one that
-    also opens the forward-proxy listener).
+    `sockets`, when given, are bound sockets to serve on instead of `settings.listen`.
 
     SIGTERM and SIGHUP belong to `proxy.edge.signals` until uvicorn takes SIGTERM over (and
     after it gives it back): a SIGTERM at any moment stops the server gracefully and the
     status is 0; a SIGHUP waits for the reloader.
     """
     signals.install()
-    server = make_server(uvicorn_config(settings, app))
+    server = uvicorn.Server(uvicorn_config(settings, app))
     signals.register_server(server.handle_exit)
     try:
         server.run(sockets=sockets)
