@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import httptools
 import structlog
 import uvicorn
-from uvicorn._types import ASGISendEvent
+from starlette.types import Message
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from proxy.config.settings import Settings
@@ -56,7 +57,16 @@ _Phase = Literal["head", "body", "trailers", "done"]
 
 
 class StrictHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the limits of the module docstring."""
+    """uvicorn's httptools protocol with the limits of the module docstring.
+
+    A protocol class given as uvicorn's `http=` setting is its extension point, but the
+    methods overridden here, and the cycle's attributes `_close_delimited` sets, are
+    uvicorn's own and undocumented: uvicorn has no setting for a head or body timeout, a
+    head size bound (its `h11_max_incomplete_event_size` serves h11 only, which accepts
+    the smuggling ingredients httptools refuses), trailer handling, the raw target, or
+    the body of its 400. Every hook is exercised by tests/test_server_hooks.py, which
+    fails when a uvicorn release stops calling one.
+    """
 
     # Set where the protocol serves the forward-proxy listener: its 400s then carry
     # Proxy-Status (RFC 9209) like the listener's other refusals.
@@ -238,10 +248,10 @@ def _close_delimited(cycle: RequestResponseCycle) -> None:
     uvicorn adds `Transfer-Encoding: chunked` whenever the Content-Length is missing; it is
     told here that the framing is decided, and its byte count is kept even as bodies come.
     """
-    send = cycle.send
+    send: Callable[[Any], Awaitable[None]] = cycle.send
     close_delimited = False
 
-    async def send_close_delimited(message: ASGISendEvent) -> None:
+    async def send_close_delimited(message: Message) -> None:
         nonlocal close_delimited
         if message["type"] == "http.response.start":
             headers = [
@@ -258,7 +268,7 @@ def _close_delimited(cycle: RequestResponseCycle) -> None:
             cycle.expected_content_length += len(message.get("body", b""))
         await send(message)
 
-    cycle.send = send_close_delimited  # type: ignore[method-assign]
+    cycle.send = send_close_delimited  # type: ignore[method-assign, assignment]
 
 
 def _cancel(timer: asyncio.TimerHandle | None) -> None:
