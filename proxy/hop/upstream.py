@@ -108,8 +108,11 @@ class _Connector(aiohttp.TCPConnector):
         # When a connection must stop being reused: the origin's `Keep-Alive: timeout=N`,
         # or at once (0.0) when its last response may still have bytes on their way.
         self.reuse_until: WeakKeyDictionary[object, float] = WeakKeyDictionary()
-        # Every connection handed out, by its protocol, for the count of open ones.
-        self._transports: WeakKeyDictionary[object, asyncio.BaseTransport] = WeakKeyDictionary()
+        # The connections handed out, by their protocol, for the count of open ones and to
+        # tell a pooled connection from a new one. Not weak: a transport holds its protocol.
+        # Closed ones are dropped whenever a new connection is added, so this holds at
+        # most the open connections and those closed since the last new one.
+        self.handed_out: dict[object, asyncio.BaseTransport] = {}
 
     async def connect(
         self,
@@ -123,16 +126,21 @@ class _Connector(aiohttp.TCPConnector):
             transport = connection.transport
             # A connection seen before comes from the pool; a new one is clean (its TLS
             # session tickets may be waiting to be read).
-            if protocol not in self._transports or self._clean(protocol, transport):
-                _handed.set(protocol)
+            if protocol not in self.handed_out:
                 if protocol is not None and transport is not None:
-                    self._transports[protocol] = transport
+                    self._forget_closed()
+                    self.handed_out[protocol] = transport
+                _handed.set(protocol)
+                return connection
+            if self.is_clean(protocol, transport):
+                _handed.set(protocol)
                 return connection
             connection.close()
 
-    def _clean(
+    def is_clean(
         self, protocol: ResponseHandler | None, transport: asyncio.BaseTransport | None
     ) -> bool:
+        """Whether a pooled connection may serve another request."""
         # `should_close`: the connection's protocol saw bytes while idle, or a FIN.
         return (
             protocol is not None
@@ -146,9 +154,14 @@ class _Connector(aiohttp.TCPConnector):
         until = time.monotonic() + after
         self.reuse_until[protocol] = min(until, self.reuse_until.get(protocol, math.inf))
 
+    def _forget_closed(self) -> None:
+        for protocol, transport in list(self.handed_out.items()):
+            if transport.is_closing():
+                del self.handed_out[protocol]
+
     def open_count(self) -> int:
         """Connections open, serving a request or idle in the pool."""
-        return sum(1 for transport in self._transports.values() if not transport.is_closing())
+        return sum(1 for transport in self.handed_out.values() if not transport.is_closing())
 
 
 class _DialTo(aiohttp.abc.AbstractResolver):
