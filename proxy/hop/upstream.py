@@ -105,8 +105,10 @@ class _Connector(aiohttp.TCPConnector):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        # When a connection must stop being reused: the origin's `Keep-Alive: timeout=N`,
-        # or at once (0.0) when its last response may still have bytes on their way.
+        # Until when a connection may be reused, decided by each response on it (`reuse`):
+        # at once (0.0) from being handed out until its response is checked, or when that
+        # response may still have bytes on their way; else the origin's `Keep-Alive:
+        # timeout=N`. A connection whose response was never checked is never reused.
         self.reuse_until: WeakKeyDictionary[object, float] = WeakKeyDictionary()
         # The connections handed out, by their protocol, for the count of open ones and to
         # tell a pooled connection from a new one. Not weak: a transport holds its protocol.
@@ -126,13 +128,13 @@ class _Connector(aiohttp.TCPConnector):
             transport = connection.transport
             # A connection seen before comes from the pool; a new one is clean (its TLS
             # session tickets may be waiting to be read).
-            if protocol not in self.handed_out:
-                if protocol is not None and transport is not None:
-                    self._forget_closed()
-                    self.handed_out[protocol] = transport
-                _handed.set(protocol)
-                return connection
-            if self.is_clean(protocol, transport):
+            new = protocol not in self.handed_out
+            if new or self.is_clean(protocol, transport):
+                if protocol is not None:
+                    if new and transport is not None:
+                        self._forget_closed()
+                        self.handed_out[protocol] = transport
+                    self.reuse_until[protocol] = 0.0  # until its response is checked
                 _handed.set(protocol)
                 return connection
             connection.close()
@@ -149,10 +151,9 @@ class _Connector(aiohttp.TCPConnector):
             and not _readable(transport)
         )
 
-    def end_reuse(self, protocol: object, after: float = 0.0) -> None:
-        """Let `protocol` serve no request after `after` seconds from now (0: none)."""
-        until = time.monotonic() + after
-        self.reuse_until[protocol] = min(until, self.reuse_until.get(protocol, math.inf))
+    def reuse(self, protocol: object, for_seconds: float = math.inf) -> None:
+        """Let `protocol` serve other requests for `for_seconds` from now (0: never)."""
+        self.reuse_until[protocol] = time.monotonic() + for_seconds
 
     def _forget_closed(self) -> None:
         for protocol, transport in list(self.handed_out.items()):
@@ -212,17 +213,20 @@ def _announces_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-def _end_reuse(connector: _Connector, protocol: object, response: aiohttp.ClientResponse) -> None:
-    """Stop `protocol` serving more requests when its response says so: a 1xx, 204 or 304
-    that announced a body (its bytes may still be on their way), or the origin's own
-    `Keep-Alive: timeout=N` (less a margin)."""
+def _reuse(connector: _Connector, protocol: object, response: aiohttp.ClientResponse) -> None:
+    """Let `protocol` serve other requests as its response allows: never after a 1xx, 204
+    or 304 that announced a body (its bytes may still be on their way), else within the
+    origin's own `Keep-Alive: timeout=N` (less a margin) if it announced one."""
     headers = response.raw_headers
     status = response.status
     if (status in _NO_BODY_STATUSES or status < 200) and _announces_body(headers):
-        connector.end_reuse(protocol)
+        connector.reuse(protocol, 0.0)
+        return
     announced = _keep_alive_timeout(headers)
-    if announced is not None:
-        connector.end_reuse(protocol, max(0.0, announced - KEEP_ALIVE_MARGIN_SECONDS))
+    if announced is None:
+        connector.reuse(protocol)
+    else:
+        connector.reuse(protocol, max(0.0, announced - KEEP_ALIVE_MARGIN_SECONDS))
 
 
 class _Gate:
@@ -561,9 +565,10 @@ class Upstream:
                 source.watch(None)
         protocol = _handed.get()
         if protocol is not None and self._connector is not None:
-            # No await since aiohttp read the head: the connection, even if already back in
-            # the pool, has not served anyone else yet.
-            _end_reuse(self._connector, protocol, response)
+            # Until now no other request could take the connection, even if aiohttp already
+            # put it back in the pool (an empty body ends at once): the connector hands out
+            # a pooled connection only once its last response was checked here.
+            _reuse(self._connector, protocol, response)
         refusal = _check_head(response)
         if refusal is not None:
             response.close()
