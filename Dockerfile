@@ -31,7 +31,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN python3 -m venv /opt/venv
 
 # Dependencies first, in a layer of their own: a change to the code alone reuses it.
-# EXTRAS adds optional ones by extra name: --build-arg EXTRAS=aws for AWS Secrets Manager.
+# EXTRAS adds optional ones by extra name: --build-arg EXTRAS=aws for AWS Secrets Manager,
+# EXTRAS=azure for Azure Key Vault.
 ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 8080
 TEST_TOOLS := redis-server:redis-server buildah:buildah debootstrap:debootstrap podman:podman curl:curl nodejs:node \
 	chromium:chromium openssl:openssl $(CLIENT_RUNTIMES)
-# The runtimes of the README's "Clients you cannot change" rows (php-curl has no command of
+# The runtimes of the rows of docs/clients-you-cannot-change.md (php-curl has no command of
 # its own: an empty command means "installed as a package").
 CLIENT_RUNTIMES := ruby:ruby php-cli:php php-curl: golang-go:go default-jdk-headless:javac
 BENCH_TOOLS := nginx:nginx wrk:wrk redis-server:redis-server

@@ -33,6 +33,9 @@ def _print_problems(error: ConfigError) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the proxy until SIGTERM."""
+    from proxy.edge.uvicorn_loading import import_uvicorn
+
+    import_uvicorn()  # before the runtime imports it: see proxy/edge/uvicorn_loading.py
     from proxy.masking.secrets import SecretRegistry
     from proxy.records.log_setup import configure_logging
     from proxy.runtime import create_app, serve
@@ -233,10 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument(
         "--source",
-        choices=["vault", "file", "env", "aws"],
+        choices=["vault", "file", "env", "aws", "azure"],
         default="vault",
-        help="where the proxy reads the key: vault (OpenBao, the default), file, env, or aws"
-        " (a local Secrets Manager)",
+        help="where the proxy reads the key: vault (OpenBao, the default), file, env, aws"
+        " (a local Secrets Manager) or azure (a local Key Vault stand-in)",
     )
     dev.set_defaults(func=cmd_dev)
     sandbox = sub.add_parser("sandbox", help="the Publer sandbox upstream alone")

@@ -2,7 +2,7 @@
 
 The signal handlers go in before the command line module and its imports load (the
 config model, the server), so that no SIGHUP or SIGTERM finds a default action that would
-end the process without cleaning up (see `proxy/signals.py`).
+end the process without cleaning up (see `proxy/edge/signals.py`).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from proxy.edge.guard import BrowserGuard
 from proxy.hop.forwarder import Forwarder
 from proxy.hop.services import LIVE_KEY, Services
 from proxy.hop.upstream import Upstream
+from proxy.keys.outbound import import_requests
 from proxy.keys.store import CredentialStore
 from proxy.loading import LoadedConfig, in_code
 from proxy.masking.secrets import SecretRegistry, masked_url
@@ -207,6 +208,7 @@ def serve(
     when the config has one; the exit status."""
     if settings.forward_proxy is None:
         return edge_server.serve(settings, app, sockets)
+    import_requests()  # the listener loads the Vault client (hvac, over requests)
     from proxy.tunnel.listener import ForwardProxy
 
     forward = ForwardProxy.prepare(settings, secrets)

@@ -65,7 +65,7 @@ class Moto:
         """An IAM user allowed GetSecretValue only; its access key as environment variables.
 
         moto checks the action of a policy, not its Resource (it asks about "*"), so the
-        policy names "*" here; the README's policy names the one secret's ARN."""
+        policy names "*" here; the key sources page's policy names the one secret's ARN."""
         iam = self.client("iam")
         iam.create_user(UserName="publer-proxy")
         key = iam.create_access_key(UserName="publer-proxy")["AccessKey"]

@@ -248,8 +248,10 @@ def start_proxy(
         config_path = workdir / f"proxy-{port}.yaml"
         config_path.write_text(yaml.safe_dump(config))
     log_path = workdir / f"proxy-{port}.log"
-    # Neither the developer's Vault nor their AWS identity reaches a test proxy.
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "AWS_"))}
+    # Neither the developer's Vault nor their AWS or Azure identity reaches a test proxy.
+    child_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "AWS_", "AZURE_"))
+    }
     child_env["HOME"] = str(workdir)
     child_env.update(env or {})
     with log_path.open("wb") as log:

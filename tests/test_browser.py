@@ -1,4 +1,4 @@
-"""The Host and browser-provenance decisions (proxy/browser.py), with hostile inputs."""
+"""The Host and browser-provenance decisions (proxy/rules/browser.py), with hostile inputs."""
 
 from __future__ import annotations
 

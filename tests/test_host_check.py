@@ -15,6 +15,7 @@ import httpx
 import pytest
 import yaml
 
+from proxy.rules.refusals import STATUS
 from tests.bao import Bao
 from tests.servers import Proxy, Sandbox, proxy_config, start_proxy
 from tests.tunnel_stack import start_tunnel_stack
@@ -225,6 +226,7 @@ def test_a_refusal_before_routing_is_recorded_like_any_request(
             "origin_denied": b"Host: 127.0.0.1:%d\r\nOrigin: http://attacker.test\r\n" % port,
         }
         ids = {}
+        statuses = {"host_denied": STATUS["host_denied"], "origin_denied": STATUS["origin_denied"]}
         for code, fields in heads.items():
             status, headers, _ = exchange(
                 port,
@@ -232,7 +234,7 @@ def test_a_refusal_before_routing_is_recorded_like_any_request(
                 + fields
                 + b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
             )
-            assert headers["x-publer-proxy-error"] == code
+            assert (status, headers["x-publer-proxy-error"]) == (statuses[code], code)
             ids[code] = headers["x-request-id"]
             assert proxy.access_event(ids[code])["decision"] == code
         eventually(lambda: len(audit.read_text().splitlines()) >= 2)

@@ -201,8 +201,9 @@ def test_every_direct_import_is_declared(part: str) -> None:
     """Each third-party module the package imports comes from a declared dependency: the
     runtime from `dependencies`, proxy.dev from those and the `devstack` extra."""
     declared = requirement_names(PYPROJECT["project"]["dependencies"])
-    # The AWS key source imports its SDK only when a credential uses it: an extra.
-    declared |= requirement_names(PYPROJECT["project"]["optional-dependencies"]["aws"])
+    # The AWS and Azure key sources import their SDKs only when a credential uses them.
+    for extra in ("aws", "azure"):
+        declared |= requirement_names(PYPROJECT["project"]["optional-dependencies"][extra])
     names = runtime_modules()
     if part == "dev":
         declared |= requirement_names(PYPROJECT["project"]["optional-dependencies"]["devstack"])

@@ -1,4 +1,4 @@
-"""The limit decision (`proxy/limits.py`): tables of hostile and allowed calls, and
+"""The limit decision (`proxy/rules/limits.py`): tables of hostile and allowed calls, and
 property tests that no body naming a forbidden account is ever allowed."""
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
-"""The README's recipes for "Limiting what an app can do": each config snippet validates,
-`check` describes it, and it allows and refuses what the README says it does."""
+"""The recipes of "Limiting what an app can do" (the operators' page): each config snippet
+validates, `check` describes it, and it allows and refuses what the page says it does."""
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +16,8 @@ from proxy.rules.limits import LimitedCall, Limits, decide, effective_limits
 from proxy.rules.policy import RequestHead, build_routes
 from proxy.rules.policy import decide as decide_policy
 from proxy.rules.scopes import load_scope_map
+from tests.docs_pages import section
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 RECIPE = re.compile(r"^<!-- limits-recipe: ([\w-]+) -->\n```yaml\n(.*?)^```\n", re.M | re.S)
 BRAND, REGION_2, OTHER = (
     "66db83154e299efa19a2d8eb",
@@ -29,9 +28,9 @@ JSON = [(b"content-type", b"application/json")]
 
 
 def recipes() -> dict[str, Settings]:
-    """Each recipe of the README, completed with a credential, validated."""
+    """Each recipe of the page, completed with a credential, validated."""
     found: dict[str, Settings] = {}
-    for name, text in RECIPE.findall(README.read_text(encoding="utf-8")):
+    for name, text in RECIPE.findall(section("operators.md", "Limiting what an app can do")):
         data: dict[str, Any] = yaml.safe_load(text)
         data["credentials"] = {"publer": {"path": "publer/api"}}
         found[name] = parse_settings(data)

@@ -37,6 +37,10 @@ def modes(
     server.stop()
 
 
+# The smallest create call Publer documents: one private draft, on no account.
+DRAFT = {"bulk": {"state": "draft_private", "posts": [{"networks": {"facebook": {"text": "x"}}}]}}
+
+
 def test_rejected_key_is_reread_once_and_the_client_never_sees_it(
     tmp_path: Path, bao: Bao, token_file: Path, modes: tuple[str, Sandbox]
 ) -> None:
@@ -58,7 +62,7 @@ def test_rejected_key_is_reread_once_and_the_client_never_sees_it(
         bao.write_key(path, new_key)
         publer.set_keys({"key": new_key})
         publer.clear()
-        answer = httpx.post(f"{proxy.url}/api/v1/posts", json={"bulk": {"posts": []}})
+        answer = httpx.post(f"{proxy.url}/api/v1/posts", json=DRAFT)
         assert answer.status_code == 200, answer.text
         sent = [dict(r["headers"])["authorization"] for r in publer.requests()]
         assert sent == [f"Bearer-API {old_key}", f"Bearer-API {new_key}"]

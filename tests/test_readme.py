@@ -1,8 +1,9 @@
-"""The README's examples run as written against the local stack of `make run`.
+"""The examples of the README and of every docs page run as written against the local
+stack of `make run`.
 
 An example is a ```sh block right after a `<!-- example -->` line; an `<!-- output -->` line
 and a fenced block after it show what the example prints, where `...` stands for any text
-and JSON is compared as `json.dumps` renders it (the README's spacing). The examples run in
+and JSON is compared as `json.dumps` renders it (the pages' spacing). The examples run in
 bash from the repository root, after the `export` lines the stack printed, as a user pastes
 them, with the stack on a free port instead of 8080.
 """
@@ -24,9 +25,8 @@ import httpx
 import pytest
 
 from tests.bao import free_port
+from tests.docs_pages import README, REPO, pages
 
-REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 README_PORT = "127.0.0.1:8080"
 README_EXPORTS = ("CLIENT_TOKEN", "VAULT_ADDR", "PUBLER_PROXY_CONFIG")
@@ -34,7 +34,7 @@ README_EXPORTS = ("CLIENT_TOKEN", "VAULT_ADDR", "PUBLER_PROXY_CONFIG")
 
 @dataclass(frozen=True)
 class Example:
-    """A marked shell example of the README and the output it shows, if any."""
+    """A marked shell example of a page and the output it shows, if any."""
 
     line: int
     script: str
@@ -42,23 +42,23 @@ class Example:
 
 
 def examples(text: str) -> list[Example]:
-    """The marked examples of a README text, in order."""
+    """The marked examples of a page's text, in order."""
     found: list[Example] = []
     for marker in re.finditer(r"^<!-- example -->\n", text, re.MULTILINE):
         block = FENCE.match(text, marker.end())
-        assert block is not None and block[1] == "sh", f"README: no ```sh block after {marker}"
+        assert block is not None and block[1] == "sh", f"no ```sh block after {marker}"
         output: str | None = None
         shown = re.compile(r"<!-- output -->\n").match(text, block.end())
         if shown is not None:
             output_block = FENCE.match(text, shown.end())
-            assert output_block is not None, "README: no fenced block after <!-- output -->"
+            assert output_block is not None, "no fenced block after <!-- output -->"
             output = output_block[2].strip()
         found.append(Example(text.count("\n", 0, marker.start()) + 1, block[2], output))
     return found
 
 
 def shown_as(stdout: str) -> str:
-    """The output as the README shows it: JSON in `json.dumps`'s spacing, else stripped."""
+    """The output as a page shows it: JSON in `json.dumps`'s spacing, else stripped."""
     try:
         return json.dumps(json.loads(stdout), ensure_ascii=False)
     except ValueError:
@@ -66,7 +66,7 @@ def shown_as(stdout: str) -> str:
 
 
 def matches(shown: str, actual: str) -> bool:
-    """Whether `actual` is what the README shows: a quoted string ending in `..."` stands for
+    """Whether `actual` is what the page shows: a quoted string ending in `..."` stands for
     any string (`"9b0c..."`, a request id), and any other `...` for any text."""
     pattern = ""
     for index, part in enumerate(re.split(r'("[^"\n]*\.\.\.")', shown)):
@@ -88,7 +88,33 @@ def test_examples_are_found_and_compared() -> None:
     assert not matches('{"a": "9b...", "b": 1}', shown_as('{"a":"xyz","b":2}'))
     assert matches('{"a": 1, ...}', shown_as('{"a":1,"b":[2]}'))
     assert matches("sha256:...", "sha256:00ff")
-    assert len(examples(README.read_text(encoding="utf-8"))) >= 5
+
+
+def every_example() -> list[tuple[str, Example]]:
+    """Every marked example of the README and of the docs pages, with its page."""
+    return [
+        (str(page.relative_to(REPO)), example)
+        for page in pages()
+        for example in examples(page.read_text(encoding="utf-8"))
+    ]
+
+
+def test_every_example_of_the_pages_is_found() -> None:
+    """The examples the README held before it was split into the docs pages are all still
+    marked, wherever they moved: the first curl line in the README; `check --online`, an app
+    developer's call, a refusal and a client token's digest in the pages."""
+    found = every_example()
+    assert [page for page, _ in found].count("README.md") >= 1
+    scripts = " ".join(example.script for _, example in found)
+    for part in [
+        "/api/v1/users/me",
+        "publer-proxy check --online",
+        "/posting/api/v1/analytics/charts",
+        "/posting/api/v1/posts?page=0&state=scheduled",
+        "publer-proxy hash-token",
+    ]:
+        assert part in scripts, part
+    assert len(found) >= 6
 
 
 @dataclass(frozen=True)
@@ -99,7 +125,7 @@ class Stack:
     log: Path
 
     def exports(self) -> list[str]:
-        """The `export` lines the stack told the user to paste for the README's examples
+        """The `export` lines the stack told the user to paste for the pages' examples
         (the client token, OpenBao and the config; not the forward proxy's variables)."""
         return [
             line.strip()
@@ -145,10 +171,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.mark.parametrize(
-    "example", examples(README.read_text(encoding="utf-8")), ids=lambda e: f"line {e.line}"
+    ("page", "example"), every_example(), ids=[f"{p}:{e.line}" for p, e in every_example()]
 )
-def test_readme_example_runs_as_written(stack: Stack, example: Example) -> None:
-    """Each marked README example exits 0 and prints what the README shows."""
+def test_readme_example_runs_as_written(stack: Stack, page: str, example: Example) -> None:
+    """Each marked example of the README and the docs pages exits 0 and prints what its page
+    shows."""
     script = example.script.replace(README_PORT, f"127.0.0.1:{stack.port}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env.pop("PUBLER_PROXY_CONFIG", None)
@@ -161,9 +188,9 @@ def test_readme_example_runs_as_written(stack: Stack, example: Example) -> None:
         timeout=60,
         check=False,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0, page + "\n" + result.stdout + result.stderr
     if example.output is not None:
-        assert matches(example.output, shown_as(result.stdout)), result.stdout
+        assert matches(example.output, shown_as(result.stdout)), page + "\n" + result.stdout
 
 
 def test_stack_prints_the_first_example(stack: Stack) -> None:

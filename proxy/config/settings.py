@@ -123,9 +123,11 @@ class ListenSettings(_Model):
     )
     allowed_hosts: list[str] = Field(
         default=[],
-        description="Names clients use in `Host` for this listener, besides its loopback names"
-        " and its own address (`proxy`, `proxy:8080`, `10.0.0.5`). Any other `Host` is refused"
-        " with `host_denied`.",
+        description="Names clients use in `Host` for this listener, besides its own: `localhost`,"
+        " `127.0.0.1` and `[::1]` when it listens on loopback or `0.0.0.0`, and its own address"
+        " (`proxy`, `proxy:8080`, `10.0.0.5`). `name` matches with no port or the listener's,"
+        " `name:port` that port only; any other `Host` is refused with 421 `host_denied`. On a"
+        " unix socket, `Host` is checked only when names are listed.",
     )
 
     _hosts = field_validator("allowed_hosts")(check_host_names)
@@ -367,7 +369,8 @@ class CredentialSettings(KeyLifeSettings):
 
     source: Literal["vault"] = Field(
         default="vault",
-        description="Where the key is kept: `vault`, `aws_secrets_manager`, `file` or `env`.",
+        description="Where the key is kept: `vault`, `aws_secrets_manager`, `file` or `env`"
+        " (see the key sources page).",
     )
     mount: str = Field(default="secret", description="The KV secrets engine's mount path.")
     path: str = Field(description="The secret's path under the mount.")
@@ -431,6 +434,161 @@ class AwsCredentialSettings(KeyLifeSettings):
         return value
 
 
+AzureIdentityType = Literal[
+    "default",
+    "environment",
+    "client_secret",
+    "client_certificate",
+    "workload_identity",
+    "managed_identity",
+    "azure_cli",
+]
+
+
+class AzureIdentitySettings(_Model):
+    """The Microsoft Entra identity that reads a Key Vault secret; its secrets are files."""
+
+    type: AzureIdentityType = Field(
+        default="default",
+        description="The identity: `default` (the SDK's chain: environment, workload identity,"
+        " managed identity, Azure CLI; for development), `environment`, `client_secret`,"
+        " `client_certificate`, `workload_identity`, `managed_identity` or `azure_cli`."
+        " Production names the one identity it runs as.",
+    )
+    tenant_id: str | None = Field(default=None, description="Default: `AZURE_TENANT_ID`.")
+    client_id: str | None = Field(
+        default=None,
+        description="Default: `AZURE_CLIENT_ID` (a user-assigned managed identity's id).",
+    )
+    client_secret_file: Path | None = Field(
+        default=None, description="The client secret, in a file (`client_secret`)."
+    )
+    certificate_file: Path | None = Field(
+        default=None, description="A PEM with the private key (`client_certificate`)."
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="The federated token (`workload_identity`). Default:"
+        " `AZURE_FEDERATED_TOKEN_FILE`.",
+    )
+    authority: str | None = Field(
+        default=None,
+        description="The sign-in host. Default: `AZURE_AUTHORITY_HOST`, else the one of"
+        " `vault_url`'s cloud.",
+    )
+
+    @field_validator("authority")
+    @classmethod
+    def _https_host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError("must be an https:// host such as https://login.microsoftonline.com")
+        return f"https://{parts.netloc}"
+
+    @model_validator(mode="after")
+    def _type_fields(self) -> AzureIdentitySettings:
+        needs = {
+            "client_secret": ("tenant_id", "client_id", "client_secret_file"),
+            "client_certificate": ("tenant_id", "client_id", "certificate_file"),
+        }.get(self.type, ())
+        missing = [name for name in needs if getattr(self, name) is None]
+        if missing:
+            raise ValueError(
+                f"type {self.type} needs {', '.join(missing)} (a secret goes in a file, never"
+                " in the config)"
+            )
+        return self
+
+
+class AzureCredentialSettings(KeyLifeSettings):
+    """A key in Azure Key Vault, read as one named identity or the SDK's standard chain."""
+
+    source: Literal["azure_key_vault"] = Field(description="`azure_key_vault`.")
+    vault_url: str = Field(
+        description="`https://NAME.vault.azure.net`, or a sovereign cloud's vault host."
+    )
+    secret_name: str = Field(pattern=r"^[0-9A-Za-z-]{1,127}$", description="The secret's name.")
+    version: str | None = Field(
+        default=None,
+        pattern=r"^[0-9A-Za-z]{1,64}$",
+        description="Pin one version. Default: the latest.",
+    )
+    credential: AzureIdentitySettings = Field(
+        default=AzureIdentitySettings(), description="The identity that reads the secret."
+    )
+    proxy: str | None = Field(
+        default=None,
+        repr=False,
+        description="An https proxy to the vault and sign-in host; environment proxies are"
+        " never used.",
+    )
+    ca_file: Path | None = Field(
+        default=None,
+        description="Trust only this CA (a stand-in's). Default: the system's.",
+    )
+    connect_to: str | dict[str, str] | None = Field(
+        default=None,
+        description="Where to dial instead of resolving a name, TLS still checking the name"
+        " (curl's `--connect-to`): `host:port` for every DNS name this source reaches over"
+        " https (the vault, the sign-in host; an IP literal or `localhost` is dialled as"
+        " written), or `{name: host:port}` for the names given only.",
+    )
+    timeout_seconds: PositiveFloat = Field(
+        default=5.0, description="Connect and read timeout of each call, in seconds."
+    )
+
+    @field_validator("vault_url")
+    @classmethod
+    def _vault_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        host = parts.hostname or ""
+        if (
+            parts.scheme != "https"
+            or not host
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.username
+            or host.replace(".", "").isdigit()
+            or ":" in host
+        ):
+            raise ValueError(
+                "must be the vault's https:// URL with its DNS name, such as"
+                " https://publer.vault.azure.net (to reach a stand-in, set connect_to)"
+            )
+        return f"https://{parts.netloc.lower()}"
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        return proxy_url(value)
+
+    @field_validator("connect_to")
+    @classmethod
+    def _host_port(cls, value: str | dict[str, str] | None) -> str | dict[str, str] | None:
+        addresses = value.values() if isinstance(value, dict) else [value] if value else []
+        for address in addresses:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    "must be host:port, such as 127.0.0.1:8443, or a mapping of names to"
+                    " host:port, such as {publer.vault.azure.net: 127.0.0.1:8443}"
+                )
+        if isinstance(value, dict):
+            return {name.lower().rstrip("."): address for name, address in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _dial_or_proxy(self) -> AzureCredentialSettings:
+        if self.connect_to and self.proxy:
+            raise ValueError(
+                "connect_to and proxy exclude each other: a proxy dials the vault's name"
+                " itself; remove one"
+            )
+        return self
+
+
 class FileCredentialSettings(KeyLifeSettings):
     """A key in a file: a Kubernetes Secret volume, a Docker secret, a Vault Agent file."""
 
@@ -469,6 +627,7 @@ class EnvCredentialSettings(KeyLifeSettings):
 _SOURCE_MODELS: dict[str, type[KeyLifeSettings]] = {
     "vault": CredentialSettings,
     "aws_secrets_manager": AwsCredentialSettings,
+    "azure_key_vault": AzureCredentialSettings,
     "file": FileCredentialSettings,
     "env": EnvCredentialSettings,
 }
@@ -490,6 +649,7 @@ def _source_of(value: Any) -> str:
 AnyCredential = Annotated[
     Annotated[CredentialSettings, Tag("vault")]
     | Annotated[AwsCredentialSettings, Tag("aws_secrets_manager")]
+    | Annotated[AzureCredentialSettings, Tag("azure_key_vault")]
     | Annotated[FileCredentialSettings, Tag("file")]
     | Annotated[EnvCredentialSettings, Tag("env")],
     Discriminator(
@@ -556,7 +716,7 @@ class PostLimitSettings(_Model):
 
 
 class LimitSettings(_Model):
-    """Limits finer than Publer's scopes (see the README, "Limiting what an app can do")."""
+    """Limits finer than Publer's scopes (the operators' page, "Limiting what an app can do")."""
 
     accounts: list[str] | None = Field(
         default=None,
@@ -579,7 +739,9 @@ class LimitSettings(_Model):
 class ClientSettings(_Share):
     token_sha256: str = Field(
         description="`sha256:` and the hex digest of the client's token (`publer-proxy"
-        " hash-token`); the name may not be `anonymous`."
+        " hash-token`); the name may not be `anonymous`. A token belongs to one client: the"
+        " same digest twice, in one route or in two (the forward proxy picks the route by the"
+        " token), is a config error."
     )
     limits: LimitSettings | None = Field(
         default=None,
@@ -725,8 +887,10 @@ class ForwardProxySettings(_Model):
     )
     allowed_hosts: list[str] = Field(
         default=[],
-        description="Names clients use in `Host` for this listener, besides its loopback names"
-        " and its own address. Any other `Host` is refused with `host_denied`.",
+        description="As `listen.allowed_hosts`, for a request to the forward-proxy listener"
+        " itself (not a CONNECT, whose target is checked instead): names clients use in `Host`"
+        " besides its loopback names and its own address. Any other `Host` is refused with 421"
+        " `host_denied`.",
     )
 
     _hosts = field_validator("allowed_hosts")(check_host_names)
@@ -738,7 +902,9 @@ class BrowserSettings(_Model):
     allowed_origins: list[str] = Field(
         default=[],
         description="Origins of browser apps that really call the proxy"
-        " (`https://app.example.com`); preflights are answered for these only.",
+        " (`https://app.example.com`, `http://localhost:5173`): their requests pass and get"
+        " CORS headers, and preflights are answered for these only; every other web page is"
+        " refused (403 `origin_denied`).",
     )
 
     @field_validator("allowed_origins")
@@ -1037,7 +1203,11 @@ class Settings(_Model):
             self.rate_limit.redis_url,
             self.audit.redis_url if self.audit else None,
         ]
-        urls += [c.proxy for c in self.credentials.values() if isinstance(c, AwsCredentialSettings)]
+        urls += [
+            c.proxy
+            for c in self.credentials.values()
+            if isinstance(c, AwsCredentialSettings | AzureCredentialSettings)
+        ]
         return [secret for url in urls for secret in url_secrets(url)]
 
     def credentials_in_use(self) -> dict[str, AnyCredential]:
@@ -1056,7 +1226,8 @@ def credential_warnings(credentials: dict[str, AnyCredential]) -> list[str]:
                 f"{where}: env: the key comes from ${cred.variable}"
                 + (f" or {cred.env_file}" if cred.env_file else "")
                 + "; fine for local development, but a vault (Vault, OpenBao, AWS Secrets"
-                " Manager) or a mounted secret file is the better home: a variable is"
+                " Manager, Azure Key Vault) or a mounted secret file is the better home: a"
+                " variable is"
                 " inherited by whatever starts before the proxy, shows in crash reports"
                 " and in the /proc/PID/environ of every process that still holds it"
             )
@@ -1064,6 +1235,14 @@ def credential_warnings(credentials: dict[str, AnyCredential]) -> list[str]:
             found.append(
                 f"credentials.{name}.readable_by: anyone: a key file readable by every user"
                 " of the machine is accepted"
+            )
+        elif isinstance(cred, AzureCredentialSettings) and cred.credential.type == "default":
+            found.append(
+                f"credentials.{name}.credential.type: default: the Azure SDK's chain tries the"
+                " environment, workload identity, managed identity and the Azure CLI in turn;"
+                " fine for development, but in production name the one identity the proxy"
+                " runs as (client_secret, client_certificate, workload_identity,"
+                " managed_identity)"
             )
         elif isinstance(cred, AwsCredentialSettings) and cred.endpoint_url:
             endpoint = urlsplit(cred.endpoint_url)
@@ -1108,7 +1287,7 @@ def _describe(error: Any) -> list[str]:
         or str(error["msg"]).removeprefix("Value error, ")
     )
     if message.startswith("Input should be"):  # pydantic's own words say what, not how
-        message += "; correct the value (the README's config reference lists each key's values)"
+        message += "; correct the value (the docs' configuration reference lists each key's values)"
     lines = message.split("\n")
     # Cross-checks name their own key paths; the others get the location pydantic found.
     if error["type"] == "value_error" and all(": " in line for line in lines) and not location:

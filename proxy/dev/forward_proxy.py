@@ -124,5 +124,5 @@ def paste_lines(port: int, ca_file: Path, origin: str) -> str:
         f"Ruby's Net::HTTP reads http_proxy instead (export http_proxy={proxy});"
         " Node's fetch needs NODE_USE_ENV_PROXY=1 (Node 24+) or undici's EnvHttpProxyAgent;"
         " Java needs -Dhttps.proxyHost/-Dhttps.proxyPort and a trust store;"
-        " see the README, 'Clients you cannot change'.\n"
+        " see docs/clients-you-cannot-change.md.\n"
     )

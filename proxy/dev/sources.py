@@ -1,9 +1,11 @@
-"""`publer-proxy dev --source file|env|aws`: the local stack with the key kept elsewhere.
+"""`publer-proxy dev --source file|env|aws|azure`: the local stack with the key elsewhere.
 
 The same sandbox (or Publer, with PUBLER_API_KEY) and proxy as `make run`, with no Vault:
 the key sits in a file with mode 0600 (as a Kubernetes or Docker secret would), in the
-environment, or in a local AWS Secrets Manager (moto's server, from the test or
-devstack extras). It prints how to rotate the key, to watch the proxy pick it up.
+environment, in a local AWS Secrets Manager (moto's server, from the test or
+devstack extras), or in a local Key Vault (proxy/dev/azure_standin.py, reached by its real
+name https://publer.vault.azure.net through connect_to, signing in as an application
+with a client secret). It prints how to rotate the key, to watch the proxy pick it up.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def key_home(source: str, workdir: Path, key: str) -> Iterator[tuple[dict[str, A
         path.chmod(0o600)
         credential: dict[str, Any] = {"source": "file", "path": str(path)}
         yield credential, f"printf '%s\\n' NEW_KEY > {path}   (picked up within a second)"
+    elif source == "azure":
+        with azure_home(workdir, key) as found:
+            yield found
     elif source == "env":
         os.environ["PUBLER_API_KEY"] = key  # the env source takes it out again at start
         yield {"source": "env"}, "restart with a new PUBLER_API_KEY (it is read once)"
@@ -101,6 +106,50 @@ def key_home(source: str, workdir: Path, key: str) -> Iterator[tuple[dict[str, A
             )
 
 
+@contextmanager
+def azure_home(workdir: Path, key: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """The key in a local Key Vault stand-in: (the credential's config, how to rotate)."""
+    try:
+        import azure.identity
+        import azure.keyvault.secrets  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "dev --source azure: Microsoft's Azure SDK is not installed;"
+            " run pip install 'publer-proxy[azure]'"
+        ) from None
+    from proxy.dev.azure_standin import DEV_CLIENT_ID, TENANT, start_standin
+
+    standin = start_standin(workdir / "azure")
+    try:
+        client_secret = secrets_module.token_urlsafe(24)
+        secret_file = workdir / "azure-client-secret"
+        secret_file.touch(0o600)
+        secret_file.write_text(client_secret)
+        standin.add_client(DEV_CLIENT_ID, client_secret)
+        standin.put_secret("publer-api", key)
+        credential: dict[str, Any] = {
+            "source": "azure_key_vault",
+            "vault_url": "https://publer.vault.azure.net",
+            "secret_name": "publer-api",
+            "connect_to": standin.connect_to,
+            "ca_file": str(standin.ca),
+            "refresh_seconds": 5,
+            "credential": {
+                "type": "client_secret",
+                "tenant_id": TENANT,
+                "client_id": DEV_CLIENT_ID,
+                "client_secret_file": str(secret_file),
+            },
+        }
+        rotate = (
+            f"curl -s -X POST http://127.0.0.1:{standin.port}/control/secrets/publer-api"
+            """ -d '{"value": "NEW_KEY"}'   (a new latest version)"""
+        )
+        yield credential, rotate
+    finally:
+        standin.stop()
+
+
 def _announce_when_ready(port: int, source: str, rotate: str) -> None:
     base = f"http://127.0.0.1:{port}"
     try:
@@ -117,7 +166,7 @@ def _announce_when_ready(port: int, source: str, rotate: str) -> None:
 
 
 def run_dev_with_source(source: str, port: int = 8080, upstream: str | None = None) -> int:
-    """The local stack with the key in a file, the environment or a local AWS, until
+    """The local stack with the key in a file, the environment, a local AWS or Azure, until
     Ctrl-C or SIGTERM; the exit status. A port another process holds is refused first."""
     listener = claim_port(port)
     if listener is None:

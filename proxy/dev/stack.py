@@ -48,7 +48,7 @@ WATCH_SECONDS = 0.5
 PUBLER_URL = "https://app.publer.com"
 START_TIMEOUT = 15.0
 # The second route of the local stack: what a team's app gets, a prefix, a client token and
-# only the scopes it needs (what the README's examples for app developers call).
+# only the scopes it needs (what the examples of docs/app-developers.md call).
 POSTING_PREFIX = "/posting"
 POSTING_SCOPES = ["posts", "media", "accounts", "job_status"]
 

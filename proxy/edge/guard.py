@@ -1,4 +1,4 @@
-"""The browser checks of proxy/browser.py, run before routing on every listener, as pure
+"""The browser checks of proxy/rules/browser.py, run before routing on every listener, as pure
 ASGI middleware.
 
 `BrowserGuard` wraps the whole app of a listener: the reverse proxy's (API routes, the

@@ -73,7 +73,7 @@ SMALL_RESPONSE_BYTES = 64 * 1024
 
 
 async def send_refusal(send: Send, refusal: Refusal, request_id: str, head_only: bool) -> None:
-    """Respond with the proxy's own Publer-shaped error (`proxy/errors.py`)."""
+    """Respond with the proxy's own Publer-shaped error (`proxy/rules/refusals.py`)."""
     body = refusal.body(request_id)
     await send(
         {
@@ -163,7 +163,7 @@ class Forwarder:
             await send(last)
 
     def _check(self, scope: Scope) -> Verdict:
-        """Route, authenticate and check the request (`proxy/policy.py`): the verdict, a
+        """Route, authenticate and check the request (`proxy/rules/policy.py`): the verdict, a
         refusal in it when the request may not go on. Raises ProxyError for an
         absolute-form target, which no route can match."""
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -211,7 +211,7 @@ class Forwarder:
         outcome: Outcome,
     ) -> tuple[RequestBody, int | None, Verdict]:
         """On a limited route: read the body whole (up to the inspection limit), decide
-        (`proxy/limits.py`), and return the exact bytes checked, their length and the
+        (`proxy/rules/limits.py`), and return the exact bytes checked, their length and the
         verdict with its target narrowed. Raises ProxyError when the limits refuse."""
         method: str = scope["method"]
         rest, _, query = _rest(verdict).partition("?")

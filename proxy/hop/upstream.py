@@ -16,7 +16,7 @@ What this module adds to aiohttp, because an origin may misbehave (RFC 9112):
   - requests wait for one of `max_connections` in a queue of their own, so a full pool is
     told apart from a slow Publer (`upstream_busy`, not `upstream_timeout`);
   - nothing is ever resent by the client library: the proxy's own retries of GET and HEAD
-    (proxy/forward.py) are the only resends.
+    (proxy/hop/forwarder.py) are the only resends.
 """
 
 from __future__ import annotations

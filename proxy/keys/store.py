@@ -1,15 +1,18 @@
 """The keys the proxy holds: read from their sources, refreshed, aged out.
 
-Every source (Vault, AWS Secrets Manager, a file, the environment) gets the same life.
-The request path only ever reads `current()`, which never waits on a source. A
-background task per credential re-reads it every `refresh_seconds` (sooner when a file
-source sees its file change); after a failure it waits with a backoff that counts the
-calls one read makes (the SDK's retries) and grows past `refresh_seconds`, so a failing
-source is asked less often than a healthy one, never more. Another task keeps the Vault
-token alive when a credential is in Vault. A new value or version is a rotation, logged
-with both masked keys. A key stays usable while its last good read is at most
-`refresh_seconds + max_stale_seconds` old, so an outage of a source costs nothing until
-then, and nothing is ever forwarded without a key.
+Every source (Vault, AWS Secrets Manager, Azure Key Vault, a file, the environment) gets
+the same life. The request path only ever reads `current()`, which never waits on a
+source. A background task per credential re-reads it every `refresh_seconds` (sooner
+when a file source sees its file change); after a failure it waits with a backoff that
+counts the calls one read makes (the SDK's retries) and grows past `refresh_seconds`, so
+a failing source is asked less often than a healthy one, never more, and never sooner
+than a source's Retry-After allows unless the key would expire first. Another task keeps
+the Vault token alive when a credential is in Vault. A new value or version is a
+rotation, logged with both masked keys. A key stays usable while its last good read is
+at most `refresh_seconds + max_stale_seconds` old and its version's own expiry (when the
+source has one) has not passed, so an outage of a source costs nothing until then, and
+nothing is ever forwarded without a key. A source that finds the held version disabled
+or expired withdraws it at once (`key_withdrawn`) instead of letting it serve stale.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from prometheus_client import Counter
 from proxy.config.settings import AnyCredential, KeyLifeSettings, VaultSettings
 from proxy.keys.sources import make_source
 from proxy.keys.sources.base import (
+    BACKOFF_MAX_SECONDS,
     KeySource,
     SecretRead,
     SourceError,
@@ -63,6 +67,11 @@ class HeldKey:
     version: int | str | None
     created_time: datetime | None
     read_at: float  # time.monotonic() of the read
+    not_after: datetime | None = None  # the version's own expiry, when its source says
+
+    def past_expiry(self) -> bool:
+        """True once the version's own expiry time (not the proxy's staleness) has passed."""
+        return self.not_after is not None and datetime.now(UTC) >= self.not_after
 
     @property
     def masked(self) -> str:
@@ -97,6 +106,7 @@ class _Slot:
     warned_rotation_at: float = -math.inf
     next_read_at: float | None = None  # time.monotonic() the refresh reads again
     refused_version: int | str | None = None  # the last version refused as no API key
+    retry_at: float = -math.inf  # a source that said "retry after" is not asked before
 
 
 def vault_session_maker(
@@ -318,6 +328,19 @@ class CredentialStore:
                     "key": slot.key.masked if slot.key else None,
                     "key_version": slot.key.version if slot.key else None,
                 }
+            if exc.retry_after is not None:
+                slot.retry_at = time.monotonic() + exc.retry_after
+            if exc.drop_key and slot.key is not None:
+                # A version its owner disabled or that expired is not served stale.
+                log.warning(
+                    "key_withdrawn",
+                    credential=slot.name,
+                    source=source.kind,
+                    key=slot.key.masked,
+                    key_version=slot.key.version,
+                    reason=exc.reason,
+                )
+                slot.key = None
             log.warning(
                 "key_read_failed",
                 credential=slot.name,
@@ -330,7 +353,9 @@ class CredentialStore:
             )
             return None
         self._count_read(slot, "ok")
-        held = HeldKey(read.value, read.version, read.created_time, time.monotonic())
+        held = HeldKey(
+            read.value, read.version, read.created_time, time.monotonic(), read.not_after
+        )
         slot.refused_version = None
         # Every source's every read, whatever it finds: what an operator debugging a
         # source (AWS, a file) looks for first.
@@ -344,6 +369,7 @@ class CredentialStore:
         )
         previous = slot.key
         slot.key, slot.last_error, slot.last_attempt_failed = held, None, False
+        slot.retry_at = -math.inf  # answering again: its earlier "wait" is over
         if previous is None:
             log.info(
                 "key_loaded",
@@ -416,6 +442,7 @@ class CredentialStore:
                     slot.source.calls_per_read,
                     usable_for=_usable_for(slot),
                 )
+                delay = _honour_retry_after(slot, delay)
             else:
                 failures = 0
                 delay = self.jitter(slot.settings.refresh_seconds)
@@ -471,6 +498,13 @@ class CredentialStore:
         """The usable key of a credential, or CredentialUnavailable; never waits on a source."""
         slot = self._slot(name)
         state = _state(slot)
+        if slot.key is not None and slot.key.past_expiry():
+            raise CredentialUnavailable(
+                name,
+                f"version {slot.key.version} of the key in {slot.source.kind} is past its"
+                " expiry time, and no newer valid version could be read"
+                + (f" ({slot.last_error})" if slot.last_error else ""),
+            )
         if slot.key is None or state in ("missing", "expired"):
             reason = slot.last_error or f"not read from {slot.source.kind} yet"
             if state == "expired":
@@ -506,6 +540,8 @@ class CredentialStore:
         return slot
 
     async def _reread(self, slot: _Slot) -> HeldKey:
+        if time.monotonic() < slot.retry_at:  # the source asked for a pause: keep it
+            return self.current(slot.name)
         try:
             await self._read(slot)
         finally:
@@ -570,6 +606,8 @@ class CredentialStore:
 def _state(slot: _Slot) -> State:
     if slot.key is None:
         return "missing"
+    if slot.key.past_expiry():
+        return "expired"
     age = time.monotonic() - slot.key.read_at
     if age > slot.settings.refresh_seconds + slot.settings.max_stale_seconds:
         return "expired"
@@ -585,6 +623,21 @@ def _usable_for(slot: _Slot) -> float | None:
     left = slot.key.read_at + slot.settings.refresh_seconds + slot.settings.max_stale_seconds
     left -= time.monotonic()
     return left if left > 0 else None
+
+
+def _honour_retry_after(slot: _Slot, delay: float) -> float:
+    """The delay before the next read: at least what the source asked for with its
+    Retry-After, but never past the moment the held key stops being usable, so a long
+    Retry-After cannot turn a stale key into an expired one unasked."""
+    wait = slot.retry_at - time.monotonic()
+    if wait <= delay:
+        return delay
+    wait = min(wait, BACKOFF_MAX_SECONDS)
+    if slot.key is not None:
+        usable = slot.settings.refresh_seconds + slot.settings.max_stale_seconds
+        left = usable - (time.monotonic() - slot.key.read_at)
+        wait = min(wait, max(left - 1.0, delay))
+    return wait
 
 
 def _location(settings: KeyLifeSettings) -> dict[str, object]:

@@ -90,3 +90,7 @@ def configure_logging(
     # botocore and boto3 at debug log request and response bodies: the secret's value.
     for sdk in ("botocore", "boto3"):
         logging.getLogger(sdk).setLevel(max(level, logging.INFO))
+    # The Azure SDK's network trace logs whole answers (the secret) and the Authorization
+    # header at DEBUG; its HTTP logging policy logs every URL at INFO.
+    for sdk in ("azure", "msal"):
+        logging.getLogger(sdk).setLevel(max(level, logging.WARNING))

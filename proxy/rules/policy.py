@@ -130,7 +130,7 @@ def authenticate(route: Route, authorization: str | None) -> str | Refusal | Non
     number of clients. It needs no constant-time comparison: its timing can only reveal how
     much of a stored *digest* matches the digest of a guess, and a caller cannot steer the
     digest of a guess (SHA-256 is preimage resistant), so learning digest bytes brings
-    nobody closer to a token. Tokens made as the README says have 256 bits of entropy.
+    nobody closer to a token. Tokens made as docs/operators.md says have 256 bits of entropy.
     """
     if route.clients is None:
         return None

@@ -1,8 +1,8 @@
 """The forward-proxy listener: CONNECT to Publer's origin, TLS ended here, the same app inside.
 
 For clients that hard-code `https://app.publer.com` and honour `HTTPS_PROXY`. A tunnel is
-opened only to the configured upstream's host and port (proxy/connect.py decides), then
-TLS is ended inside it with a leaf of the interception CA (proxy/ca.py), and the decrypted
+opened only to the configured upstream's host and port (proxy/tunnel/decisions.py decides), then
+TLS is ended inside it with a leaf of the interception CA (proxy/tunnel/ca.py), and the decrypted
 stream is served by the very protocol and ASGI app of the reverse proxy: each request goes
 through the same route, client check, scope allow-list, key injection, budget, access log
 and metrics. The only differences are made at the tunnel's edge:
@@ -468,7 +468,7 @@ class TunnelListener:
 
     def _plain(self, app: ASGIApp) -> asyncio.Protocol:
         protocol = self._make_protocol(app)
-        if hasattr(protocol, "proxy_status"):  # the strict protocol of proxy/server.py
+        if hasattr(protocol, "proxy_status"):  # the strict protocol of proxy/edge/server.py
             protocol.proxy_status = "http_request_error"
         return protocol
 

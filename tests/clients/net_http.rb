@@ -1,5 +1,6 @@
 # Ruby's Net::HTTP, unchanged: GET of one Publer URL (ARGV[0]) with the key from
-# PUBLER_API_KEY. Its proxy comes from the environment (http_proxy: see the README).
+# PUBLER_API_KEY. Its proxy comes from the environment (http_proxy: see
+# docs/clients-you-cannot-change.md).
 require "net/http"
 require "json"
 

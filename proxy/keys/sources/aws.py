@@ -24,7 +24,7 @@ The SDK is configured in this one place; each setting that differs from its defa
   counts these calls (`calls_per_read`), and the SDK's legacy mode would hold a worker
   thread through 5 attempts.
 - `connect_timeout`/`read_timeout`: the credential's `timeout_seconds`, not 60 s.
-Its loggers are kept above DEBUG (proxy/logs.py): at DEBUG botocore logs request and
+Its loggers are kept above DEBUG (proxy/records/log_setup.py): at DEBUG botocore logs request and
 response bodies, the secret's value included.
 """
 

@@ -14,6 +14,13 @@ so it goes in `detail`, masked without knowing the secret, and only to the log:
       kind="denied"       the identity is valid but may not read the key
       kind="not_found"    no such secret, field, file or variable
       kind="invalid"      the value does not look like an API key, or a file is unsafe
+      kind="throttled"    the service asked to wait (`retry_after` seconds, when it said)
+      kind="disabled"     the version is disabled
+      kind="expired"      the version is past its expiry time
+      kind="not_yet_valid" the version's activation time is still ahead
+
+`drop_key` asks the credential store to stop serving the key it holds at once (its
+version was disabled or expired), instead of serving it stale.
 """
 
 from __future__ import annotations
@@ -26,8 +33,19 @@ from typing import Any, Literal, Protocol
 
 from proxy.masking.secrets import mask_opaque
 
-ErrorKind = Literal["unreachable", "sealed", "denied", "not_found", "invalid", "auth_failed"]
-SourceKind = Literal["vault", "aws_secrets_manager", "file", "env"]
+ErrorKind = Literal[
+    "unreachable",
+    "sealed",
+    "denied",
+    "not_found",
+    "invalid",
+    "auth_failed",
+    "throttled",
+    "disabled",
+    "expired",
+    "not_yet_valid",
+]
+SourceKind = Literal["vault", "aws_secrets_manager", "azure_key_vault", "file", "env"]
 
 KEY_MIN_LENGTH = 16
 KEY_MAX_LENGTH = 512
@@ -44,7 +62,9 @@ class SourceError(Exception):
     """Reading a key failed; `reason` is safe to log and show, `kind` is what happened,
     `detail` the service's own error text (masked by `mask_opaque`), for the log only.
     `version` names the version of the secret that was refused (kind "invalid"), when the
-    source tells versions apart: an AWS VersionId, a KV v2 version, a file's change."""
+    source tells versions apart: an AWS VersionId, a KV v2 version, a file's change.
+    `retry_after` (seconds) is the source's own wait after throttling; `drop_key` asks the
+    store to stop serving the key it holds (the version it came from was withdrawn)."""
 
     def __init__(
         self,
@@ -53,32 +73,43 @@ class SourceError(Exception):
         kind: ErrorKind,
         detail: str | None = None,
         version: int | str | None = None,
+        retry_after: float | None = None,
+        drop_key: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.kind: ErrorKind = kind
         self.detail = mask_opaque(detail) if detail else None
         self.version = version
+        self.retry_after = retry_after
+        self.drop_key = drop_key
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, reason={self.reason!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            partial(type(self), kind=self.kind, detail=self.detail, version=self.version),
-            (self.reason,),
+        again = partial(
+            type(self),
+            kind=self.kind,
+            detail=self.detail,
+            version=self.version,
+            retry_after=self.retry_after,
+            drop_key=self.drop_key,
         )
+        return (again, (self.reason,))
 
 
 @dataclass(frozen=True)
 class SecretRead:
     """One key as a source returned it: the value, its version in the source's own terms
     (a KV v2 version number, an AWS VersionId, a count of file contents seen; None when
-    the source has no versions) and when that version was written, when known."""
+    the source has no versions), when that version was written, when known, and when it
+    stops being valid, when the source says (Key Vault's `exp`)."""
 
     value: str = field(repr=False)
     version: int | str | None
     created_time: datetime | None
+    not_after: datetime | None = None
 
 
 class KeySource(Protocol):
