@@ -81,6 +81,7 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._reason = MALFORMED
+        self._made_to_wait = False  # the body's timer found the app not reading
 
     # -- phases and timers ---------------------------------------------------------------
 
@@ -103,12 +104,20 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         self._timer = None
         if self.transport.is_closing() or self._phase == "done":
             return
-        waiting_for_us = self.flow.read_paused or (
+        if self.flow.read_paused or (
             self.cycle is not None and self.cycle.waiting_for_100_continue
-        )
+        ):
+            self._made_to_wait = True
+            self._arm(BODY_IDLE_TIMEOUT_SECONDS)
+            return
+        if self._made_to_wait:
+            # The app has since read on (or sent 100 Continue): the client's idle time
+            # starts now, not at its last byte, which it sent before we made it wait.
+            self._made_to_wait = False
+            self._last_data = self.loop.time()
         idle = self.loop.time() - self._last_data
-        if waiting_for_us or (self._phase != "head" and idle < BODY_IDLE_TIMEOUT_SECONDS):
-            self._arm(BODY_IDLE_TIMEOUT_SECONDS - (0.0 if waiting_for_us else idle))
+        if self._phase != "head" and idle < BODY_IDLE_TIMEOUT_SECONDS:
+            self._arm(BODY_IDLE_TIMEOUT_SECONDS - idle)
             return
         log.warning("client_timed_out", phase=self._phase, client=_peer(self.client))
         self.transport.close()
@@ -208,6 +217,7 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._made_to_wait = False
         self._enter("done")
         self._disarm()
 
