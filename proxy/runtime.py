@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import structlog
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -212,9 +211,10 @@ def serve(
     if settings.forward_proxy is None:
         return edge_server.serve(settings, app, sockets)
     import_requests()  # the listener loads the Vault client (hvac, over requests)
-    from proxy.tunnel.listener import TunnellingServer
+    from proxy.tunnel.listener import ForwardProxy
 
-    def make_server(config: uvicorn.Config) -> uvicorn.Server:
-        return TunnellingServer(config, settings, secrets)
-
-    return edge_server.serve(settings, app, sockets, make_server)
+    forward = ForwardProxy.prepare(settings, secrets)
+    if forward is None:
+        return 3  # as uvicorn exits when it cannot start
+    app = forward.around(app, edge_server.uvicorn_config(settings, app))
+    return edge_server.serve(settings, app, sockets)

@@ -2,13 +2,15 @@
 
 `StrictHttpToolsProtocol` overrides methods of uvicorn's internal protocol class; a
 uvicorn release that renamed or stopped calling one would silently drop a limit (a
-slow-client timer, the head bound, the raw target). pyproject pins uvicorn to the tested
-range; these tests fail loudly when a hook stops working, each one through a real socket
-against uvicorn serving on uvloop, with the timeouts shortened.
+slow-client timer, the head bound, the raw target, trailers, HTTP/1.0 framing, the 400's
+envelope). pyproject allows the uvicorn releases these tests passed on; they fail loudly
+when a hook stops working, each one through a real socket against uvicorn serving on
+uvloop, with the timeouts shortened.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -28,11 +30,29 @@ SEEN: list[dict[str, Any]] = []
 
 
 async def app(scope: Any, receive: Any, send: Any) -> None:
-    """Records the scope; streams 64 MiB for /big, else a short body."""
+    """Records the scope; streams 64 MiB for /big; /late-read reads its body only after a
+    second and answers with the header names it then sees; /chunks streams two chunks
+    without a length; else a short body."""
     if scope["type"] != "http":
         return
     SEEN.append(dict(scope))
+    if scope["path"] == "/late-read":
+        await asyncio.sleep(1.0)  # the app is slow to ask for the body: longer than its timer
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        names = b",".join(sorted(name for name, _ in scope["headers"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": names + b"|" + body})
+        return
     await send({"type": "http.response.start", "status": 200, "headers": []})
+    if scope["path"] == "/chunks":
+        await send({"type": "http.response.body", "body": b"one,", "more_body": True})
+        await send({"type": "http.response.body", "body": b"two"})
+        return
     if scope["path"] == "/big":
         chunk = b"x" * (1024 * 1024)
         for _ in range(64):
@@ -53,6 +73,7 @@ def server() -> Iterator[tuple[str, int]]:
         host="127.0.0.1",
         port=port,
         http=StrictHttpToolsProtocol,
+        ws="none",
         loop="uvloop",
         lifespan="off",
         log_config=None,
@@ -181,3 +202,67 @@ def test_keep_alive_next_request_gets_the_head_timer(server: tuple[str, int]) ->
             pass
     timed_out = [e for e in logs if e["event"] == "client_timed_out"]
     assert [e["phase"] for e in timed_out] == ["head"]
+
+
+def test_trailer_fields_never_reach_the_headers(server: tuple[str, int]) -> None:
+    """on_chunk_header and on_header: a field in a chunked body's trailer section is
+    dropped, never added to the request's headers."""
+    answer = exchange(
+        server,
+        b"POST /late-read HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: evil\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    names = answer.partition(b"|abc\r\n")[0].rpartition(b"\r\n")[2].split(b",")
+    assert b"host" in names and b"transfer-encoding" in names
+    assert b"x-trailer" not in names
+
+
+def test_upgrade_is_refused_in_the_envelope(server: tuple[str, int]) -> None:
+    """on_headers_complete asks the parser whether the request upgrades: it is refused."""
+    answer = exchange(
+        server,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"Upgrade is not supported" in answer
+
+
+def test_http10_response_is_close_delimited(server: tuple[str, int]) -> None:
+    """The cycle's send is wrapped for an HTTP/1.0 request: a response without a length is
+    sent unchunked and ended by closing the connection."""
+    answer = exchange(server, b"GET /chunks HTTP/1.0\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b"one,two"
+
+
+def test_a_body_not_yet_asked_for_is_not_timed_out(server: tuple[str, int]) -> None:
+    """The body timer reads the cycle's 100-continue state: a client waiting for
+    `100 Continue` while the app has not asked for the body yet is not cut off, and once
+    it is asked, its idle time starts then, not at the head it sent a second before."""
+    with capture_logs() as logs, socket.create_connection(server, timeout=5) as sock:
+        sock.sendall(
+            b"POST /late-read HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        time.sleep(0.25)  # the client takes half its idle allowance to start the body
+        sock.sendall(b"abc")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"|abc\r\n" in answer
+    assert not any(e["event"] == "client_timed_out" for e in logs)
+
+
+def test_a_refused_head_request_gets_no_body(server: tuple[str, int]) -> None:
+    """send_400_response asks the parser for the method: a refused HEAD gets the head only."""
+    big = b"HEAD / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 1024)
+    answer = exchange(server, big + b"\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head[:200]
+    assert b"content-length: " in head.lower() and body == b""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -245,6 +246,54 @@ def test_sigterm_with_a_tunnel_open(
     finally:
         own.proxy.stop()
         own.sandbox.stop()
+
+
+def test_sigterm_lets_a_tunnelled_request_finish(
+    tmp_path: Path, bao: Bao, token_file: Path, api_key: str
+) -> None:
+    """SIGTERM while a request inside a tunnel waits for Publer: the forward port closes at
+    once, the request still gets its 200, then the proxy exits 0."""
+    import re
+    import socket
+    import ssl
+
+    import httpx
+
+    from tests.waiting import eventually
+
+    own = start_tunnel_stack(tmp_path, bao, token_file, api_key)
+    try:
+        own.sandbox.fault(delay_seconds=3, count=1)
+        sock = socket.create_connection(("127.0.0.1", own.forward_port), timeout=30)
+        sock.sendall(f"CONNECT {PUBLER_HOST}:443 HTTP/1.1\r\n\r\n".encode())
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+        context = ssl.create_default_context(cafile=str(own.ca_file))
+        tls = context.wrap_socket(sock, server_hostname=PUBLER_HOST)
+        tls.sendall(f"GET /api/v1/accounts HTTP/1.1\r\nHost: {PUBLER_HOST}\r\n\r\n".encode())
+        series = re.compile(r'^publer_proxy_upstream_connections\{state="in_use"\} 1(\.0)?$', re.M)
+        with httpx.Client(base_url=own.proxy.url, trust_env=False, timeout=10) as client:
+            eventually(lambda: series.search(client.get("/metrics").text) is not None)
+        own.proxy.process.send_signal(signal.SIGTERM)
+        eventually(lambda: _refused(own.forward_port))
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert own.proxy.process.wait(30) == 0
+        tls.close()
+    finally:
+        own.proxy.stop()
+        own.sandbox.stop()
+
+
+def _refused(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def test_a_client_added_by_reload_opens_tunnels(

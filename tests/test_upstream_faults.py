@@ -481,3 +481,40 @@ def test_full_pool_is_refused_as_busy_and_shown_in_metrics(
             echo(http)
     finally:
         proxy.stop()
+
+
+def test_connections_the_origin_closed_are_not_kept() -> None:
+    """The hop's record of the connections it handed out drops closed ones: 50 requests to
+    an origin that closes every connection leave at most the last two recorded, none idle."""
+    import asyncio
+
+    from proxy.config.settings import UpstreamSettings
+    from proxy.hop.upstream import Upstream
+
+    async def scenario() -> tuple[int, int]:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        upstream = Upstream(
+            UpstreamSettings(url=f"http://127.0.0.1:{port}", insecure_allow_plain_http=True)
+        )
+        try:
+            for _ in range(50):
+                got = await upstream.send("GET", "/", [(b"host", b"origin")], None)
+                assert [chunk async for chunk in got.aiter_raw()] == [b"ok"]
+                await got.aclose()
+            connector = upstream.connector
+            assert connector is not None
+            return len(connector.handed_out), upstream.stats().idle
+        finally:
+            await upstream.aclose()
+            server.close()
+            await server.wait_closed()
+
+    recorded, idle = asyncio.run(scenario())
+    assert recorded <= 2 and idle == 0

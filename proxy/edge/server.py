@@ -25,13 +25,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import httptools
 import structlog
 import uvicorn
-from uvicorn._types import ASGISendEvent
+from starlette.types import Message
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from proxy.config.settings import Settings
@@ -57,7 +57,16 @@ _Phase = Literal["head", "body", "trailers", "done"]
 
 
 class StrictHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the limits of the module docstring."""
+    """uvicorn's httptools protocol with the limits of the module docstring.
+
+    A protocol class given as uvicorn's `http=` setting is its extension point, but the
+    methods overridden here, and the cycle's attributes `_close_delimited` sets, are
+    uvicorn's own and undocumented: uvicorn has no setting for a head or body timeout, a
+    head size bound (its `h11_max_incomplete_event_size` serves h11 only, which accepts
+    the smuggling ingredients httptools refuses), trailer handling, the raw target, or
+    the body of its 400. Every hook is exercised by tests/test_server_hooks.py, which
+    fails when a uvicorn release stops calling one.
+    """
 
     # Set where the protocol serves the forward-proxy listener: its 400s then carry
     # Proxy-Status (RFC 9209) like the listener's other refusals.
@@ -72,6 +81,7 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._reason = MALFORMED
+        self._made_to_wait = False  # the body's timer found the app not reading
 
     # -- phases and timers ---------------------------------------------------------------
 
@@ -94,12 +104,20 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
         self._timer = None
         if self.transport.is_closing() or self._phase == "done":
             return
-        waiting_for_us = self.flow.read_paused or (
+        if self.flow.read_paused or (
             self.cycle is not None and self.cycle.waiting_for_100_continue
-        )
+        ):
+            self._made_to_wait = True
+            self._arm(BODY_IDLE_TIMEOUT_SECONDS)
+            return
+        if self._made_to_wait:
+            # The app has since read on (or sent 100 Continue): the client's idle time
+            # starts now, not at its last byte, which it sent before we made it wait.
+            self._made_to_wait = False
+            self._last_data = self.loop.time()
         idle = self.loop.time() - self._last_data
-        if waiting_for_us or (self._phase != "head" and idle < BODY_IDLE_TIMEOUT_SECONDS):
-            self._arm(BODY_IDLE_TIMEOUT_SECONDS - (0.0 if waiting_for_us else idle))
+        if self._phase != "head" and idle < BODY_IDLE_TIMEOUT_SECONDS:
+            self._arm(BODY_IDLE_TIMEOUT_SECONDS - idle)
             return
         log.warning("client_timed_out", phase=self._phase, client=_peer(self.client))
         self.transport.close()
@@ -199,6 +217,7 @@ class StrictHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._made_to_wait = False
         self._enter("done")
         self._disarm()
 
@@ -239,10 +258,10 @@ def _close_delimited(cycle: RequestResponseCycle) -> None:
     uvicorn adds `Transfer-Encoding: chunked` whenever the Content-Length is missing; it is
     told here that the framing is decided, and its byte count is kept even as bodies come.
     """
-    send = cycle.send
+    send: Callable[[Any], Awaitable[None]] = cycle.send
     close_delimited = False
 
-    async def send_close_delimited(message: ASGISendEvent) -> None:
+    async def send_close_delimited(message: Message) -> None:
         nonlocal close_delimited
         if message["type"] == "http.response.start":
             headers = [
@@ -259,7 +278,7 @@ def _close_delimited(cycle: RequestResponseCycle) -> None:
             cycle.expected_content_length += len(message.get("body", b""))
         await send(message)
 
-    cycle.send = send_close_delimited  # type: ignore[method-assign]
+    cycle.send = send_close_delimited  # type: ignore[method-assign, assignment]
 
 
 def _cancel(timer: asyncio.TimerHandle | None) -> None:
@@ -294,24 +313,17 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     )
 
 
-def serve(
-    settings: Settings,
-    app: Any,
-    sockets: list[socket.socket] | None = None,
-    make_server: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server,
-) -> int:
+def serve(settings: Settings, app: Any, sockets: list[socket.socket] | None = None) -> int:
     """Serve until SIGINT/SIGTERM, finishing requests in flight; the exit status.
 
-    `sockets`, when given, are bound sockets to serve on instead of `settings.listen`;
-    `make_server` makes the server from its uvicorn settings (the runtime gives one that
-    also opens the forward-proxy listener).
+    `sockets`, when given, are bound sockets to serve on instead of `settings.listen`.
 
     SIGTERM and SIGHUP belong to `proxy.edge.signals` until uvicorn takes SIGTERM over (and
     after it gives it back): a SIGTERM at any moment stops the server gracefully and the
     status is 0; a SIGHUP waits for the reloader.
     """
     signals.install()
-    server = make_server(uvicorn_config(settings, app))
+    server = uvicorn.Server(uvicorn_config(settings, app))
     signals.register_server(server.handle_exit)
     try:
         server.run(sockets=sockets)

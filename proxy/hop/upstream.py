@@ -22,6 +22,8 @@ What this module adds to aiohttp, because an origin may misbehave (RFC 9112):
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import math
 import select
 import socket
 import ssl
@@ -75,9 +77,8 @@ def _unreachable(what: str) -> Refusal:
     return Refusal.of("upstream_unreachable", what)
 
 
-def _readable(protocol: ResponseHandler) -> bool:
+def _readable(transport: asyncio.BaseTransport | None) -> bool:
     """Whether bytes or a FIN wait in the kernel for a connection that expects none."""
-    transport = protocol.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None:
         return True
@@ -86,45 +87,82 @@ def _readable(protocol: ResponseHandler) -> bool:
     return bool(poller.poll(0))
 
 
-class _Connector(aiohttp.TCPConnector):
-    """aiohttp's connector, picking only clean idle connections (the module docstring).
+# The connection the connector last handed to the request running in this task: the
+# response checks (`Upstream.send`) mark it when it must never serve another request.
+_handed: contextvars.ContextVar[object | None] = contextvars.ContextVar("handed", default=None)
 
-    It overrides `_get`, aiohttp's "next reusable idle connection": pyproject pins aiohttp
-    to the versions tested, and the late-body and stray-byte tests of
-    tests/test_upstream_faults.py fail if this stops running.
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, handing out only clean idle connections (the module docstring).
+
+    It wraps `connect`, aiohttp's documented "get from pool or create new connection":
+    a pooled connection that is not clean is closed and the next one taken. aiohttp itself
+    already drops connections idle for longer than `keepalive_timeout`. It reads the
+    protocol's `should_close`, which aiohttp sets when bytes or a FIN arrive on an idle
+    connection but does not document; the late-byte tests of tests/test_upstream_faults.py
+    fail if it stops meaning that.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        # The idle limit an origin announced for a connection (Keep-Alive: timeout=N).
-        self.idle_limits: WeakKeyDictionary[ResponseHandler, float] = WeakKeyDictionary()
+        # Until when a connection may be reused, decided by each response on it (`reuse`):
+        # at once (0.0) from being handed out until its response is checked, or when that
+        # response may still have bytes on their way; else the origin's `Keep-Alive:
+        # timeout=N`. A connection whose response was never checked is never reused.
+        self.reuse_until: WeakKeyDictionary[object, float] = WeakKeyDictionary()
+        # The connections handed out, by their protocol, for the count of open ones and to
+        # tell a pooled connection from a new one. Not weak: a transport holds its protocol.
+        # Closed ones are dropped whenever a new connection is added, so this holds at
+        # most the open connections and those closed since the last new one.
+        self.handed_out: dict[object, asyncio.BaseTransport] = {}
 
-    def _clean(self, protocol: ResponseHandler, idle: float) -> bool:
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[Any],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> aiohttp.connector.Connection:
+        while True:
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            transport = connection.transport
+            # A connection seen before comes from the pool; a new one is clean (its TLS
+            # session tickets may be waiting to be read).
+            new = protocol not in self.handed_out
+            if new or self.is_clean(protocol, transport):
+                if protocol is not None:
+                    if new and transport is not None:
+                        self._forget_closed()
+                        self.handed_out[protocol] = transport
+                    self.reuse_until[protocol] = 0.0  # until its response is checked
+                _handed.set(protocol)
+                return connection
+            connection.close()
+
+    def is_clean(
+        self, protocol: ResponseHandler | None, transport: asyncio.BaseTransport | None
+    ) -> bool:
+        """Whether a pooled connection may serve another request."""
+        # `should_close`: the connection's protocol saw bytes while idle, or a FIN.
         return (
-            not protocol.should_close
-            and idle < self.idle_limits.get(protocol, IDLE_SECONDS)
-            and not _readable(protocol)
+            protocol is not None
+            and not protocol.should_close
+            and time.monotonic() < self.reuse_until.get(protocol, math.inf)
+            and not _readable(transport)
         )
 
-    async def _get(self, key: Any, traces: list[Any]) -> Any:
-        # aiohttp takes the oldest idle connection first: close it while it is not clean,
-        # so only the one about to be used is inspected.
-        idle_connections = self._conns.get(key)
-        if idle_connections:
-            now = time.monotonic()
-            while idle_connections:
-                protocol, since = idle_connections[0]
-                if self._clean(protocol, now - since):
-                    break
-                idle_connections.popleft()
-                protocol.close()
-            if not idle_connections:
-                del self._conns[key]
-        return await super()._get(key, traces)
+    def reuse(self, protocol: object, for_seconds: float = math.inf) -> None:
+        """Let `protocol` serve other requests for `for_seconds` from now (0: never)."""
+        self.reuse_until[protocol] = time.monotonic() + for_seconds
 
-    def idle_count(self) -> int:
-        """Idle connections held open."""
-        return sum(len(queue) for queue in self._conns.values())
+    def _forget_closed(self) -> None:
+        for protocol, transport in list(self.handed_out.items()):
+            if transport.is_closing():
+                del self.handed_out[protocol]
+
+    def open_count(self) -> int:
+        """Connections open, serving a request or idle in the pool."""
+        return sum(1 for transport in self.handed_out.values() if not transport.is_closing())
 
 
 class _DialTo(aiohttp.abc.AbstractResolver):
@@ -175,28 +213,20 @@ def _announces_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-def _response_class(connector: _Connector) -> type[aiohttp.ClientResponse]:
-    class _Response(aiohttp.ClientResponse):
-        async def start(self, connection: Any) -> aiohttp.ClientResponse:
-            # aiohttp may put the connection back in its pool inside `start` (an empty body
-            # is complete at once): decide here whether another request may ever use it.
-            protocol: ResponseHandler | None = connection.protocol
-            await super().start(connection)
-            if protocol is None:
-                return self
-            headers = self.raw_headers
-            if (self.status in _NO_BODY_STATUSES or self.status < 200) and _announces_body(headers):
-                protocol.force_close()  # its announced bytes may still be on their way
-            announced = _keep_alive_timeout(headers)
-            if announced is not None:
-                limit = announced - KEEP_ALIVE_MARGIN_SECONDS
-                if limit <= 0:
-                    protocol.force_close()
-                else:
-                    connector.idle_limits[protocol] = min(limit, IDLE_SECONDS)
-            return self
-
-    return _Response
+def _reuse(connector: _Connector, protocol: object, response: aiohttp.ClientResponse) -> None:
+    """Let `protocol` serve other requests as its response allows: never after a 1xx, 204
+    or 304 that announced a body (its bytes may still be on their way), else within the
+    origin's own `Keep-Alive: timeout=N` (less a margin) if it announced one."""
+    headers = response.raw_headers
+    status = response.status
+    if (status in _NO_BODY_STATUSES or status < 200) and _announces_body(headers):
+        connector.reuse(protocol, 0.0)
+        return
+    announced = _keep_alive_timeout(headers)
+    if announced is None:
+        connector.reuse(protocol)
+    else:
+        connector.reuse(protocol, max(0.0, announced - KEEP_ALIVE_MARGIN_SECONDS))
 
 
 class _Gate:
@@ -438,7 +468,6 @@ class Upstream:
             )
             session = aiohttp.ClientSession(
                 connector=connector,
-                response_class=_response_class(connector),
                 # Otherwise a Set-Cookie from one app's response is replayed on the next
                 # app's request.
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -458,15 +487,18 @@ class Upstream:
             )
             # Otherwise aiohttp resends PUT and DELETE (and GET) once when a connection
             # closes before the response; the proxy decides about resends itself (GET and
-            # HEAD only). aiohttp has no public switch for this.
+            # HEAD only). The one private attribute this module sets: aiohttp has no public
+            # switch for it (its request traces start once per request, not per attempt).
+            # tests/test_upstream_faults.py's DELETE test fails if a release renames it.
             session._retry_connection = False
             self._session = session
         return self._session
 
     def stats(self) -> PoolStats:
         """Connections in use, idle, and requests waiting for one (for /metrics)."""
-        idle = self._connector.idle_count() if self._connector is not None else 0
-        return PoolStats(self._gate.in_use, idle, self._gate.waiting)
+        open_ = self._connector.open_count() if self._connector is not None else 0
+        in_use = self._gate.in_use
+        return PoolStats(in_use, max(0, open_ - in_use), self._gate.waiting)
 
     @property
     def connector(self) -> _Connector | None:
@@ -503,6 +535,7 @@ class Upstream:
             async with asyncio.timeout(None) as deadline:
                 if source is not None:
                     source.watch(deadline)
+                _handed.set(None)
                 response = await session.request(
                     method,
                     url,
@@ -530,6 +563,12 @@ class Upstream:
         finally:
             if source is not None:
                 source.watch(None)
+        protocol = _handed.get()
+        if protocol is not None and self._connector is not None:
+            # Until now no other request could take the connection, even if aiohttp already
+            # put it back in the pool (an empty body ends at once): the connector hands out
+            # a pooled connection only once its last response was checked here.
+            _reuse(self._connector, protocol, response)
         refusal = _check_head(response)
         if refusal is not None:
             response.close()

@@ -1,10 +1,11 @@
 """The forward proxy's start-up: its CA, its listener beside uvicorn, and what `check` prints.
 
-`TunnellingServer` is uvicorn's server with the forward-proxy listener (proxy/tunnel/session.py)
-started after the app's lifespan and stopped before the app's shutdown, so tunnels share
-the app's state (routes, keys, budget, metrics) and its graceful SIGTERM. The CA is made
-(or read from Vault) and the listener's port bound before anything listens: a mistake
-stops the start, and the CA certificate exists before /readyz says ready.
+`ForwardProxy` runs the forward-proxy listener (proxy/tunnel/session.py) beside the app:
+started once the app's lifespan has started and stopped before the app's shutdown, so
+tunnels share the app's state (routes, keys, budget, metrics) and its graceful SIGTERM.
+The CA is made (or read from Vault) and the listener's port bound before anything
+listens: a mistake stops the start, and the CA certificate exists before /readyz says
+ready.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import socket
-import sys
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
 import uvicorn
 from cryptography import x509
 from prometheus_client import Counter
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.server import ServerState
 
 from proxy.config.settings import Settings
 from proxy.hop.services import LIVE_KEY, LiveServices
@@ -110,32 +112,42 @@ def ca_from_vault(settings: Settings, session: VaultSession) -> InterceptionCA:
     return ca
 
 
-class TunnellingServer(uvicorn.Server):
-    """uvicorn's server, plus the forward-proxy listener sharing its app and its shutdown."""
+class ForwardProxy:
+    """The forward-proxy listener beside the app, started and stopped by the app's lifespan.
 
-    def __init__(self, config: uvicorn.Config, settings: Settings, secrets: SecretRegistry) -> None:
-        super().__init__(config)
+    `prepare` binds its port and makes (or reads) the CA before the server starts, so a
+    mistake stops the start before anything listens and the CA file exists before /readyz
+    says ready. `around` wraps the app: when its lifespan has started (the lifespan state
+    holds the live services), the listener starts; when the lifespan is told to shut down,
+    the listener stops accepting and its connections finish like uvicorn's own, before the
+    app's shutdown closes what they use.
+    """
+
+    def __init__(self, settings: Settings, ca: InterceptionCA, sock: socket.socket) -> None:
         self._settings = settings
-        self._secrets = secrets
+        self._ca = ca
+        self._sock = sock
         self._listener: TunnelListener | None = None
+        # The tunnels' connections and request tasks, as uvicorn keeps its own.
+        self._state = ServerState()
 
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        """Bind and make (or read) the CA first: a mistake stops the start before anything
-        listens, and the CA file exists before /readyz says ready."""
-        forward = self._settings.forward_proxy
+    @classmethod
+    def prepare(cls, settings: Settings, secrets: SecretRegistry) -> ForwardProxy | None:
+        """Bind the port and make or read the CA; None (the reason logged) on a mistake."""
+        forward = settings.forward_proxy
         assert forward is not None
         try:
             sock = TunnelListener.bind(forward)
         except OSError as exc:
             log.error("forward_proxy_failed", reason=f"{forward.host}:{forward.port}: {exc}")
-            sys.exit(3)  # uvicorn's own start-up failure status
+            return None
         try:
             if forward.ca_vault is None:
-                ca = make_ca(self._settings)
+                ca = make_ca(settings)
             else:
-                session = VaultSession(self._settings.vault, self._secrets)
+                session = VaultSession(settings.vault, secrets)
                 try:
-                    ca = await asyncio.to_thread(ca_from_vault, self._settings, session)
+                    ca = ca_from_vault(settings, session)
                 finally:
                     session.close()
         except (OSError, CAError, VaultError) as exc:
@@ -144,25 +156,54 @@ class TunnellingServer(uvicorn.Server):
             )
             log.error("forward_proxy_failed", reason=f"{where}: {exc}")
             sock.close()
-            sys.exit(3)
-        config = self.config
+            return None
+        return cls(settings, ca, sock)
+
+    def around(self, app: ASGIApp, config: uvicorn.Config) -> ASGIApp:
+        """`app`, with the listener run by its lifespan; tunnels are served by `config`'s
+        HTTP protocol, as the server's own connections are."""
+
+        async def with_forward_proxy(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "lifespan":
+                await app(scope, receive, send)
+                return
+
+            async def receive_shutdown_last() -> Message:
+                message = await receive()
+                if message["type"] == "lifespan.shutdown":
+                    await self.close(config.timeout_graceful_shutdown)
+                return message
+
+            async def send_started(message: Message) -> None:
+                if message["type"] == "lifespan.startup.complete":
+                    self.start(config, scope["state"])
+                elif message["type"] == "lifespan.startup.failed":
+                    self._sock.close()
+                await send(message)
+
+            await app(scope, receive_shutdown_last, send_started)
+
+        return with_forward_proxy
+
+    def start(self, config: uvicorn.Config, app_state: dict[str, Any]) -> None:
+        """Start accepting tunnels; `app_state` is the app's lifespan state."""
+        if not config.loaded:
+            config.load()
+        state = self._state
 
         def make_protocol(app: ASGIApp) -> asyncio.Protocol:
             protocol = config.http_protocol_class(  # type: ignore[call-arg]
-                config=config, server_state=self.server_state, app_state=self.lifespan.state
+                config=config, server_state=state, app_state=app_state
             )
             protocol.app = app  # type: ignore[attr-defined]
             return protocol
 
-        await super().startup(sockets)
-        if self.should_exit:
-            sock.close()
-            return
-        live: LiveServices = self.lifespan.state[LIVE_KEY]
+        forward = self._settings.forward_proxy
+        assert forward is not None
+        target = upstream_target(self._settings)
+        live: LiveServices = app_state[LIVE_KEY]
         services = live.services  # metrics are shared by every config generation
-        self._listener = TunnelListener(
-            forward, upstream_target(self._settings), ca, make_protocol, sock
-        )
+        self._listener = TunnelListener(forward, target, self._ca, make_protocol, self._sock)
         tunnels = Counter(
             "publer_proxy_tunnels",
             "CONNECT tunnels, by outcome: opened, or the refusal or failure.",
@@ -174,14 +215,27 @@ class TunnellingServer(uvicorn.Server):
         log.info(
             "forward_proxy_listening",
             address=f"{host}:{port}",
-            target="{}:{}".format(*upstream_target(self._settings)),
+            target="{}:{}".format(*target),
             ca_certificate_file=str(forward.ca_certificate_file),
-            ca_fingerprint_sha256=ca.fingerprint,
-            ca_not_after=ca.not_after.isoformat(),
+            ca_fingerprint_sha256=self._ca.fingerprint,
+            ca_not_after=self._ca.not_after.isoformat(),
         )
 
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """Stop the listener first; tunnels already serving finish like any connection."""
-        if self._listener is not None:
-            await self._listener.close()
-        await super().shutdown(sockets)
+    async def close(self, grace_seconds: float | None) -> None:
+        """Stop accepting; let requests in flight in tunnels finish within `grace_seconds`
+        (None: no limit), then cancel the rest, as uvicorn does with its own connections."""
+        if self._listener is None:
+            self._sock.close()
+            return
+        await self._listener.close()
+        state = self._state
+        for connection in list(state.connections):
+            connection.shutdown()
+        try:
+            async with asyncio.timeout(grace_seconds):
+                while state.tasks:  # a shut-down connection closes after its response
+                    await asyncio.wait(list(state.tasks))
+        except TimeoutError:
+            log.warning("forward_proxy_tunnels_cancelled", requests=len(state.tasks))
+            for task in state.tasks:
+                task.cancel()
