@@ -4,22 +4,20 @@ The decision (`proxy/rules/limits.py`) parses the body once, strictly, and walks
 just under the 256 KiB inspection limit are measured: many posts with many account
 entries (the most keys to walk), and one post with a long text (the most bytes to
 decode). Plain `json.loads` of the same bytes is measured beside it, for scale. Writes
-bench/results/limits-latest.json with the date, the commit and the machine.
+a results file in bench/results/ with the date, the commit and the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import results
 
 from proxy.rules.limits import INSPECT_LIMIT_BYTES, LimitedCall, Limits, decide
 
@@ -71,17 +69,8 @@ def timings(run: Any, rounds: int) -> list[float]:
     return found
 
 
-def commit() -> str:
-    """The checked-out commit, with '+dirty' when the tree has changes."""
-    head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
-    return head + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def main() -> int:
-    """Measure, print, write bench/results/limits-latest.json."""
+    """Measure, print, and write the results file (`bench/results.py`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
@@ -103,17 +92,29 @@ def main() -> int:
             f" (p95 {cases[name]['decide_ms_p95']} ms), json.loads alone"
             f" {cases[name]['json_loads_ms_p50']} ms"
         )
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": commit(),
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
-        "python": sys.version.split()[0],
-        "rounds": args.rounds,
-        "inspect_limit_bytes": INSPECT_LIMIT_BYTES,
-        "cases": cases,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "limits-latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"| {name} | {case['body_bytes']:,} | {case['decide_ms_p50']} | {case['decide_ms_p95']}"
+        f" | {case['json_loads_ms_p50']} |"
+        for name, case in cases.items()
+    ]
+    report = "\n".join(
+        [
+            f"The limits decision over a {INSPECT_LIMIT_BYTES // 1024} KiB body, {args.rounds}"
+            " rounds each (milliseconds).",
+            "",
+            "| body | bytes | decision p50 | decision p95 | json.loads alone p50 |",
+            "|---|---:|---:|---:|---:|",
+            *lines,
+        ]
+    )
+    found = results.record(
+        "limits",
+        "Inspecting bodies on limited routes",
+        report,
+        {"rounds": args.rounds, "inspect_limit_bytes": INSPECT_LIMIT_BYTES, "cases": cases},
+        {},
+    )
+    print(f"written to {results.save(found, args.out)}")
     return 0
 
 

@@ -4,7 +4,7 @@ Every benchmark (`bench/run.py`, `bench/tunnel.py`, `bench/scale.py`,
 `bench/sources_rss.py`) ends by writing `bench/results/<UTC date>-<commit>-<kind>.json`:
 
     {
-      "kind": "proxy",                      # proxy, tunnel, scale or idle-rss
+      "kind": "proxy",                      # proxy, tunnel, idle-rss, scale or limits
       "title": "...",                       # the heading of its section in the docs
       "date": "2026-11-30T12:29:00Z",       # UTC, when the run ended
       "commit": "28186b8",                  # short hash; "-dirty" when the tree had changes
@@ -35,7 +35,7 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = RESULTS_DIR.parent.parent
 # The order of the kinds on the docs page.
-KINDS = ("proxy", "tunnel", "idle-rss", "scale")
+KINDS = ("proxy", "tunnel", "idle-rss", "scale", "limits")
 
 
 def cpu_model() -> str:
